@@ -1,0 +1,33 @@
+# convcore developer entry points. `make test` and `make demo` work on a fresh machine:
+# both install what they need first.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
+STAMP   := .venv/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt requirements-dev.txt $(PLUGINS) scripts/install-llama-cpp.sh
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q -U pip
+	$(PIP) install -q -c constraints.txt -r requirements-dev.txt
+	$(PIP) install -q -c constraints.txt -e . $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	bash scripts/install-llama-cpp.sh $(PY)
+	touch $(STAMP)
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -x -m "not slow"
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf .venv demo-out .bench

@@ -1,0 +1,23 @@
+"""convcore: convert and quantize ML models through plugins.
+
+The public surface plugin authors and users rely on. Plugins import from here only.
+"""
+from .builtins.hf import read_json, read_tokenizer_files, write_tokenizer_files
+from .hookspecs import hookimpl, hookspec
+from .model import (
+    DTYPES, FLOAT_DTYPES, ConvcoreError, Model, QuantizedTensor, TensorRef, arch_of, cast,
+    dtype_name, numpy_dtype,
+)
+from .pipeline import convert, load, ordered_map, quantize
+from .registry import Format, Registry, Scheme, get_registry, using
+from .safetensors_io import PlannedTensor, StreamingWriter, open_tensors, read_header, write_sharded
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DTYPES", "FLOAT_DTYPES", "ConvcoreError", "Format", "Model", "PlannedTensor",
+    "QuantizedTensor", "Registry", "Scheme", "StreamingWriter", "TensorRef", "arch_of", "cast",
+    "convert", "dtype_name", "get_registry", "hookimpl", "hookspec", "load", "numpy_dtype",
+    "open_tensors", "ordered_map", "quantize", "read_header", "read_json",
+    "read_tokenizer_files", "using", "write_sharded", "write_tokenizer_files",
+]

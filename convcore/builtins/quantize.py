@@ -1,0 +1,50 @@
+"""Built-in ``convcore_quantize``: runs the registered :class:`convcore.Scheme`.
+
+Plugins provide schemes through ``convcore_register_schemes``; this implementation looks
+the scheme up and applies it, so a format plugin quantizes by name without importing the
+plugin that implements the math.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..hookspecs import hookimpl
+from ..model import ConvcoreError, QuantizedTensor, TensorRef, dtype_name
+
+
+class SchemeDispatch:
+    """Quantizes through the schemes of the registry it belongs to."""
+
+    def __init__(self, registry: Any):
+        self.registry = registry
+
+    @hookimpl(trylast=True)
+    def convcore_quantize(self, tensor: TensorRef | np.ndarray, scheme: str,
+                          options: dict[str, Any]) -> QuantizedTensor | None:
+        return quantize_with(self.registry.scheme(scheme), tensor, options)
+
+
+def make_plugin(registry: Any) -> SchemeDispatch:
+    """The plugin object the registry registers for itself."""
+    return SchemeDispatch(registry)
+
+
+def quantize_with(spec: Any, tensor: TensorRef | np.ndarray, options: dict[str, Any]) -> QuantizedTensor:
+    """Apply scheme ``spec`` to ``tensor``; errors name the tensor."""
+    scheme = spec.name
+    name = tensor.name if isinstance(tensor, TensorRef) else options.get("name", "<array>")
+    array = tensor.load() if isinstance(tensor, TensorRef) else np.asarray(tensor)
+    if dtype_name(array.dtype) not in ("f32", "f16", "bf16"):
+        raise ConvcoreError(f"tensor {name!r}: cannot quantize {dtype_name(array.dtype)} "
+                            f"with {scheme} (expects f32, f16 or bf16)")
+    if array.ndim == 0 or array.shape[-1] % spec.block_size:
+        raise ConvcoreError(f"tensor {name!r}: row length {array.shape[-1] if array.ndim else 0} "
+                            f"is not a multiple of {scheme}'s block size {spec.block_size}")
+    try:
+        data = spec.quantize(array)
+    except ValueError as exc:
+        raise ConvcoreError(f"tensor {name!r}: {scheme}: {exc}") from None
+    return QuantizedTensor(name=name, scheme=scheme, shape=tuple(array.shape), data=data,
+                           dequantizer=lambda qt: spec.dequantize(qt.data, qt.shape))

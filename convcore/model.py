@@ -1,0 +1,181 @@
+"""The intermediate representation every loader produces and every writer consumes.
+
+Loading never reads tensor data: a :class:`TensorRef` knows its name, shape and dtype
+and reads its array only when :meth:`TensorRef.load` is called. Writers pull one tensor
+at a time, so a conversion holds a few tensors in memory, never the whole model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+
+class ConvcoreError(Exception):
+    """An error a user caused or can fix: shown as one ``error: ...`` line, no traceback."""
+
+
+# Canonical dtype names used across the project (short, as llama.cpp and MLX spell them).
+DTYPES: dict[str, np.dtype] = {
+    "f64": np.dtype(np.float64),
+    "f32": np.dtype(np.float32),
+    "f16": np.dtype(np.float16),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+    "f8_e4m3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "f8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "i64": np.dtype(np.int64),
+    "i32": np.dtype(np.int32),
+    "i16": np.dtype(np.int16),
+    "i8": np.dtype(np.int8),
+    "u64": np.dtype(np.uint64),
+    "u32": np.dtype(np.uint32),
+    "u16": np.dtype(np.uint16),
+    "u8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
+_NAME_OF = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("f64", "f32", "f16", "bf16", "f8_e4m3", "f8_e5m2")
+
+
+def dtype_name(dtype: Any) -> str:
+    """Canonical name (``"f32"``, ``"bf16"``, ...) of a numpy dtype or a canonical name."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return dtype
+    try:
+        return _NAME_OF[np.dtype(dtype)]
+    except (KeyError, TypeError) as exc:
+        raise ConvcoreError(f"unsupported dtype {dtype!r}") from exc
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for a canonical name; bf16 is ``ml_dtypes.bfloat16``."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConvcoreError(
+            f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}"
+        ) from None
+
+
+def cast(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast ``array`` to the canonical ``dtype`` with round-to-nearest-even.
+
+    Float-to-float casts go through numpy/ml_dtypes, which round as torch does, so a
+    converted model matches ``model.to(dtype)`` bit for bit. Returns ``array`` itself
+    when it already has that dtype.
+    """
+    target = numpy_dtype(dtype)
+    if array.dtype == target:
+        return array
+    src = dtype_name(array.dtype)
+    if src in ("bf16", "f8_e4m3", "f8_e5m2") or dtype in ("bf16", "f8_e4m3", "f8_e5m2"):
+        # ml_dtypes casts exactly through f32 (bf16 and f8 fit in f32 without loss).
+        return array.astype(np.float32).astype(target)
+    return array.astype(target)
+
+
+@dataclass
+class TensorRef:
+    """A tensor known by name, shape and dtype whose data is read on demand.
+
+    ``loader`` returns the array (usually a view of a memory map); it is called once per
+    :meth:`load`, never at construction.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    loader: Callable[[], np.ndarray] = field(repr=False)
+    source: str = ""  # the file the data lives in, for error messages
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * numpy_dtype(self.dtype).itemsize
+
+    def load(self) -> np.ndarray:
+        """Read the tensor: an array of ``shape`` and ``dtype`` (bf16 stays bf16)."""
+        array = self.loader()
+        if tuple(array.shape) != tuple(self.shape) or dtype_name(array.dtype) != self.dtype:
+            raise ConvcoreError(
+                f"{self.source or self.name}: tensor {self.name!r} read as "
+                f"{dtype_name(array.dtype)}{list(array.shape)}, expected {self.dtype}{list(self.shape)}"
+            )
+        return array
+
+    def with_loader(self, loader: Callable[[], np.ndarray], **changes: Any) -> "TensorRef":
+        """A copy with another loader (and optionally another name/shape/dtype)."""
+        fields = dict(name=self.name, shape=self.shape, dtype=self.dtype, source=self.source)
+        fields.update(changes)
+        return TensorRef(loader=loader, **fields)
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor in a quantization scheme's canonical packed layout.
+
+    ``data`` holds the scheme's named arrays: ``{"blocks": uint8}`` for GGUF block types
+    (ggml's byte layout), ``{"weight": uint32, "scales", "biases"}`` for affine groups
+    (MLX's layout), ``{"q", "scales", "zero_points"}`` for per-row schemes. ``shape`` is the
+    logical (unquantized) shape.
+    """
+
+    name: str
+    scheme: str
+    shape: tuple[int, ...]
+    data: dict[str, np.ndarray]
+    dequantizer: Callable[["QuantizedTensor"], np.ndarray] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.data.values())
+
+    def dequantize(self) -> np.ndarray:
+        """Float32 array of ``shape`` that the packed data stands for."""
+        return self.dequantizer(self)
+
+
+@dataclass
+class Model:
+    """A model as the pipeline sees it.
+
+    ``tensors`` is ordered and keyed by HF names (the canonical names); ``config`` is the
+    HF ``config.json`` dict; ``tokenizer`` maps HF tokenizer file names to their bytes;
+    ``metadata`` holds name, license, source and anything ``--metadata`` adds.
+    """
+
+    arch: str
+    config: dict[str, Any]
+    tensors: dict[str, TensorRef]
+    tokenizer: dict[str, bytes] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    format: str = ""
+
+    def __iter__(self) -> Iterator[TensorRef]:
+        return iter(self.tensors.values())
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def arch_of(config: dict[str, Any]) -> str:
+    """Canonical architecture name from an HF config (``model_type``, else the class)."""
+    model_type = config.get("model_type")
+    if model_type:
+        return str(model_type)
+    archs = config.get("architectures") or []
+    if archs:
+        return str(archs[0]).removesuffix("ForCausalLM").lower()
+    return "unknown"

@@ -1,0 +1,190 @@
+"""load -> map names -> quantize -> write -> validate, one tensor at a time.
+
+The writer pulls tensors from the lazy model; the pipeline owns what is common to every
+format: option checks, the temporary output beside DST and its atomic rename, refusal
+to overwrite, validation of what was written, and the progress bar.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from .model import ConvcoreError, Model
+from .registry import FLOAT_SCHEMES, Registry, get_registry, using
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int = 1) -> Iterator[R]:
+    """``map(fn, items)`` on up to ``jobs`` threads, results in input order, at most
+    ``jobs + 1`` results in memory (so streaming stays bounded). Numba kernels release
+    the GIL, so quantization scales with threads."""
+    if jobs <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > jobs:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def default_jobs() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def normalise_types(fmt_schemes: tuple[str, ...], fmt: str, quant: str | None,
+                    dtype: str | None) -> tuple[str | None, str | None]:
+    """(quant, dtype) with float ``--quant`` folded into ``dtype``; errors for types the
+    format cannot store."""
+    if dtype is not None and dtype not in FLOAT_SCHEMES:
+        raise ConvcoreError(f"--dtype must be one of {', '.join(FLOAT_SCHEMES)}, not {dtype!r}")
+    if quant in FLOAT_SCHEMES:
+        if dtype and dtype != quant:
+            raise ConvcoreError(f"--quant {quant} and --dtype {dtype} disagree")
+        return None, quant
+    if quant is not None and quant not in fmt_schemes:
+        stored = ", ".join(FLOAT_SCHEMES + tuple(fmt_schemes))
+        raise ConvcoreError(f"format {fmt} cannot store {quant!r} (it stores: {stored})")
+    return quant, dtype
+
+
+def _progress_bar(total: int, enabled: bool, desc: str) -> tuple[Callable[[str], None], Callable[[], None]]:
+    if not enabled:
+        return (lambda name: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False,
+               disable=None)  # None: only on a terminal
+
+    def advance(name: str) -> None:
+        bar.set_postfix_str(name[-40:], refresh=False)
+        bar.update(1)
+
+    return advance, bar.close
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    *,
+    from_: str | None = None,
+    quant: str | None = None,
+    dtype: str | None = None,
+    metadata: dict[str, str] | None = None,
+    jobs: int | None = None,
+    force: bool = False,
+    validate: bool = True,
+    options: dict[str, Any] | None = None,
+    progress: bool = False,
+    registry: Registry | None = None,
+) -> Path:
+    """Convert the model at ``src`` to format ``to`` at ``dst``; the Python face of
+    ``convcore run``. Returns the path written (the first file for split outputs).
+
+    DST appears only when everything succeeded: the writer works on a temporary name
+    beside it, which is renamed into place at the end and removed on any failure.
+    """
+    registry = registry or get_registry()
+    with using(registry):
+        return _convert(registry, Path(src), Path(dst), to, from_, quant, dtype, metadata,
+                        jobs, force, validate, options, progress)
+
+
+def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | None,
+             quant: str | None, dtype: str | None, metadata: dict[str, str] | None,
+             jobs: int | None, force: bool, validate: bool, options: dict[str, Any] | None,
+             progress: bool) -> Path:
+    if not src.exists():
+        raise ConvcoreError(f"{src}: no such file or directory")
+    out_fmt = registry.format(to)
+    if not out_fmt.can_write:
+        raise ConvcoreError(f"format {to!r} can be read but not written")
+    quant, dtype = normalise_types(out_fmt.schemes, to, quant, dtype)
+    opts = dict(options or {})
+    dry_run = bool(opts.get("dry_run"))
+    if dst.exists() and not force and not dry_run:
+        raise ConvcoreError(f"{dst}: already exists; pass --force to overwrite")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ConvcoreError(f"{dst}: output must not be the source or inside it")
+
+    model = registry.load(src, from_)
+    model.metadata.update(metadata or {})
+    opts.update(quant=quant, dtype=dtype, metadata=dict(metadata or {}),
+                jobs=jobs or default_jobs())
+    if dry_run:
+        return registry.write(model, dst, to, opts, lambda name: None)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # Directory formats are written to a hidden sibling directory; file formats into a
+    # hidden sibling directory under their final name (so split shards get final names).
+    staging = dst.parent / f".{dst.name}.convcore-{uuid.uuid4().hex[:8]}"
+    target = staging if out_fmt.directory else staging / dst.name
+    if not out_fmt.directory:
+        staging.mkdir()
+    advance, close = _progress_bar(len(model.tensors), progress, f"{model.format} -> {to}")
+    try:
+        written = registry.write(model, target, to, opts, advance)
+        close()
+        if validate:
+            problems = registry.validate(target, to)
+            if problems:
+                raise ConvcoreError(f"{dst}: written output fails validation: {problems[0]}")
+        return _move_into_place(staging, dst, out_fmt.directory, written, force)
+    except BaseException:
+        close()
+        _remove(staging)
+        raise
+
+
+def _move_into_place(staging: Path, dst: Path, directory: bool, written: Path, force: bool) -> Path:
+    if directory:
+        moves = [(staging, dst)]
+    else:
+        moves = [(p, dst.parent / p.name) for p in sorted(staging.iterdir())]
+    clash = [d for _, d in moves if d.exists() or d.is_symlink()]
+    if clash and not force:
+        raise ConvcoreError(f"{clash[0]}: already exists; pass --force to overwrite")
+    backups = []
+    for d in clash:
+        backup = d.parent / f".{d.name}.convcore-old-{uuid.uuid4().hex[:8]}"
+        d.rename(backup)
+        backups.append(backup)
+    for s, d in moves:
+        s.rename(d)
+    for b in backups:
+        _remove(b)
+    if not directory:
+        staging.rmdir()
+        return dst.parent / Path(written).name
+    return dst
+
+
+def load(path: str | os.PathLike, fmt: str | None = None, registry: Registry | None = None) -> Model:
+    """Open a model lazily (format detected when ``fmt`` is None)."""
+    return (registry or get_registry()).load(Path(path), fmt)
+
+
+def quantize(tensor: Any, scheme: str, options: dict[str, Any] | None = None,
+             registry: Registry | None = None) -> Any:
+    """Quantize one tensor (a :class:`TensorRef` or an array) with a registered scheme,
+    through the ``convcore_quantize`` hook."""
+    return (registry or get_registry()).quantize(tensor, scheme, options)

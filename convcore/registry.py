@@ -1,0 +1,319 @@
+"""Plugin discovery and the typed facade the core calls hooks through.
+
+Plugins are found through the entry-point group ``convcore``. Built-in code registers
+as ordinary plugins from :data:`DEFAULT_PLUGINS`. A plugin that fails to import is
+recorded with its error and skipped, never fatal.
+
+Environment:
+- ``CONVCORE_LOAD_PLUGINS``: comma list of entry-point names to load (empty = none).
+- ``CONVCORE_DISABLE_PLUGINS``: comma list of plugin names not to load.
+- ``CONVCORE_TRACE_PLUGINS``: print every hook call and its results to stderr.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pluggy
+
+from . import hookspecs
+from .model import ConvcoreError, Model, QuantizedTensor, TensorRef
+
+DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.quantize")
+ENTRY_POINT_GROUP = "convcore"
+FLOAT_SCHEMES = ("f32", "f16", "bf16")
+
+
+@dataclass(frozen=True)
+class Format:
+    """A file format a plugin reads and/or writes.
+
+    :param name: the name users pass to ``--from`` / ``--to``.
+    :param directory: True when the format is a directory (``-o DIR``), else a file.
+    :param can_read: a ``convcore_load`` implementation handles it.
+    :param can_write: a ``convcore_write`` implementation handles it.
+    :param schemes: quantization schemes it can store (f32/f16/bf16 are implied).
+    :param detect: ``detect(path) -> int``: how sure this format is that ``path`` is its
+        own (0 = not mine); the highest score wins when ``--from`` is omitted.
+    :param extensions: file suffixes, for file formats.
+    """
+
+    name: str
+    description: str = ""
+    directory: bool = False
+    can_read: bool = True
+    can_write: bool = True
+    schemes: tuple[str, ...] = ()
+    detect: Callable[[Path], int] | None = None
+    extensions: tuple[str, ...] = ()
+    plugin: str = ""
+
+    @property
+    def all_schemes(self) -> tuple[str, ...]:
+        return FLOAT_SCHEMES + tuple(s for s in self.schemes if s not in FLOAT_SCHEMES)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A quantization scheme.
+
+    :param name: the scheme name, e.g. ``"q4_0"``, ``"int4-g64"``, ``"int8-row"``.
+    :param quantize: ``quantize(array) -> dict[str, ndarray]``: the packed payload in the
+        scheme's canonical layout, from an f32/f16/bf16 array of any shape whose last
+        axis is the row.
+    :param dequantize: ``dequantize(data, shape) -> float32 ndarray``.
+    :param block_size: the row length must be a multiple of this.
+    :param bits: bits per weight, scales included (for size estimates).
+    :param family: ``"gguf"``, ``"affine"``, ``"row"``, ... (informational).
+    """
+
+    name: str
+    quantize: Callable[[np.ndarray], dict[str, np.ndarray]]
+    dequantize: Callable[[dict[str, np.ndarray], tuple[int, ...]], np.ndarray]
+    block_size: int = 1
+    bits: float = 0.0
+    family: str = ""
+    description: str = ""
+    plugin: str = ""
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    version: str = ""
+    module: str = ""
+    builtin: bool = False
+    hooks: list[str] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)
+    schemes: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def _env_list(name: str) -> list[str] | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+class Registry:
+    """The plugin manager plus what plugins registered; one method per hook."""
+
+    def __init__(self, load_entry_points: bool = True, plugins: tuple[Any, ...] = ()):
+        self.pm = pluggy.PluginManager("convcore")
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        self.formats: dict[str, Format] = {}
+        self.schemes: dict[str, Scheme] = {}
+        if os.environ.get("CONVCORE_TRACE_PLUGINS"):
+            self._trace()
+        for module_name in DEFAULT_PLUGINS:
+            module = importlib.import_module(module_name)
+            plugin = module.make_plugin(self) if hasattr(module, "make_plugin") else module
+            self._add(plugin, module_name, builtin=True)
+        if load_entry_points:
+            self._load_entry_points()
+        for plugin in plugins:
+            name = getattr(plugin, "__name__", repr(plugin))
+            self._add(plugin, name)
+        self.pm.check_pending()
+        self._collect()
+
+    # discovery ------------------------------------------------------------------
+    def _add(self, plugin: Any, name: str, builtin: bool = False, version: str = "") -> None:
+        disabled = _env_list("CONVCORE_DISABLE_PLUGINS") or []
+        if name in disabled:
+            return
+        self.pm.register(plugin, name=name)
+        self.infos[name] = PluginInfo(
+            name=name,
+            version=version,
+            module=getattr(plugin, "__name__", ""),
+            builtin=builtin,
+            hooks=sorted(c.name for c in self.pm.get_hookcallers(plugin) or []),
+        )
+
+    def _load_entry_points(self) -> None:
+        allowed = _env_list("CONVCORE_LOAD_PLUGINS")
+        disabled = _env_list("CONVCORE_DISABLE_PLUGINS") or []
+        seen: set[str] = set()
+        for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in seen:  # the same distribution found twice on sys.path
+                continue
+            seen.add(ep.name)
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if ep.name in disabled:
+                continue
+            version = ep.dist.version if ep.dist else ""
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plugin is reported, not fatal
+                first = (str(exc).strip().splitlines() or [""])[0]
+                self.infos[ep.name] = PluginInfo(
+                    name=ep.name, version=version, module=ep.value,
+                    error=f"{type(exc).__name__}: {first}",
+                )
+                continue
+            self._add(plugin, ep.name, version=version)
+
+    def _collect(self) -> None:
+        for kind, hook, table in (
+            ("format", self.pm.hook.convcore_register_formats, self.formats),
+            ("scheme", self.pm.hook.convcore_register_schemes, self.schemes),
+        ):
+            for impl in reversed(hook.get_hookimpls()):
+                plugin_name = impl.plugin_name
+
+                def register(item: Any, _table=table, _kind=kind, _plugin=plugin_name) -> None:
+                    if item.name in _table:
+                        raise ConvcoreError(
+                            f"{_kind} {item.name!r} is registered by both plugin "
+                            f"{_table[item.name].plugin!r} and plugin {_plugin!r}"
+                        )
+                    item = type(item)(**{**item.__dict__, "plugin": _plugin})
+                    _table[item.name] = item
+                    info = self.infos.get(_plugin)
+                    if info is not None:
+                        getattr(info, _kind + "s").append(item.name)
+
+                impl.function(register=register)
+
+    def _trace(self) -> None:
+        def before(hook_name: str, impls: list, kwargs: dict) -> None:
+            print(f"[trace] {hook_name}({', '.join(kwargs)}) -> "
+                  f"{[i.plugin_name for i in impls]}", file=sys.stderr)
+
+        def after(outcome: Any, hook_name: str, impls: list, kwargs: dict) -> None:
+            try:
+                result = outcome.get_result()
+            except BaseException as exc:  # noqa: BLE001 - tracing only
+                result = f"raised {type(exc).__name__}"
+            print(f"[trace] {hook_name} returned {type(result).__name__}", file=sys.stderr)
+
+        self.pm.add_hookcall_monitoring(before, after)
+
+    # lookups --------------------------------------------------------------------
+    def format(self, name: str) -> Format:
+        """The registered format ``name``, or an error listing the known ones."""
+        try:
+            return self.formats[name]
+        except KeyError:
+            known = ", ".join(sorted(self.formats)) or "none"
+            hint = f"; install the plugin that provides it (pip install conv-{name})"
+            raise ConvcoreError(f"unknown format {name!r} (known: {known}){hint}") from None
+
+    def scheme(self, name: str) -> Scheme:
+        """The registered scheme ``name``, or an error saying which package provides it."""
+        try:
+            return self.schemes[name]
+        except KeyError:
+            raise ConvcoreError(
+                f"no installed plugin provides quantization scheme {name!r}; "
+                "pip install quant-rowwise"
+            ) from None
+
+    def detect(self, path: Path) -> str:
+        """Name of the readable format that claims ``path`` most strongly."""
+        path = Path(path)
+        if not path.exists():
+            raise ConvcoreError(f"{path}: no such file or directory")
+        scores = []
+        for fmt in self.formats.values():
+            if fmt.can_read and fmt.detect is not None:
+                try:
+                    score = int(fmt.detect(path) or 0)
+                except Exception:  # noqa: BLE001 - a detector must not stop others
+                    score = 0
+                if score > 0:
+                    scores.append((score, fmt.name))
+        if not scores:
+            raise ConvcoreError(f"{path}: no installed format recognises this path; pass --from")
+        return max(scores)[1]
+
+    # hooks ----------------------------------------------------------------------
+    def load(self, path: Path, fmt: str | None = None, options: dict | None = None) -> Model:
+        """Load ``path`` (format detected when ``fmt`` is None) lazily."""
+        path = Path(path)
+        if not path.exists():
+            raise ConvcoreError(f"{path}: no such file or directory")
+        fmt = fmt or self.detect(path)
+        if not self.format(fmt).can_read:
+            raise ConvcoreError(f"format {fmt!r} cannot be read")
+        model = self.pm.hook.convcore_load(path=path, fmt=fmt, options=options or {})
+        if model is None:
+            raise ConvcoreError(f"{path}: no plugin loads format {fmt!r}")
+        model.format = model.format or fmt
+        model.source = model.source or str(path)
+        return model
+
+    def map_names(self, model: Model, target: str) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for result in self.pm.hook.convcore_map_names(model=model, target=target):
+            for k, v in (result or {}).items():
+                merged.setdefault(k, v)
+        return merged
+
+    def quantize(self, tensor: TensorRef | np.ndarray, scheme: str,
+                 options: dict | None = None) -> QuantizedTensor:
+        result = self.pm.hook.convcore_quantize(tensor=tensor, scheme=scheme, options=options or {})
+        if result is None:
+            raise ConvcoreError(f"no plugin quantizes scheme {scheme!r}")
+        return result
+
+    def write(self, model: Model, path: Path, fmt: str, options: dict,
+              progress: Callable[[str], None]) -> Path:
+        result = self.pm.hook.convcore_write(
+            model=model, path=Path(path), fmt=fmt, options=options, progress=progress)
+        if result is None:
+            raise ConvcoreError(f"no plugin writes format {fmt!r}")
+        return Path(result)
+
+    def validate(self, path: Path, fmt: str | None = None) -> list[str]:
+        path = Path(path)
+        fmt = fmt or self.detect(path)
+        self.format(fmt)
+        results = self.pm.hook.convcore_validate(path=path, fmt=fmt)
+        return [p for r in results if r for p in r]
+
+    def infer(self, path: Path, token_ids: list[int], fmt: str | None = None) -> np.ndarray:
+        path = Path(path)
+        fmt = fmt or self.detect(path)
+        result = self.pm.hook.convcore_infer(path=path, fmt=fmt, token_ids=list(token_ids))
+        if result is None:
+            raise ConvcoreError(f"no installed plugin runs inference for format {fmt!r}")
+        return np.asarray(result, dtype=np.float32)
+
+
+_DEFAULT: Registry | None = None
+_CURRENT: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("convcore_registry", default=None)
+
+
+def get_registry(refresh: bool = False) -> Registry:
+    """The registry in use: the one a running conversion was given, else the
+    process-wide one, built on first use."""
+    global _DEFAULT
+    current = _CURRENT.get()
+    if current is not None and not refresh:
+        return current
+    if _DEFAULT is None or refresh:
+        _DEFAULT = Registry()
+    return _DEFAULT
+
+
+@contextlib.contextmanager
+def using(registry: Registry) -> Iterator[Registry]:
+    """Make ``registry`` the one :func:`get_registry` returns inside the block."""
+    token = _CURRENT.set(registry)
+    try:
+        yield registry
+    finally:
+        _CURRENT.reset(token)
