@@ -28,12 +28,17 @@ DEFAULT_MAX_SHARD = 5 * 1000**3  # transformers' save_pretrained default, "5GB"
 
 
 def detect(path: Path) -> int:
-    """Score 10 for a directory with config.json and HF weights; mlx dirs score higher
-    in their own detector because their safetensors metadata says ``"mlx"``."""
-    if not path.is_dir() or not (path / "config.json").is_file():
+    """Score 10 for a directory with config.json and HF weights (5 without config.json,
+    so the loader can say what is missing); mlx dirs score higher in their own detector
+    because their safetensors metadata says ``"mlx"``."""
+    if not path.is_dir():
         return 0
-    weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
-    return 10 if weights else 1
+    weights = (list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
+               + list(path.glob("*.safetensors.index.json")))
+    has_config = (path / "config.json").is_file()
+    if weights:
+        return 10 if has_config else 5
+    return 1 if has_config else 0
 
 
 @hookimpl

@@ -1,0 +1,343 @@
+"""The ``convcore`` command line.
+
+Every failure is one ``error: ...`` line on stderr and a non-zero exit; ``--debug``
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from .model import ConvcoreError, Model
+from .pipeline import convert
+from .registry import get_registry
+
+SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """``"2G"``, ``"500M"``, ``"123"`` -> bytes (decimal units, as llama.cpp's split)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConvcoreError(f"bad size {text!r}; expected e.g. 500M or 2G")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConvcoreError(f"{what} {pair!r} is not KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def parse_tokens(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ConvcoreError(f"--tokens {text!r} is not a comma list of integers") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="convcore")
+def cli(debug: bool) -> None:
+    """Convert and quantize ML models: HF, GGUF, MLX and more, through plugins."""
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path),
+              help="Output file (gguf, parquet) or directory (hf, mlx, onnx, npz).")
+@click.option("--from", "from_", metavar="FMT", help="Source format (detected when omitted).")
+@click.option("--to", "to", required=True, metavar="FMT", help="Target format.")
+@click.option("--quant", metavar="SCHEME", help="Quantization scheme or float type.")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]),
+              help="Type of what stays unquantized (default: the source's).")
+@click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE",
+              help="Metadata to record in the output.")
+@click.option("-O", "--option", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Format-specific option passed to the writer.")
+@click.option("--split-max-size", metavar="SIZE", help="Shard outputs at this size (e.g. 2G).")
+@click.option("--split-max-tensors", type=int, help="Shard outputs at this many tensors.")
+@click.option("--vocab-only", is_flag=True, help="Write the vocabulary only (gguf).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--jobs", type=int, help="Threads for quantization (default: up to 4).")
+@click.option("--force", is_flag=True, help="Overwrite DST.")
+@click.option("--no-validate", is_flag=True, help="Skip validating the output.")
+@click.option("--check", is_flag=True, help="Compare logits of source and output afterwards.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dtype: str | None,
+        metadata: tuple[str, ...], extra: tuple[str, ...], split_max_size: str | None,
+        split_max_tensors: int | None, vocab_only: bool, dry_run: bool, jobs: int | None,
+        force: bool, no_validate: bool, check: bool, quiet: bool) -> None:
+    """Convert SRC to format --to at DST."""
+    options: dict[str, Any] = parse_pairs(extra, "--option")
+    if split_max_size:
+        options["split_max_size"] = parse_size(split_max_size)
+    if split_max_tensors:
+        options["split_max_tensors"] = split_max_tensors
+    if vocab_only:
+        options["vocab_only"] = True
+    if dry_run:
+        options["dry_run"] = True
+    written = convert(src, dst, to, from_=from_, quant=quant, dtype=dtype,
+                      metadata=parse_pairs(metadata, "--metadata"), jobs=jobs, force=force,
+                      validate=not no_validate, options=options, progress=not quiet)
+    if dry_run:
+        return
+    click.echo(f"wrote {written}", err=True)
+    if check:
+        report = compare_logits(src, written, from_, to, None)
+        click.echo(json.dumps(report, indent=2))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("--all", "show_all", is_flag=True, help="Include built-in plugins.")
+def plugins(as_json: bool, show_all: bool) -> None:
+    """List installed plugins: version, hooks, formats, schemes, load errors."""
+    registry = get_registry()
+    rows = [info.__dict__ for info in registry.infos.values() if show_all or not info.builtin]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no plugins installed (built-ins hidden; --all shows them)")
+    for r in rows:
+        line = f"{r['name']} {r['version']}".strip()
+        if r["error"]:
+            click.echo(f"{line}: failed to load: {r['error']}")
+            continue
+        click.echo(f"{line}: formats [{', '.join(r['formats'])}] schemes "
+                   f"[{len(r['schemes'])}] hooks [{', '.join(h.removeprefix('convcore_') for h in r['hooks'])}]")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+def formats(as_json: bool) -> None:
+    """List formats: read/write and the schemes each can store."""
+    registry = get_registry()
+    rows = [{"format": f.name, "read": f.can_read, "write": f.can_write,
+             "kind": "directory" if f.directory else "file", "plugin": f.plugin,
+             "schemes": list(f.all_schemes), "description": f.description}
+            for f in sorted(registry.formats.values(), key=lambda f: f.name)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        rw = ("r" if r["read"] else "-") + ("w" if r["write"] else "-")
+        click.echo(f"{r['format']:<10} {rw}  {r['kind']:<9} {', '.join(r['schemes'])}")
+
+
+def summarise(model: Model) -> dict[str, Any]:
+    by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
+    for ref in model.tensors.values():
+        row = by_dtype[ref.dtype]
+        row["tensors"] += 1
+        row["params"] += ref.numel
+        row["bytes"] += ref.nbytes
+    cfg = model.config
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
+    return {
+        "path": model.source, "format": model.format, "arch": model.arch,
+        "params": model.num_params, "tensors": len(model.tensors),
+        "tensors_by_dtype": dict(by_dtype),
+        "config": {k: cfg[k] for k in keys if k in cfg},
+        "tokenizer_files": sorted(model.tokenizer),
+        "metadata": {k: v for k, v in model.metadata.items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--from", "fmt", metavar="FMT", help="Format (detected when omitted).")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
+def inspect(path: Path, fmt: str | None, as_json: bool, list_tensors: bool) -> None:
+    """Show format, architecture, parameter count, tensors by dtype and metadata."""
+    model = get_registry().load(path, fmt)
+    info = summarise(model)
+    if list_tensors:
+        info["tensor_list"] = [[r.name, r.dtype, list(r.shape)] for r in model.tensors.values()]
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"{info['path']}: {info['format']} {info['arch']}, "
+               f"{info['params'] / 1e6:.2f}M params in {info['tensors']} tensors")
+    for dtype, row in sorted(info["tensors_by_dtype"].items()):
+        click.echo(f"  {dtype:<6} {row['tensors']:>5} tensors {row['params']:>14,} params "
+                   f"{row['bytes'] / 1e6:>10.1f} MB")
+    for k, v in info["config"].items():
+        click.echo(f"  {k}: {v}")
+    if info["tokenizer_files"]:
+        click.echo(f"  tokenizer: {', '.join(info['tokenizer_files'])}")
+    for name, dtype, shape in info.get("tensor_list", []):
+        click.echo(f"  {name} {dtype} {shape}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", metavar="FMT", help="Format (detected when omitted).")
+def validate(path: Path, fmt: str | None) -> None:
+    """Check PATH; exit 0 when valid, 1 with one line per problem otherwise."""
+    problems = get_registry().validate(path, fmt)
+    if problems:
+        for p in problems:
+            click.echo(f"invalid: {p}", err=True)
+        raise SystemExit(1)
+    click.echo(f"{path}: valid")
+
+
+def tokenizer_for(path: Path, fmt: str | None) -> Any:
+    """A transformers tokenizer built from the model's own tokenizer files."""
+    model = get_registry().load(path, fmt)
+    if not model.tokenizer:
+        raise ConvcoreError(f"{path}: has no tokenizer; pass --tokens")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConvcoreError("--prompt needs transformers (pip install transformers); "
+                            "or pass --tokens") from None
+    tmp = Path(tempfile.mkdtemp(prefix="convcore-tok-"))
+    for name, data in model.tokenizer.items():
+        (tmp / name).write_bytes(data)
+    (tmp / "config.json").write_text(json.dumps(model.config))
+    return AutoTokenizer.from_pretrained(str(tmp))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Text to tokenize with the model's tokenizer.")
+@click.option("--tokens", help="Comma list of token ids.")
+@click.option("--max-tokens", type=int, default=0, help="Greedy-generate this many tokens.")
+@click.option("--logits", "logits_out", type=click.Path(path_type=Path), help="Save logits (.npy).")
+@click.option("--format", "fmt", metavar="FMT", help="Format (detected when omitted).")
+def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int,
+          logits_out: Path | None, fmt: str | None) -> None:
+    """Run PATH in its format's own runtime; print the top next tokens or generate."""
+    if (prompt is None) == (tokens is None):
+        raise ConvcoreError("pass exactly one of --prompt and --tokens")
+    tok = tokenizer_for(path, fmt) if prompt is not None or max_tokens else None
+    ids = tok(prompt).input_ids if prompt is not None else parse_tokens(tokens or "")
+    if not ids:
+        raise ConvcoreError("no tokens to run")
+    registry = get_registry()
+    logits = registry.infer(path, ids, fmt)
+    if logits_out:
+        np.save(logits_out, logits)
+    generated: list[int] = []
+    for _ in range(max_tokens):
+        next_id = int(np.argmax(logits[-1]))
+        generated.append(next_id)
+        if tok is not None and next_id == tok.eos_token_id:
+            break
+        logits = registry.infer(path, ids + generated, fmt)
+    if generated:
+        click.echo(tok.decode(generated) if tok is not None else ",".join(map(str, generated)))
+    else:
+        top = np.argsort(-logits[-1])[:5]
+        click.echo(json.dumps({"tokens": ids, "shape": list(logits.shape),
+                               "top5_next": [int(t) for t in top]}))
+
+
+def compare_logits(ref: Path, cand: Path, ref_fmt: str | None, cand_fmt: str | None,
+                   tokens: list[int] | None) -> dict[str, Any]:
+    """Logits of REF and CANDIDATE in their own runtimes on the same ids."""
+    registry = get_registry()
+    if tokens is None:
+        vocab = int(registry.load(ref, ref_fmt).config.get("vocab_size", 100))
+        tokens = [int(t) for t in np.random.default_rng(0).integers(3, vocab, 16)]
+    a = registry.infer(ref, tokens, ref_fmt).astype(np.float64)
+    b = registry.infer(cand, tokens, cand_fmt).astype(np.float64)
+    if a.shape != b.shape:
+        raise ConvcoreError(f"logit shapes differ: {list(a.shape)} vs {list(b.shape)}")
+    pa = np.exp(a - a.max(-1, keepdims=True))
+    pa /= pa.sum(-1, keepdims=True)
+    lb = b - b.max(-1, keepdims=True)
+    lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
+    la = np.log(pa)
+    return {
+        "tokens": len(tokens),
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "rel_error": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)),
+        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+        "kl_ref_cand": float((pa * (la - lb)).sum(-1).mean()),
+    }
+
+
+@cli.command()
+@click.argument("ref", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--tokens", help="Comma list of token ids (default: 16 fixed random ids).")
+@click.option("--tensors", "per_tensor", is_flag=True, help="Also compare weights tensor by tensor.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+def compare(ref: Path, candidate: Path, tokens: str | None, per_tensor: bool, as_json: bool) -> None:
+    """Compare CANDIDATE against REF: logits in each format's runtime, optionally weights."""
+    report = compare_logits(ref, candidate, None, None, parse_tokens(tokens) if tokens else None)
+    if per_tensor:
+        registry = get_registry()
+        ma, mb = registry.load(ref), registry.load(candidate)
+        rows = {}
+        for name, ra in ma.tensors.items():
+            rb = mb.tensors.get(name)
+            if rb is None or rb.shape != ra.shape:
+                rows[name] = None
+                continue
+            x = ra.load().astype(np.float64)
+            y = rb.load().astype(np.float64)
+            rows[name] = float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30))
+        report["tensors"] = rows
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for k, v in report.items():
+            if k != "tensors":
+                click.echo(f"{k}: {v}")
+        for name, err in report.get("tensors", {}).items():
+            click.echo(f"  {name}: {'missing' if err is None else f'{err:.3e}'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning every failure into one ``error:`` line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="convcore", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        raise SystemExit(130) from None
+    except click.ClickException as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc.format_message()}".replace("\n", " "), err=True)
+        raise SystemExit(exc.exit_code) from None
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        raise SystemExit(130) from None
+    except ConvcoreError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}".replace("\n", " "), err=True)
+        raise SystemExit(1) from None
+    except Exception as exc:  # noqa: BLE001 - the contract is one line, no traceback
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        click.echo(f"error: {type(exc).__name__}: {first} (rerun with --debug for details)", err=True)
+        raise SystemExit(1) from None
+    if isinstance(rv, int) and rv:
+        raise SystemExit(rv)

@@ -1,0 +1,108 @@
+"""Bad input: one ``error:`` line, exit != 0, no traceback, no DST, source untouched."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+
+from convcore.testing import tree_digest
+
+
+@pytest.fixture
+def src(tiny_model_factory, tmp_path):
+    """A private sharded copy of the tiny model that each test may break."""
+    path = tmp_path / "src"
+    shutil.copytree(tiny_model_factory("llama", max_shard_size="1MB"), path)
+    return path
+
+
+def expect_failure(run_cli, src, dst, *args, message):
+    before = tree_digest(src)
+    result = run_cli("run", src, "-o", dst, "--to", "hf", *args)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+    assert tree_digest(src) == before
+    leftovers = [p.name for p in dst.parent.iterdir() if p.name not in ("src",)]
+    return result, leftovers
+
+
+def test_missing_config(run_cli, src, tmp_path):
+    (src / "config.json").unlink()
+    _, left = expect_failure(run_cli, src, tmp_path / "out", message="config.json: missing")
+    assert left == []
+
+
+def test_truncated_safetensors(run_cli, src, tmp_path):
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    _, left = expect_failure(run_cli, src, tmp_path / "out", message="truncated")
+    assert shard.name in _.stderr and left == []
+
+
+def test_garbage_safetensors_header(run_cli, src, tmp_path):
+    shard = sorted(src.glob("*.safetensors"))[0]
+    shard.write_bytes(struct.pack("<Q", 10**15) + b"{}")
+    result, left = expect_failure(run_cli, src, tmp_path / "out", message=shard.name)
+    assert left == []
+
+
+def test_shard_named_in_index_but_absent(run_cli, src, tmp_path):
+    shard = sorted(src.glob("*.safetensors"))[1]
+    shard.unlink()
+    _, left = expect_failure(run_cli, src, tmp_path / "out", message=f"{shard.name!r}, which is missing")
+    assert left == []
+
+
+def test_unknown_dtype_in_header(run_cli, src, tmp_path):
+    shard = sorted(src.glob("*.safetensors"))[0]
+    raw = shard.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = "F7"
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (n - len(new)) if len(new) <= n else b""
+    assert len(new) == n
+    shard.write_bytes(raw[:8] + new + raw[8 + n:])
+    _, left = expect_failure(run_cli, src, tmp_path / "out", message="unknown dtype 'F7'")
+    assert left == []
+
+
+def test_unknown_dtype_option(run_cli, src, tmp_path):
+    _, left = expect_failure(run_cli, src, tmp_path / "out", "--quant", "q4_0",
+                             message="format hf cannot store 'q4_0'")
+    assert left == []
+
+
+def test_dst_exists_is_refused_and_kept(run_cli, src, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    expect_failure(run_cli, src, dst, message="already exists; pass --force")
+    assert (dst / "keep.txt").read_text() == "mine"
+    ok = run_cli("run", src, "-o", dst, "--to", "hf", "--force")
+    assert ok.returncode == 0, ok.stderr
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_source_and_unknown_format(run_cli, tmp_path):
+    r = run_cli("run", tmp_path / "nope", "-o", tmp_path / "o", "--to", "hf")
+    assert r.returncode != 0 and r.stderr == f"error: {tmp_path / 'nope'}: no such file or directory\n"
+    (tmp_path / "d").mkdir()
+    r = run_cli("run", tmp_path / "d", "-o", tmp_path / "o", "--to", "nosuch")
+    assert r.returncode != 0 and r.stderr.startswith("error: unknown format 'nosuch'")
+
+
+def test_not_a_model_dir(run_cli, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.txt").write_text("hi")
+    r = run_cli("run", tmp_path / "d", "-o", tmp_path / "o", "--to", "hf")
+    assert r.returncode != 0 and "no installed format recognises" in r.stderr
+    assert not (tmp_path / "o").exists()
