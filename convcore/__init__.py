@@ -6,7 +6,7 @@ from .builtins.hf import read_json, read_tokenizer_files, write_tokenizer_files
 from .hookspecs import hookimpl, hookspec
 from .model import (
     DTYPES, FLOAT_DTYPES, ConvcoreError, Model, QuantizedTensor, TensorRef, arch_of, cast,
-    dtype_name, numpy_dtype,
+    cast_chunks, dtype_name, numpy_dtype,
 )
 from .pipeline import convert, load, ordered_map, quantize
 from .registry import Format, Registry, Scheme, get_registry, using
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DTYPES", "FLOAT_DTYPES", "ConvcoreError", "Format", "Model", "PlannedTensor",
-    "QuantizedTensor", "Registry", "Scheme", "StreamingWriter", "TensorRef", "arch_of", "cast",
+    "QuantizedTensor", "Registry", "Scheme", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
     "convert", "dtype_name", "get_registry", "hookimpl", "hookspec", "load", "numpy_dtype",
     "open_tensors", "ordered_map", "quantize", "read_header", "read_json",
     "read_tokenizer_files", "using", "write_sharded", "write_tokenizer_files",

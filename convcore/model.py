@@ -77,6 +77,14 @@ def cast(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.astype(target)
 
 
+def cast_chunks(array: np.ndarray, dtype: str, chunk_elems: int = 1 << 22) -> Iterator[np.ndarray]:
+    """:func:`cast` in flat, C-ordered pieces of at most ``chunk_elems`` elements, so a
+    writer can stream a cast tensor without holding it (or an f32 copy of it) whole."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    for start in range(0, max(flat.size, 1), chunk_elems):
+        yield cast(flat[start:start + chunk_elems], dtype)
+
+
 @dataclass
 class TensorRef:
     """A tensor known by name, shape and dtype whose data is read on demand.

@@ -143,16 +143,27 @@ class StreamingWriter:
         self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Append the data of the next tensor, which must be ``name``."""
-        want_name, dtype, shape, _ = self._order[self._next]
+    def write(self, name: str, data: np.ndarray | Iterable[np.ndarray]) -> None:
+        """Append the data of the next tensor, which must be ``name``: an array of the
+        declared shape, or an iterable of flat chunks of the declared dtype."""
+        want_name, dtype, shape, nbytes = self._order[self._next]
         if name != want_name:
             raise ConvcoreError(f"{self.path}: expected tensor {want_name!r} next, got {name!r}")
-        if dtype_name(array.dtype) != dtype or tuple(array.shape) != shape:
-            raise ConvcoreError(
-                f"{self.path}: tensor {name!r} is {dtype_name(array.dtype)}{list(array.shape)}, "
-                f"declared {dtype}{list(shape)}")
-        np.ascontiguousarray(array).reshape(-1).view(np.uint8).tofile(self._file)
+        if isinstance(data, np.ndarray):
+            if dtype_name(data.dtype) != dtype or tuple(data.shape) != shape:
+                raise ConvcoreError(
+                    f"{self.path}: tensor {name!r} is {dtype_name(data.dtype)}{list(data.shape)}, "
+                    f"declared {dtype}{list(shape)}")
+            data = (data,)
+        written = 0
+        for chunk in data:
+            if dtype_name(chunk.dtype) != dtype:
+                raise ConvcoreError(f"{self.path}: tensor {name!r} chunk is "
+                                    f"{dtype_name(chunk.dtype)}, declared {dtype}")
+            np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).tofile(self._file)
+            written += chunk.nbytes
+        if written != nbytes:
+            raise ConvcoreError(f"{self.path}: tensor {name!r} got {written} bytes, declared {nbytes}")
         self._next += 1
 
     def abort(self) -> None:
@@ -176,7 +187,7 @@ class PlannedTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    produce: Callable[[], np.ndarray]
+    produce: Callable[[], "np.ndarray | Iterable[np.ndarray]"]  # array or flat chunks
 
     @property
     def nbytes(self) -> int:
