@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 import tempfile
 from collections import defaultdict
@@ -309,14 +310,23 @@ def compare(ref: Path, candidate: Path, tokens: str | None, per_tensor: bool, as
             click.echo(f"  {name}: {'missing' if err is None else f'{err:.3e}'}")
 
 
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so nothing swallows it."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every failure into one ``error:`` line."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated  # unwinds through the pipeline, which removes its temp output
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         rv = cli.main(args=args, prog_name="convcore", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except (click.exceptions.Abort, Terminated, KeyboardInterrupt):
+        click.echo("error: interrupted", err=True)
         raise SystemExit(130) from None
     except click.ClickException as exc:
         if debug:
@@ -325,9 +335,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(exc.exit_code) from None
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        raise SystemExit(130) from None
     except ConvcoreError as exc:
         if debug:
             raise

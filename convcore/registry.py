@@ -185,7 +185,15 @@ class Registry:
                     if info is not None:
                         getattr(info, _kind + "s").append(item.name)
 
-                impl.function(register=register)
+                try:
+                    impl.function(register=register)
+                except ConvcoreError:
+                    raise
+                except Exception as exc:  # a plugin whose registration breaks is reported
+                    info = self.infos.get(plugin_name)
+                    if info is not None and not info.error:
+                        first = (str(exc).strip().splitlines() or [""])[0]
+                        info.error = f"{type(exc).__name__} in {hook.name}: {first}"
 
     def _trace(self) -> None:
         def before(hook_name: str, impls: list, kwargs: dict) -> None:
