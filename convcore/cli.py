@@ -144,7 +144,7 @@ def formats(as_json: bool) -> None:
 def summarise(model: Model) -> dict[str, Any]:
     by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
     for ref in model.tensors.values():
-        row = by_dtype[ref.dtype]
+        row = by_dtype[ref.stored or ref.dtype]
         row["tensors"] += 1
         row["params"] += ref.numel
         row["bytes"] += ref.nbytes
@@ -171,7 +171,7 @@ def inspect(path: Path, fmt: str | None, as_json: bool, list_tensors: bool) -> N
     model = get_registry().load(path, fmt)
     info = summarise(model)
     if list_tensors:
-        info["tensor_list"] = [[r.name, r.dtype, list(r.shape)] for r in model.tensors.values()]
+        info["tensor_list"] = [[r.name, r.stored or r.dtype, list(r.shape)] for r in model.tensors.values()]
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return

@@ -98,6 +98,7 @@ class TensorRef:
     dtype: str
     loader: Callable[[], np.ndarray] = field(repr=False)
     source: str = ""  # the file the data lives in, for error messages
+    stored: str = ""  # the type in the file when load() converts it (e.g. "q4_k", "int4-g64")
 
     @property
     def numel(self) -> int:
@@ -119,7 +120,8 @@ class TensorRef:
 
     def with_loader(self, loader: Callable[[], np.ndarray], **changes: Any) -> "TensorRef":
         """A copy with another loader (and optionally another name/shape/dtype)."""
-        fields = dict(name=self.name, shape=self.shape, dtype=self.dtype, source=self.source)
+        fields = dict(name=self.name, shape=self.shape, dtype=self.dtype, source=self.source,
+                      stored=self.stored)
         fields.update(changes)
         return TensorRef(loader=loader, **fields)
 
