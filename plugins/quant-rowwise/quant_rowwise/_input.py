@@ -1,0 +1,31 @@
+"""Reading kernel input: any float array as float32 rows, a bounded slice at a time."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+CHUNK_ELEMENTS = 1 << 22  # 16 MB of f32 per slice
+
+
+def as_rows(array: np.ndarray, block: int) -> np.ndarray:
+    """``array`` as a C-contiguous 2-D (rows, row_length) view; checks the block fit."""
+    if array.ndim == 0:
+        raise ValueError("cannot quantize a scalar")
+    if array.shape[-1] % block:
+        raise ValueError(f"row length {array.shape[-1]} is not a multiple of the block size {block}")
+    return np.ascontiguousarray(array).reshape(-1, array.shape[-1])
+
+
+def f32_slices(rows: np.ndarray, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, np.ndarray]]:
+    """(first_row, float32 rows) slices of ``rows``. f32 input is passed through without a
+    copy; f16/bf16 are widened one slice at a time, so no full f32 copy of a large tensor
+    is made. Kernels check for NaN and Inf as they read."""
+    step = max(1, chunk // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        part = rows[start:start + step]
+        if part.dtype != np.float32:
+            if part.dtype.kind != "f" and str(part.dtype) != "bfloat16":
+                raise ValueError(f"expects f32, f16 or bf16 input, not {part.dtype}")
+            part = part.astype(np.float32)
+        yield start, part

@@ -1,0 +1,232 @@
+"""Format ``npz``: the APL per-row layout.
+
+A directory holding ``<name>_quantized_q<B>.npz``, ``<name>_manifest_q<B>.json`` and the
+model's config.json and tokenizer files. Every tensor is in the npz: 2-D float tensors
+quantized with a per-row scheme, everything else (norms, biases, 1-D) as float32. The
+manifest lists each weight with its shape, bit width and the npz members holding its
+codes (``q``), scales (``q_scales``) and zero points (``q_zero_point``) — plain member
+names, never paths — plus the relative error measured when it was written.
+
+Relative error, per tensor: the largest |x - dequant(x)| in a row divided by that row's
+range (max - min), maximised over rows. Min/max quantization bounds it by half a step,
+1 / (2 (2**b - 1)); validation holds each tensor to 2 % (8 bits), 10 % (4), 20 % (2) and
+50 % (1), so a wrong code, scale or packing shows up as a failure.
+"""
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import convcore
+from convcore import ConvcoreError, Model, TensorRef
+
+FORMAT_VERSION = 1
+SCHEMES = ("int1-row", "int2-row", "int4-row", "int8-row", "int8-row-sym", "int8-tensor")
+TOLERANCE = {8: 0.02, 4: 0.10, 2: 0.20, 1: 0.50}
+DEFAULT_SCHEME = "int8-row"
+PLAIN = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _bits(scheme: str) -> int:
+    return int(re.match(r"int(\d+)", scheme).group(1))
+
+
+def _manifests(path: Path) -> list[Path]:
+    return sorted(path.glob("*_manifest_q*.json")) if path.is_dir() else []
+
+
+def detect(path: Path) -> int:
+    return 30 if _manifests(Path(path)) else 0
+
+
+def register_npz(register: Callable[..., None]) -> None:
+    register(convcore.Format(name="npz", description="APL per-row quantized NPZ + manifest",
+                             directory=True, schemes=SCHEMES, detect=detect))
+
+
+def relative_error(x: np.ndarray, y: np.ndarray) -> float:
+    """Largest |x - y| in a row over that row's range, maximised over rows."""
+    x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+    y2 = y.reshape(x2.shape)
+    span = x2.max(axis=1) - x2.min(axis=1)
+    err = np.abs(x2 - y2).max(axis=1)
+    ratio = np.where(span > 0, err / np.where(span > 0, span, 1), np.where(err > 0, np.inf, 0))
+    return float(ratio.max()) if ratio.size else 0.0
+
+
+def _model_block(model: Model) -> dict[str, Any]:
+    c = model.config
+    keys = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+            "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
+            "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
+            "max_position_embeddings": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
+            "rope_theta": "rope_theta", "head_dim": "head_dim",
+            "tie_word_embeddings": "tie_word_embeddings"}
+    block = {"arch": model.arch, "name": model.metadata.get("name") or Path(model.source).name}
+    block.update({out: c[k] for k, out in keys.items() if k in c})
+    return block
+
+
+def _write_member(zf: zipfile.ZipFile, member: str, array: np.ndarray) -> None:
+    with zf.open(member + ".npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+@convcore.hookimpl
+def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
+                   progress: Callable[[str], None]) -> Path | None:
+    if fmt != "npz":
+        return None
+    scheme = options.get("quant") or DEFAULT_SCHEME
+    if scheme not in SCHEMES:
+        raise ConvcoreError(f"npz stores per-row schemes ({', '.join(SCHEMES)}), not {scheme!r}")
+    bits = _bits(scheme)
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(model.metadata.get("name") or Path(model.source).name or "model"))
+    if options.get("dry_run"):
+        for ref in model.tensors.values():
+            kind = scheme if len(ref.shape) == 2 and ref.dtype in convcore.FLOAT_DTYPES else "f32"
+            print(f"{ref.name}\t{list(ref.shape)}\t{kind}")
+        return path
+    path.mkdir(parents=True)
+    npz_name = f"{name}_quantized_q{bits}.npz"
+    weights = []
+    with zipfile.ZipFile(path / npz_name, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for i, ref in enumerate(model.tensors.values()):
+            entry: dict[str, Any] = {"name": ref.name, "shape": list(ref.shape)}
+            if len(ref.shape) == 2 and ref.dtype in convcore.FLOAT_DTYPES:
+                array = ref.load()
+                qt = convcore.quantize(array, scheme, {"name": ref.name})
+                entry.update(bit_width=bits, scheme=scheme, q=f"w{i}_q", q_scales=f"w{i}_scales",
+                             q_zero_point=f"w{i}_zp" if "zero_points" in qt.data else None,
+                             rel_error=relative_error(array, qt.dequantize()))
+                _write_member(zf, entry["q"], qt.data["q"])
+                _write_member(zf, entry["q_scales"], qt.data["scales"])
+                if entry["q_zero_point"]:
+                    _write_member(zf, entry["q_zero_point"], qt.data["zero_points"])
+                del array, qt
+            else:
+                entry.update(bit_width=32, scheme="f32", q=f"w{i}", q_scales=None, q_zero_point=None,
+                             dtype=ref.dtype)
+                data = ref.load()
+                _write_member(zf, entry["q"], convcore.cast(data, "f32") if ref.dtype in convcore.FLOAT_DTYPES else data)
+            weights.append(entry)
+            progress(ref.name)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model": _model_block(model),
+        "file": npz_name,
+        "quantization": {"type": "perrow_int", "bits": bits, "scheme": scheme,
+                         "method": "symmetric-absmax" if scheme.startswith("int8-") and scheme != "int8-row"
+                         else "asymmetric-minmax"},
+        "weights": weights,
+    }
+    (path / f"{name}_manifest_q{bits}.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
+    convcore.write_tokenizer_files(path, model)
+    return path
+
+
+def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
+    manifests = _manifests(path)
+    if len(manifests) != 1:
+        raise ConvcoreError(f"{path}: expected one *_manifest_q<B>.json, found {len(manifests)}")
+    manifest = convcore.read_json(manifests[0])
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("weights"), list):
+        raise ConvcoreError(f"{manifests[0]}: no weights list")
+    npz_name = manifest.get("file") or manifests[0].name.replace("_manifest_", "_quantized_").replace(".json", ".npz")
+    for entry in manifest["weights"]:
+        for key in ("q", "q_scales", "q_zero_point"):
+            member = entry.get(key)
+            if member is not None and (not isinstance(member, str) or not PLAIN.match(member)):
+                raise ConvcoreError(f"{manifests[0]}: weight {entry.get('name')!r} has {key} "
+                                    f"{member!r}, which is not a plain member name")
+    if not PLAIN.match(str(npz_name)) or not (path / npz_name).is_file():
+        raise ConvcoreError(f"{manifests[0]}: npz file {npz_name!r} is missing or not a plain name")
+    return path / npz_name, manifest
+
+
+def _member_loader(npz: Path, members: dict[str, str | None], entry: dict[str, Any]) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        with np.load(npz, allow_pickle=False) as z:
+            data = {k: z[m] for k, m in members.items() if m is not None}
+        shape = tuple(entry["shape"])
+        if entry["bit_width"] == 32:
+            return data["q"].reshape(shape)
+        spec = convcore.get_registry().scheme(entry.get("scheme") or f"int{entry['bit_width']}-row")
+        payload = {"q": data["q"], "scales": data["scales"]}
+        if "zero_points" in data:
+            payload["zero_points"] = data["zero_points"]
+        return spec.dequantize(payload, shape)
+    return load
+
+
+@convcore.hookimpl
+def convcore_load(path: Path, fmt: str, options: dict[str, Any]) -> Model | None:
+    if fmt != "npz":
+        return None
+    npz, manifest = _read_manifest(Path(path))
+    try:
+        with zipfile.ZipFile(npz) as zf:
+            present = {n.removesuffix(".npy") for n in zf.namelist()}
+    except zipfile.BadZipFile as exc:
+        raise ConvcoreError(f"{npz}: not a valid npz ({exc})") from None
+    tensors: dict[str, TensorRef] = {}
+    for entry in manifest["weights"]:
+        members = {"q": entry["q"], "scales": entry.get("q_scales"), "zero_points": entry.get("q_zero_point")}
+        for m in members.values():
+            if m is not None and m not in present:
+                raise ConvcoreError(f"{npz}: member {m!r} of weight {entry['name']!r} is missing")
+        quantized = entry["bit_width"] != 32
+        dtype = "f32" if quantized else entry.get("dtype", "f32")
+        if dtype not in ("f32",) and dtype in convcore.FLOAT_DTYPES:
+            dtype = "f32"
+        tensors[entry["name"]] = TensorRef(entry["name"], tuple(entry["shape"]), dtype,
+                                           _member_loader(npz, members, entry), source=str(npz),
+                                           stored=entry.get("scheme", "") if quantized else "")
+    config_path = Path(path) / "config.json"
+    config = convcore.read_json(config_path) if config_path.is_file() else {"model_type": manifest["model"].get("arch", "unknown")}
+    return Model(arch=convcore.arch_of(config), config=config, tensors=tensors,
+                 tokenizer=convcore.read_tokenizer_files(Path(path)),
+                 metadata={"name": manifest["model"].get("name", "")}, source=str(path), format="npz")
+
+
+@convcore.hookimpl
+def convcore_validate(path: Path, fmt: str) -> list[str] | None:
+    if fmt != "npz":
+        return None
+    problems: list[str] = []
+    try:
+        npz, manifest = _read_manifest(Path(path))
+        with zipfile.ZipFile(npz) as zf:
+            present = {n.removesuffix(".npy") for n in zf.namelist()}
+        with np.load(npz, allow_pickle=False) as z:
+            for entry in manifest["weights"]:
+                name, bits = entry["name"], entry["bit_width"]
+                missing = [m for m in (entry["q"], entry.get("q_scales"), entry.get("q_zero_point"))
+                           if m is not None and m not in present]
+                if missing:
+                    problems.append(f"{npz}: weight {name!r}: member {missing[0]!r} missing")
+                    continue
+                shape = tuple(entry["shape"])
+                rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+                if bits == 32:
+                    if z[entry["q"]].size != int(np.prod(shape)):
+                        problems.append(f"{npz}: weight {name!r}: {z[entry['q']].size} values for shape {list(shape)}")
+                    continue
+                q = z[entry["q"]]
+                want = (rows, -(-shape[-1] * bits // 8)) if bits < 8 else (rows, shape[-1])
+                if tuple(q.shape) != want:
+                    problems.append(f"{npz}: weight {name!r}: codes {list(q.shape)}, expected {list(want)} at {bits} bits")
+                err = entry.get("rel_error")
+                tol = TOLERANCE.get(bits)
+                if tol is None or err is None or not err <= tol:
+                    problems.append(f"{npz}: weight {name!r}: relative error {err} over the {tol} "
+                                    f"tolerance for {bits} bits")
+    except (ConvcoreError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        problems.append(str(exc) if isinstance(exc, ConvcoreError) else f"{path}: {type(exc).__name__}: {exc}")
+    return problems

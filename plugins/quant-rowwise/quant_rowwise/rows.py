@@ -1,0 +1,148 @@
+"""Per-row schemes for the APL NPZ and Parquet V2 layouts.
+
+- ``int{1,2,4,8}-row``: asymmetric per output row. scale = (max - min) / (2**b - 1)
+  (1 when the row is constant), integer zero point zp = clip(rint(-min / scale), 0, 2**b - 1),
+  q = clip(rint(x / scale) + zp, 0, 2**b - 1), x ~ (q - zp) * scale.
+- ``int8-row-sym``: scale = max|x| / 127 per row (1 for an all-zero row),
+  q = clip(rint(x / scale), -127, 127) as int8, x ~ q * scale.
+- ``int8-tensor``: the same with one scale for the whole tensor.
+
+Payload: ``{"q": codes, "scales": f32 (rows,), "zero_points": f32 (rows,)}``
+(symmetric schemes have no zero points; int8-tensor has one scale). Codes of fewer than 8
+bits are packed per row, most significant bits first, each row padded to whole bytes:
+1-bit rows are exactly ``numpy.packbits(bits, axis=-1)``; 8-bit codes are uint8
+(asymmetric) or int8 (symmetric), unpacked.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+import convcore
+
+from ._input import as_rows, f32_slices
+
+ASYM_BITS = (1, 2, 4, 8)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _asym(x, qmax, codes, scales, zps, bad):
+    for r in prange(x.shape[0]):
+        lo = x[r, 0]
+        hi = x[r, 0]
+        for j in range(x.shape[1]):
+            v = x[r, j]
+            if v - v != np.float32(0.0):
+                bad[0] = 1
+            lo = min(lo, v)
+            hi = max(hi, v)
+        scale = (hi - lo) / np.float32(qmax)
+        if scale == np.float32(0.0):
+            scale = np.float32(1.0)
+        zp = min(max(np.rint(-lo / scale), np.float32(0.0)), np.float32(qmax))
+        for j in range(x.shape[1]):
+            q = np.rint(x[r, j] / scale) + zp
+            codes[r, j] = np.uint8(min(max(q, np.float32(0.0)), np.float32(qmax)))
+        scales[r] = scale
+        zps[r] = zp
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _sym(x, scales, codes, bad):
+    """int8 codes with one given scale per row (scales already computed)."""
+    for r in prange(x.shape[0]):
+        s = scales[r]
+        for j in range(x.shape[1]):
+            v = x[r, j]
+            if v - v != np.float32(0.0):
+                bad[0] = 1
+            q = np.rint(v / s)
+            codes[r, j] = np.int8(min(max(q, np.float32(-127.0)), np.float32(127.0)))
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _absmax_rows(x, out):
+    for r in prange(x.shape[0]):
+        a = np.float32(0.0)
+        for j in range(x.shape[1]):
+            a = max(a, abs(x[r, j]))
+        out[r] = a
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(rows, n) codes < 2**bits -> (rows, ceil(n*bits/8)) uint8, MSB first."""
+    if bits == 8:
+        return codes
+    planes = np.unpackbits(codes[..., None], axis=-1)[..., 8 - bits:]  # each code's low bits, MSB first
+    return np.packbits(planes.reshape(codes.shape[0], -1), axis=-1)
+
+
+def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    if bits == 8:
+        return packed[:, :n]
+    flat = np.unpackbits(packed, axis=-1)[:, : n * bits].reshape(packed.shape[0], n, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
+    return (flat * weights).sum(-1).astype(np.uint8)
+
+
+def quantize_asym(bits: int, array: np.ndarray) -> dict[str, np.ndarray]:
+    rows = as_rows(array, 1)
+    qmax = (1 << bits) - 1
+    codes = np.empty(rows.shape, np.uint8)
+    scales = np.empty(rows.shape[0], np.float32)
+    zps = np.empty(rows.shape[0], np.float32)
+    bad = np.zeros(1, np.uint8)
+    for start, part in f32_slices(rows):
+        n = len(part)
+        _asym(part, qmax, codes[start:start + n], scales[start:start + n], zps[start:start + n], bad)
+    if bad[0]:
+        raise ValueError("NaN or Inf in input")
+    return {"q": pack(codes, bits), "scales": scales, "zero_points": zps}
+
+
+def dequantize_asym(bits: int, data: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    n = shape[-1]
+    packed = np.asarray(data["q"]).reshape(-1, data["q"].shape[-1])
+    codes = unpack(packed, bits, n).astype(np.float32)
+    scales = np.asarray(data["scales"], np.float32).reshape(-1, 1)
+    zps = np.asarray(data["zero_points"], np.float32).reshape(-1, 1)
+    return ((codes - zps) * scales).reshape(shape)
+
+
+def quantize_sym(array: np.ndarray, per_tensor: bool) -> dict[str, np.ndarray]:
+    rows = as_rows(array, 1)
+    amax = np.empty(rows.shape[0], np.float32)
+    for start, part in f32_slices(rows):
+        _absmax_rows(part, amax[start:start + len(part)])
+    if not np.isfinite(amax).all():
+        raise ValueError("NaN or Inf in input")
+    if per_tensor:
+        amax = np.full_like(amax, amax.max() if amax.size else 0)
+    scales = amax / np.float32(127.0)
+    scales[scales == 0] = 1.0
+    codes = np.empty(rows.shape, np.int8)
+    bad = np.zeros(1, np.uint8)
+    for start, part in f32_slices(rows):
+        _sym(part, scales[start:start + len(part)], codes[start:start + len(part)], bad)
+    return {"q": codes, "scales": scales[:1].copy() if per_tensor else scales}
+
+
+def dequantize_sym(data: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    codes = np.asarray(data["q"]).reshape(-1, shape[-1]).astype(np.float32)
+    scales = np.asarray(data["scales"], np.float32).reshape(-1, 1)
+    return (codes * scales).reshape(shape)
+
+
+SCHEMES = [
+    *(convcore.Scheme(name=f"int{b}-row", block_size=1, bits=float(b), family="row",
+                      quantize=lambda a, b=b: quantize_asym(b, a),
+                      dequantize=lambda d, s, b=b: dequantize_asym(b, d, s),
+                      description=f"{b}-bit asymmetric, scale and zero point per row")
+      for b in ASYM_BITS),
+    convcore.Scheme(name="int8-row-sym", block_size=1, bits=8.0, family="row",
+                    quantize=lambda a: quantize_sym(a, per_tensor=False),
+                    dequantize=dequantize_sym, description="int8 symmetric, scale per row"),
+    convcore.Scheme(name="int8-tensor", block_size=1, bits=8.0, family="row",
+                    quantize=lambda a: quantize_sym(a, per_tensor=True),
+                    dequantize=dequantize_sym, description="int8 symmetric, one scale"),
+]

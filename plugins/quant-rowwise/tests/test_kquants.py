@@ -1,0 +1,184 @@
+"""GGUF k-quants: ggml block layouts checked with gguf-py, quality checked against llama.cpp."""
+from __future__ import annotations
+
+import ctypes
+
+import gguf
+import ml_dtypes
+import numpy as np
+import pytest
+
+import convcore
+from quant_rowwise import kquants
+
+TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+QTYPE = {"q2_k": gguf.GGMLQuantizationType.Q2_K, "q3_k": gguf.GGMLQuantizationType.Q3_K,
+         "q4_k": gguf.GGMLQuantizationType.Q4_K, "q5_k": gguf.GGMLQuantizationType.Q5_K,
+         "q6_k": gguf.GGMLQuantizationType.Q6_K}
+BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
+# llama.cpp C++'s relative RMSE on gaussian weights, measured (REFERENCE.md).
+LLAMACPP_RMSE = {"q2_k": 0.2965, "q3_k": 0.1508, "q4_k": 0.0713, "q5_k": 0.0361, "q6_k": 0.0178}
+DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
+SHAPES = [(1, 256), (7, 512), (2, 3, 512), (64, 4096)]
+SCHEMES = {s.name: s for s in kquants.SCHEMES}
+
+
+def gaussian(shape, dtype="f32", seed=0):
+    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return x.astype(DTYPES[dtype])
+
+
+def rel_rmse(y, x):
+    x = np.asarray(x, np.float64)
+    return float(np.linalg.norm(np.asarray(y, np.float64) - x) / np.linalg.norm(x))
+
+
+def roundtrip(name, x):
+    data = SCHEMES[name].quantize(x)
+    return data, SCHEMES[name].dequantize(data, x.shape)
+
+
+def test_scheme_contract():
+    assert [s.name for s in kquants.SCHEMES] == list(TYPES)
+    for s in kquants.SCHEMES:
+        assert isinstance(s, convcore.Scheme)
+        assert s.block_size == 256 and s.family == "gguf"
+        assert s.bits == BLOCK_BYTES[s.name] * 8 / 256
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", TYPES)
+def test_layout_matches_gguf_dequantize(name, dtype, shape):
+    x = gaussian(shape, dtype, seed=len(shape) + shape[-1])
+    data, ours = roundtrip(name, x)
+    blocks = data["blocks"]
+    assert set(data) == {"blocks"}
+    assert blocks.dtype == np.uint8
+    assert blocks.shape == (*shape[:-1], shape[-1] // 256 * BLOCK_BYTES[name])
+    assert ours.dtype == np.float32 and ours.shape == shape
+    theirs = gguf.quants.dequantize(blocks, QTYPE[name])
+    assert theirs.shape == shape
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", TYPES)
+def test_rmse_on_gaussian_at_most_llamacpp(name, dtype):
+    x = gaussian((64, 4096), dtype, seed=7)
+    _, y = roundtrip(name, x)
+    assert rel_rmse(y, x.astype(np.float32)) <= LLAMACPP_RMSE[name]
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_zero_and_constant_rows(name):
+    x = np.zeros((3, 512), np.float32)
+    x[1] = 0.5
+    x[2, :256] = -3.0
+    x[2, 256:] = 100.0
+    data, y = roundtrip(name, x)
+    assert np.isfinite(y).all()
+    assert not y[0].any()  # an all-zero row stays exactly zero
+    for row in (1, 2):
+        assert rel_rmse(y[row], x[row]) <= 1e-3
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_huge_outliers(name):
+    x = gaussian((4, 1024), seed=3)
+    x[:, ::97] = 1e4
+    _, y = roundtrip(name, x)
+    assert np.isfinite(y).all()
+    assert rel_rmse(y, x) <= LLAMACPP_RMSE[name]
+    assert np.abs(y[:, ::97] - 1e4).max() <= 10.0
+    # Beyond what an f16 super-scale can express: saturates, stays finite, error < 100%.
+    x[:, 5] = 1e9
+    x[:, 700] = -3e8
+    _, y = roundtrip(name, x)
+    assert np.isfinite(y).all()
+    assert rel_rmse(y, x) < 1.0
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_non_finite_input_raises(name, bad, dtype):
+    x = gaussian((3, 512), "f32", seed=1)
+    x[2, 300] = bad
+    with pytest.raises(ValueError, match="NaN or Inf in input"):
+        SCHEMES[name].quantize(x.astype(DTYPES[dtype]))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bad_rows_and_dtypes_raise(name):
+    with pytest.raises(ValueError, match="multiple of 256"):
+        SCHEMES[name].quantize(np.ones((2, 300), np.float32))
+    with pytest.raises(convcore.ConvcoreError, match="multiple of 256"):
+        SCHEMES[name].quantize(np.ones((4, 128), np.float16))
+    with pytest.raises(ValueError, match="f32, f16 or bf16"):
+        SCHEMES[name].quantize(np.ones((2, 256), np.float64))
+    with pytest.raises(ValueError, match="f32, f16 or bf16"):
+        SCHEMES[name].quantize(np.ones((2, 256), np.int32))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_non_contiguous_input(name):
+    x = gaussian((512, 6), seed=5).T  # (6, 512) view with strides
+    data, y = roundtrip(name, x)
+    np.testing.assert_array_equal(data["blocks"], SCHEMES[name].quantize(x.copy())["blocks"])
+
+
+# ---------------------------------------------------------------- the real peer
+
+
+def _write_tiny_llama_gguf(path, tensors, dim):
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(dim)
+    w.add_head_count(dim // 128)
+    w.add_head_count_kv(dim // 128)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(128)
+    w.add_file_type(0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", "a"])
+    w.add_token_scores([0.0, 0.0, 0.0, -1.0])
+    w.add_token_types([2, 3, 3, 1])
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.slow
+def test_rmse_at_most_llamacpp_cpp_quantizer(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    rng = np.random.default_rng(11)
+    # attn_v is required: llama-quantize checks one per layer.
+    tensors = {f"blk.0.{n}.weight": rng.standard_normal((256, 1024), dtype=np.float32)
+               for n in ("attn_q", "attn_k", "attn_v")}
+    src = tmp_path / "f32.gguf"
+    _write_tiny_llama_gguf(src, tensors, 1024)
+    ftype = {"q2_k": 10, "q3_k": 11, "q4_k": 14, "q5_k": 16, "q6_k": 18}
+    x_all = np.concatenate([v.ravel() for v in tensors.values()])
+    for name in TYPES:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.nthread = 2
+        params.ftype = ftype[name]
+        params.pure = True  # every weight in this one type
+        dst = tmp_path / f"{name}.gguf"
+        assert llama_cpp.llama_model_quantize(
+            str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+        theirs, ours = [], []
+        for t in gguf.GGUFReader(dst).tensors:
+            assert t.tensor_type == QTYPE[name], (t.name, t.tensor_type)
+            theirs.append((t.name, gguf.quants.dequantize(t.data, t.tensor_type).ravel()))
+        theirs = np.concatenate([v for _, v in sorted(theirs, key=lambda kv: list(tensors).index(kv[0]))])
+        ours = np.concatenate([roundtrip(name, v)[1].ravel() for v in tensors.values()])
+        ours_rmse, theirs_rmse = rel_rmse(ours, x_all), rel_rmse(theirs, x_all)
+        assert theirs_rmse == pytest.approx(LLAMACPP_RMSE[name], rel=0.02)
+        assert ours_rmse <= theirs_rmse * 1.0, (name, ours_rmse, theirs_rmse)

@@ -1,0 +1,43 @@
+"""Per-row schemes: packing, round-trip error bounds, symmetric and per-tensor scales."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import convcore
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_asymmetric_rows_error_is_half_a_step(bits):
+    x = np.random.default_rng(bits).standard_normal((32, 256)).astype(np.float32)
+    qt = convcore.quantize(x, f"int{bits}-row")
+    assert qt.data["q"].shape == (32, 256 * bits // 8)
+    assert qt.data["scales"].shape == qt.data["zero_points"].shape == (32,)
+    y = qt.dequantize()
+    step = (x.max(1) - x.min(1)) / (2**bits - 1)
+    # half a step, plus the zero point's own rounding (at most another half step)
+    assert (np.abs(y - x).max(1) <= step * 1.0 + 1e-6).all()
+    if bits == 8:
+        assert np.linalg.norm(y - x) / np.linalg.norm(x) < 0.01
+
+
+def test_one_bit_packing_is_numpy_packbits():
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    qt = convcore.quantize(x, "int1-row")
+    scale = x.max(1, keepdims=True) - x.min(1, keepdims=True)
+    zp = np.clip(np.rint(-x.min(1, keepdims=True) / scale), 0, 1)
+    codes = np.clip(np.rint(x / scale) + zp, 0, 1).astype(np.uint8)  # the documented formula
+    assert np.array_equal(qt.data["q"], np.packbits(codes, axis=-1))
+
+
+def test_symmetric_and_tensor_scales():
+    x = np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32)
+    row = convcore.quantize(x, "int8-row-sym")
+    assert row.data["q"].dtype == np.int8 and row.data["scales"].shape == (16,)
+    np.testing.assert_allclose(row.data["scales"], np.abs(x).max(1) / 127, rtol=1e-6)
+    assert np.abs(row.dequantize() - x).max() <= row.data["scales"].max() / 2 + 1e-7
+    ten = convcore.quantize(x, "int8-tensor")
+    assert ten.data["scales"].shape == (1,)
+    assert np.isclose(ten.data["scales"][0], np.abs(x).max() / 127)
+    zero = convcore.quantize(np.zeros((2, 8), np.float32), "int8-row-sym")
+    assert np.array_equal(zero.dequantize(), np.zeros((2, 8), np.float32))
