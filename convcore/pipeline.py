@@ -6,6 +6,7 @@ to overwrite, validation of what was written, and the progress bar.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import sys
@@ -32,7 +33,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int = 1) -> Iter
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         pending: deque = deque()
         for item in items:
-            pending.append(pool.submit(fn, item))
+            # each task runs in a copy of the caller's context, so the registry a
+            # conversion is using (a context variable) is the one workers see
+            pending.append(pool.submit(contextvars.copy_context().run, fn, item))
             if len(pending) > jobs:
                 yield pending.popleft().result()
         while pending:

@@ -256,7 +256,8 @@ class Registry:
         fmt = fmt or self.detect(path)
         if not self.format(fmt).can_read:
             raise ConvcoreError(f"format {fmt!r} cannot be read")
-        model = self.pm.hook.convcore_load(path=path, fmt=fmt, options=options or {})
+        with using(self):
+            model = self.pm.hook.convcore_load(path=path, fmt=fmt, options=options or {})
         if model is None:
             raise ConvcoreError(f"{path}: no plugin loads format {fmt!r}")
         model.format = model.format or fmt
@@ -272,15 +273,17 @@ class Registry:
 
     def quantize(self, tensor: TensorRef | np.ndarray, scheme: str,
                  options: dict | None = None) -> QuantizedTensor:
-        result = self.pm.hook.convcore_quantize(tensor=tensor, scheme=scheme, options=options or {})
+        with using(self):
+            result = self.pm.hook.convcore_quantize(tensor=tensor, scheme=scheme, options=options or {})
         if result is None:
             raise ConvcoreError(f"no plugin quantizes scheme {scheme!r}")
         return result
 
     def write(self, model: Model, path: Path, fmt: str, options: dict,
               progress: Callable[[str], None]) -> Path:
-        result = self.pm.hook.convcore_write(
-            model=model, path=Path(path), fmt=fmt, options=options, progress=progress)
+        with using(self):
+            result = self.pm.hook.convcore_write(
+                model=model, path=Path(path), fmt=fmt, options=options, progress=progress)
         if result is None:
             raise ConvcoreError(f"no plugin writes format {fmt!r}")
         return Path(result)
@@ -289,13 +292,15 @@ class Registry:
         path = Path(path)
         fmt = fmt or self.detect(path)
         self.format(fmt)
-        results = self.pm.hook.convcore_validate(path=path, fmt=fmt)
+        with using(self):
+            results = self.pm.hook.convcore_validate(path=path, fmt=fmt)
         return [p for r in results if r for p in r]
 
     def infer(self, path: Path, token_ids: list[int], fmt: str | None = None) -> np.ndarray:
         path = Path(path)
         fmt = fmt or self.detect(path)
-        result = self.pm.hook.convcore_infer(path=path, fmt=fmt, token_ids=list(token_ids))
+        with using(self):
+            result = self.pm.hook.convcore_infer(path=path, fmt=fmt, token_ids=list(token_ids))
         if result is None:
             raise ConvcoreError(f"no installed plugin runs inference for format {fmt!r}")
         return np.asarray(result, dtype=np.float32)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +174,6 @@ class StreamingWriter:
             self._file.close()
             raise ConvcoreError(
                 f"{self.path}: {len(self._order) - self._next} declared tensors were not written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
 
 

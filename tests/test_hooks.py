@@ -114,3 +114,21 @@ def test_hook_convcore_infer(tiny_llama):
     logits = convcore.get_registry().infer(tiny_llama, [1, 2, 3])
     assert logits.shape == (3, 1024) and logits.dtype == np.float32
     assert np.isfinite(logits).all() and logits.std() > 0
+
+
+def test_ordered_map_keeps_order_bound_and_registry():
+    """Results come in input order, and worker threads see the registry in use."""
+    import threading
+
+    registry = convcore.Registry(load_entry_points=False)
+    seen = []
+
+    def work(i):
+        seen.append(convcore.get_registry() is registry)
+        return i * i, threading.get_ident()
+
+    with convcore.using(registry):
+        out = list(convcore.ordered_map(work, range(20), jobs=3))
+    assert [r for r, _ in out] == [i * i for i in range(20)]
+    assert all(seen) and len(seen) == 20
+    assert len({t for _, t in out}) > 1  # really ran on several threads
