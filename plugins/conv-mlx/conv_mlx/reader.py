@@ -1,0 +1,159 @@
+"""MLX directory -> lazy Model with HF names and an HF config.
+
+Quantized modules (``X.weight`` uint32 + ``X.scales`` + ``X.biases``) become one logical
+``X.weight`` in the scales' dtype, dequantized on demand by the registered affine
+scheme (``scale * q + bias``, as ``mx.dequantize`` computes).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from convcore import (
+    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, open_tensors, read_json,
+    read_tokenizer_files,
+)
+
+from .layout import BITS, GROUP_SIZES, scheme_name
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The shards the index names (each must exist), else ``model*.safetensors``."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConvcoreError(f"{index}: no weight_map")
+        files = []
+        for fname in dict.fromkeys(weight_map.values()):
+            if Path(fname).name != fname:
+                raise ConvcoreError(f"{index}: shard name {fname!r} is not a plain file name")
+            if not (path / fname).is_file():
+                raise ConvcoreError(f"{index}: names shard {fname!r}, which is missing")
+            files.append(path / fname)
+        return files
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise ConvcoreError(f"{path}: no model*.safetensors")
+    return files
+
+
+def quant_params(config: dict[str, Any], module: str) -> tuple[int, int] | None:
+    """(bits, group) config.json gives ``module``: its own entry, else the default block;
+    None when the config says nothing (or the entry is ``false``)."""
+    block = config.get("quantization") or config.get("quantization_config")
+    if not isinstance(block, dict):
+        return None
+    entry = block.get(module, block)
+    if entry is False:
+        return None
+    if not isinstance(entry, dict):
+        entry = block
+    mode = entry.get("mode", "affine")
+    if mode != "affine":
+        raise ConvcoreError(f"mlx: module {module!r} uses quantization mode {mode!r}; "
+                            "only affine is supported")
+    try:
+        return int(entry["bits"]), int(entry["group_size"])
+    except (KeyError, TypeError, ValueError):
+        raise ConvcoreError(f"mlx config.json: quantization entry for {module!r} lacks bits/group_size") from None
+
+
+def logical_shape(name: str, weight: TensorRef, scales: TensorRef, biases: TensorRef | None,
+                  params: tuple[int, int] | None, source: str) -> tuple[tuple[int, ...], int, int]:
+    """Float shape, bits and group of a packed module; raises one-line errors naming the
+    tensor when the pieces disagree."""
+    if params is None:
+        raise ConvcoreError(f"{source}: {name}.scales present but config.json has no quantization block")
+    bits, group = params
+    if bits not in BITS or group not in GROUP_SIZES:
+        raise ConvcoreError(f"{source}: {name}: unsupported bits {bits} / group size {group}")
+    if biases is None:
+        raise ConvcoreError(f"{source}: {name}.biases missing beside {name}.scales")
+    if weight.dtype != "u32":
+        raise ConvcoreError(f"{source}: {name}.weight is {weight.dtype}, expected u32 (packed {bits}-bit)")
+    if biases.shape != scales.shape:
+        raise ConvcoreError(f"{source}: {name}.biases shape {list(biases.shape)} differs from "
+                            f"scales {list(scales.shape)}")
+    *lead, packed = weight.shape
+    cols = packed * 32 // bits
+    if (packed * 32) % bits or tuple(scales.shape) != (*lead, cols // group) or cols % group:
+        raise ConvcoreError(
+            f"{source}: {name}.weight packed width {packed} with {bits}-bit codes means {cols} "
+            f"columns, but scales {list(scales.shape)} say {scales.shape[-1] * group} "
+            f"(group size {group})")
+    return (*lead, cols), bits, group
+
+
+def load_mlx(path: Path) -> Model:
+    """Describe the MLX directory ``path`` as a lazy HF-named model."""
+    if not path.is_dir():
+        raise ConvcoreError(f"{path}: an mlx model is a directory")
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict):
+        raise ConvcoreError(f"{path / 'config.json'}: not a JSON object")
+    raw: dict[str, TensorRef] = {}
+    for file in weight_files(path):
+        refs, _ = open_tensors(file)
+        for name, ref in refs.items():
+            if name in raw:
+                raise ConvcoreError(f"{file}: tensor {name!r} also in {raw[name].source}")
+            raw[name] = ref
+    registry = get_registry()  # captured: tensors may be read from worker threads
+    tensors: dict[str, TensorRef] = {}
+    for name, ref in raw.items():
+        if name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" in raw:
+            continue
+        stem = name[: -len(".weight")] if name.endswith(".weight") else None
+        scales = raw.get(f"{stem}.scales") if stem else None
+        if scales is None:
+            if ref.dtype == "u32" and quant_params(config, stem or name):
+                raise ConvcoreError(f"{ref.source}: {name} is packed (u32) but {stem}.scales is missing")
+            tensors[name] = ref
+            continue
+        shape, bits, group = logical_shape(stem, ref, scales, raw.get(f"{stem}.biases"),
+                                           quant_params(config, stem), ref.source)
+        tensors[name] = TensorRef(name, shape, scales.dtype,
+                                  _dequantizer(registry, ref, scales, raw[f"{stem}.biases"], bits, group,
+                                               shape),
+                                  source=ref.source)
+    for name, ref in raw.items():
+        if name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" not in raw:
+            raise ConvcoreError(f"{ref.source}: {name} has no {name.rsplit('.', 1)[0]}.weight")
+    metadata: dict[str, Any] = {"source": str(path)}
+    if (path / "generation_config.json").is_file():
+        metadata["generation_config"] = read_json(path / "generation_config.json")
+    return Model(arch=arch_of(config), config=hf_config(config), tensors=tensors,
+                 tokenizer=read_tokenizer_files(path), metadata=metadata, source=str(path),
+                 format="mlx")
+
+
+def _dequantizer(registry: Any, weight: TensorRef, scales: TensorRef, biases: TensorRef, bits: int, group: int,
+                 shape: tuple[int, ...]):
+    def load() -> np.ndarray:
+        scheme = registry.scheme(scheme_name(bits, group))
+        s, b = scales.load(), biases.load()
+        if scales.dtype == "f32":
+            data = {"weight": weight.load(), "scales": s, "biases": b}
+            return np.asarray(scheme.dequantize(data, shape), dtype=np.float32)
+        # mx.dequantize works in the scales' type: scale*q rounds to it, then +bias rounds
+        # again. Unpack the codes with the scheme (scale 1, bias 0) and repeat that.
+        ones = np.ones(s.shape, np.float32)
+        codes = np.asarray(scheme.dequantize({"weight": weight.load(), "scales": ones,
+                                              "biases": np.zeros_like(ones)}, shape), np.float32)
+        wide_s = np.repeat(cast(s, "f32"), group, axis=-1)
+        wide_b = np.repeat(cast(b, "f32"), group, axis=-1)
+        product = cast(cast(wide_s * codes, scales.dtype), "f32")
+        return cast(product + wide_b, scales.dtype)
+
+    return load
+
+
+def hf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The HF config an MLX config.json came from: quantization blocks removed."""
+    config = json.loads(json.dumps(config))
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    return config

@@ -1,0 +1,43 @@
+"""Pieces of the writer that the tiny models do not reach: row-block quantization and
+casting of tensors larger than one block."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import convcore
+from conv_mlx.layout import SCHEMES, packed_shapes, parse_scheme, recipe_bits
+from conv_mlx.writer import cast_rows, quantize_rows
+
+
+@pytest.mark.parametrize("scheme,dtype", [("int4-g64", "f16"), ("int3-g32", "bf16"), ("int6-g128", "f32")])
+def test_mlx_quantize_rows_in_blocks_equals_one_call(affine_registry, scheme, dtype):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((300, 512)) * 0.05).astype(np.float32)
+    whole = convcore.quantize(convcore.cast(w, dtype), scheme, registry=affine_registry).data
+    blocks = quantize_rows(w, dtype, scheme, "t", affine_registry, chunk_bytes=512 * 4 * 7)
+    bits, group = parse_scheme(scheme)
+    wshape, sshape = packed_shapes(w.shape, bits, group)
+    assert blocks["weight"].shape == wshape and blocks["scales"].shape == sshape
+    for key in ("weight", "scales", "biases"):
+        assert blocks[key].dtype == whole[key].dtype
+        assert blocks[key].tobytes() == whole[key].tobytes(), key
+
+
+def test_mlx_cast_rows_in_blocks_equals_cast():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((257, 64)).astype(ml_dtypes.bfloat16)
+    got = cast_rows(w, "f16", chunk_bytes=64 * 4 * 10)
+    assert got.tobytes() == convcore.cast(w, "f16").tobytes()
+
+
+def test_mlx_scheme_table_and_recipe():
+    assert len(SCHEMES) == 18 and "int3-g64" in SCHEMES
+    with pytest.raises(convcore.ConvcoreError):
+        parse_scheme("int7-g64")
+    # mlx-lm's mixed recipe on 16 layers: first/last eighth and every third layer between
+    high = [i for i in range(16) if recipe_bits("mixed_3_6", f"model.layers.{i}.mlp.down_proj", 16) == 6]
+    assert high == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert recipe_bits("mixed_3_6", "model.layers.4.mlp.up_proj", 16) == 3
+    assert recipe_bits("mixed_2_6", "lm_head", 16) == 6
