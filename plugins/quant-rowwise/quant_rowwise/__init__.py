@@ -4,24 +4,69 @@ Registers the schemes (GGUF blocks q8_0 q4_0 q4_1 q5_0 q5_1, k-quants q2_k..q6_k
 affine int{2,3,4,5,6,8}-g{32,64,128}, per-row int{1,2,4,8}-row, int8-row-sym,
 int8-tensor) and the ``npz`` format (APL layout). Format plugins use the schemes by name
 through ``convcore.quantize``; none imports this package.
+
+Registration is cheap: the kernel modules (and numba) are imported on a scheme's first
+use, so ``convcore`` commands that quantize nothing never pay for them.
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from typing import Any, Callable
 
 import convcore
 
-from . import affine, legacy, rows
-from .kquants import SCHEMES as KQUANT_SCHEMES
 from .npz import convcore_load, convcore_validate, convcore_write, register_npz  # noqa: F401
 
 __version__ = "0.1.0"
-ALL_SCHEMES = [*legacy.SCHEMES, *KQUANT_SCHEMES, *affine.SCHEMES, *rows.SCHEMES]
+
+LEGACY_SIZES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}
+KQUANT_SIZES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
+AFFINE = [(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
+ROW_BITS = (1, 2, 4, 8)
+
+
+def _kernels(module: str) -> Any:
+    return importlib.import_module(f"{__name__}.{module}")
+
+
+def _schemes() -> list[convcore.Scheme]:
+    out = []
+    for kind, size in LEGACY_SIZES.items():
+        out.append(convcore.Scheme(
+            name=kind, block_size=32, bits=size * 8 / 32, family="gguf",
+            quantize=lambda a, k=kind: _kernels("legacy").quantize(k, a),
+            dequantize=lambda d, s, k=kind: _kernels("legacy").dequantize(k, d, s),
+            description=f"GGUF {kind.upper()}: blocks of 32, bit-exact with ggml's reference"))
+    for kind, size in KQUANT_SIZES.items():
+        out.append(convcore.Scheme(
+            name=kind, block_size=256, bits=size * 8 / 256, family="gguf",
+            quantize=lambda a, k=kind: _kernels("kquants").quantize_kquant(a, k),
+            dequantize=lambda d, s, k=kind: _kernels("kquants").dequantize_kquant(d, s, k),
+            description=f"GGUF {kind.upper()}: super-blocks of 256 (llama.cpp's search, refined)"))
+    for bits, group in AFFINE:
+        out.append(convcore.Scheme(
+            name=f"int{bits}-g{group}", block_size=group, bits=bits + 32 / group, family="affine",
+            quantize=lambda a, b=bits, g=group: _kernels("affine").quantize(b, g, a),
+            dequantize=lambda d, s, b=bits, g=group: _kernels("affine").dequantize(b, g, d, s),
+            description=f"MLX affine {bits}-bit in groups of {group} (mx.quantize layout)"))
+    for bits in ROW_BITS:
+        out.append(convcore.Scheme(
+            name=f"int{bits}-row", block_size=1, bits=float(bits), family="row",
+            quantize=lambda a, b=bits: _kernels("rows").quantize_asym(b, a),
+            dequantize=lambda d, s, b=bits: _kernels("rows").dequantize_asym(b, d, s),
+            description=f"{bits}-bit asymmetric, scale and zero point per row"))
+    for name, per_tensor in (("int8-row-sym", False), ("int8-tensor", True)):
+        out.append(convcore.Scheme(
+            name=name, block_size=1, bits=8.0, family="row",
+            quantize=lambda a, t=per_tensor: _kernels("rows").quantize_sym(a, t),
+            dequantize=lambda d, s: _kernels("rows").dequantize_sym(d, s),
+            description="int8 symmetric, " + ("one scale" if per_tensor else "scale per row")))
+    return out
 
 
 @convcore.hookimpl
 def convcore_register_schemes(register: Callable[..., None]) -> None:
-    for scheme in ALL_SCHEMES:
+    for scheme in _schemes():
         register(scheme)
 
 

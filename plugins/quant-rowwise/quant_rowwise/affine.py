@@ -126,14 +126,3 @@ def dequantize(bits: int, group: int, data: dict[str, np.ndarray], shape: tuple[
     if dtype != "f32":
         q = convcore.cast(convcore.cast(q, dtype), "f32")
     return q.reshape(shape)
-
-
-def scheme(bits: int, group: int) -> convcore.Scheme:
-    return convcore.Scheme(
-        name=f"int{bits}-g{group}", block_size=group, bits=bits + 32 / group, family="affine",
-        quantize=lambda array: quantize(bits, group, array),
-        dequantize=lambda data, shape: dequantize(bits, group, data, shape),
-        description=f"MLX affine {bits}-bit, groups of {group} (mx.quantize layout)")
-
-
-SCHEMES = [scheme(b, g) for b in BITS for g in GROUPS]

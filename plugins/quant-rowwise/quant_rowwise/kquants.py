@@ -30,10 +30,7 @@ _F1 = np.float32(1.0)
 _GROUP_MAX_EPS = np.float32(1e-15)
 # Reassociation lets LLVM vectorize the float32 sums of the searches; no nnan/ninf, so the
 # NaN guards below keep working.
-_ITERS = (1, 1, 1, 1, 1)  # refinement rounds for q4_k q5_k q6_k q3_k q2_k: 2 buys ~0.5% RMSE for ~20% time
-import os
-_SYM_LS = os.environ.get('LS', '1') == '1'
-_SYM_STEP = os.environ.get('STEP', '1') == '1'
+_ITERS = (1, 1, 1)  # refinement rounds for q4_k q5_k q2_k: 2 buys ~0.4% RMSE for ~20% time
 _FM = {"reassoc", "contract", "arcp", "nsz"}
 
 
@@ -102,7 +99,7 @@ def _nearest(v):
     return int(r)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _load(x, r, c0, mode, lut, ubuf):
     """Widen one 256-weight block of row ``r`` into ``ubuf`` as f32 bits; False if non-finite."""
     bad = np.uint32(0)
@@ -418,54 +415,52 @@ def _affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _sym_refine(x, nsub, sub, qlo, qhi, slo, shi, st, sc, err, iters):
-    """Improve (d, sc[]) of a symmetric super-block; keeps only improvements."""
+def _sym_refine(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L):
+    """Improve the sub-block scales of a symmetric super-block; keeps only improvements.
+
+    Per sub-block: one pass gives its error and the least-squares scale for its codes;
+    the integer scale nearest that optimum (or the neighbour towards it) is tried.
+    (A least-squares refit of d, as done for the affine types, gained almost nothing.)
+    Writes the final codes ``q - qlo`` to ``L`` (sub-blocks with a zero scale keep theirs).
+    """
     D = _f16_to_f32(st[0])
-    total = 0.0
+    if D == _F0:
+        return
+    flo = np.float32(qlo)
+    fhi = np.float32(qhi)
     for j in range(nsub):
-        err[j] = _sym_sse(x, j * sub, sub, D * np.float32(sc[j]), qlo, qhi)
-        total += err[j]
-    for _ in range(iters):
-        saa = 0.0
-        sax = 0.0
-        for j in range(nsub):
-            dl = D * np.float32(sc[j])
+        o = j * sub
+        dl = D * np.float32(sc[j])
+        if dl == _F0:
+            continue
+        idl = _F1 / dl
+        sxq = _F0
+        sqq = _F0
+        e2 = _F0
+        for i in range(sub):
+            v = x[o + i]
+            q = min(max(np.rint(v * idl), flo), fhi)
+            L[o + i] = int(q) - qlo
+            sxq += v * q
+            sqq += q * q
+            e = dl * q - v
+            e2 += e * e
+        if sqq == _F0:
+            continue
+        s_opt = sxq / sqq / D
+        cand = _rint_clamp(s_opt, slo, shi)
+        if cand == sc[j]:
+            cand = sc[j] + (1 if s_opt > np.float32(sc[j]) else -1)
+            if cand < slo or cand > shi:
+                continue
+        if cand == 0:
+            continue
+        dl = D * np.float32(cand)
+        if _sym_sse(x, o, sub, dl, qlo, qhi) < np.float64(e2):
+            sc[j] = cand
+            idl = _F1 / dl
             for i in range(sub):
-                v = x[j * sub + i]
-                q = 0
-                if dl != _F0:
-                    q = _rint_clamp(v / dl, qlo, qhi)
-                a = np.float64(sc[j] * q)
-                saa += a * a
-                sax += a * v
-        if saa > 0.0 and _SYM_LS:
-            h0 = _f32_to_f16(np.float32(sax / saa))
-            if h0 != st[0]:
-                D2 = _f16_to_f32(h0)
-                t2 = 0.0
-                for j in range(nsub):
-                    err[nsub + j] = _sym_sse(x, j * sub, sub, D2 * np.float32(sc[j]), qlo, qhi)
-                    t2 += err[nsub + j]
-                if t2 < total:
-                    st[0] = h0
-                    D = D2
-                    total = t2
-                    for j in range(nsub):
-                        err[j] = err[nsub + j]
-        for j in range(nsub if _SYM_STEP else 0):
-            bs = sc[j]
-            be = err[j]
-            for ds in (-1, 1):
-                s2 = sc[j] + ds
-                if s2 < slo or s2 > shi:
-                    continue
-                e = _sym_sse(x, j * sub, sub, D * np.float32(s2), qlo, qhi)
-                if e < be:
-                    be = e
-                    bs = s2
-            total += be - err[j]
-            err[j] = be
-            sc[j] = bs
+                L[o + i] = int(min(max(np.rint(x[o + i] * idl), flo), fhi)) - qlo
 
 
 # ---------------------------------------------------------------- block quantizers
@@ -493,7 +488,7 @@ def _put_f16(out, o, h):
     out[o + 1] = (h >> 8) & 0xFF
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _block_q45k(x, out, nmax, refine, L, Laux, w, fs, fm, sc, mi, st, err):
     """One q4_K (nmax 15) or q5_K (nmax 31) super-block into out[0:144|176]."""
     if nmax == 15:
@@ -556,7 +551,7 @@ def _block_q45k(x, out, nmax, refine, L, Laux, w, fs, fm, sc, mi, st, err):
                 out[48 + 32 * c + l] = (L[64 * c + l] & 0xF) | ((L[64 * c + 32 + l] & 0xF) << 4)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _block_q6k(x, out, refine, L, fs, sc, st, err):
     """One q6_K super-block into out[0:210]."""
     max_scale = _F0
@@ -575,10 +570,10 @@ def _block_q6k(x, out, refine, L, fs, sc, st, err):
     st[0] = _f32_to_f16(_F1 / iscale)
     for ib in range(16):
         sc[ib] = min(127, _nearest(iscale * fs[ib]))
-    if refine:
-        _sym_refine(x, 16, 16, -32, 31, -128, 127, st, sc, err, _ITERS[2])
     D = _f16_to_f32(st[0])
-    for j in range(16):
+    if refine:
+        _sym_refine(x, 16, 16, -32, 31, -128, 127, st, sc, L)
+    for j in range(16 if not refine else 0):
         dl = D * np.float32(sc[j])
         if dl == _F0:
             continue
@@ -599,7 +594,7 @@ def _block_q6k(x, out, refine, L, fs, sc, st, err):
     _put_f16(out, 208, st[0])
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _block_q3k(x, out, refine, L, fs, sc, st, err):
     """One q3_K super-block into out[0:110]."""
     max_scale = _F0
@@ -622,16 +617,17 @@ def _block_q3k(x, out, refine, L, fs, sc, st, err):
         for j in range(16):
             sc[j] = -32
         st[0] = 0
-    if refine and max_scale != _F0:
-        _sym_refine(x, 16, 16, -4, 3, -32, 31, st, sc, err, _ITERS[3])
     D = _f16_to_f32(st[0])
-    for j in range(16):
+    if refine and max_scale != _F0:
+        _sym_refine(x, 16, 16, -4, 3, -32, 31, st, sc, L)
+    for j in range(16 if not refine else 0):
         dl = D * np.float32(sc[j])
         if dl == _F0:
             continue
+        idl = _F1 / dl
         for i in range(16):
-            L[16 * j + i] = _rint_clamp(x[16 * j + i] / dl, -4, 3) + 4
-    for i in range(110):
+            L[16 * j + i] = _rint_clamp(x[16 * j + i] * idl, -4, 3) + 4
+    for i in range(96, 108):
         out[i] = 0
     for j in range(16):
         l = sc[j] + 32
@@ -640,20 +636,20 @@ def _block_q3k(x, out, refine, L, fs, sc, st, err):
         else:
             out[96 + j - 8] |= (l & 0xF) << 4
         out[96 + 8 + j % 4] |= (l >> 4) << (2 * (j // 4))
-    for j in range(QK_K):
-        q = L[j]
-        if q > 3:
-            out[j % 32] |= 1 << (j // 32)
-            q -= 4
-        L[j] = q
+    for l in range(32):
+        h = 0
+        for k in range(8):
+            h |= (L[32 * k + l] >> 2) << k
+        out[l] = h
     for h in range(2):
         for l in range(32):
             b = 128 * h + l
-            out[32 + 32 * h + l] = L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6)
+            out[32 + 32 * h + l] = ((L[b] & 3) | ((L[b + 32] & 3) << 2) | ((L[b + 64] & 3) << 4)
+                                    | ((L[b + 96] & 3) << 6))
     _put_f16(out, 108, st[0])
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath=_FM)
 def _block_q2k(x, out, refine, L, Laux, w, fs, fm, sc, mi, st, err):
     """One q2_K super-block into out[0:84]."""
     max_scale = _F0
@@ -661,7 +657,7 @@ def _block_q2k(x, out, refine, L, Laux, w, fs, fm, sc, mi, st, err):
     for j in range(16):
         for l in range(16):
             w[l] = abs(x[16 * j + l])
-        s, m = _make_qkx2(16, 3, x, 16 * j, w, L, Laux, np.float32(-0.5), np.float32(0.1), 15, True)
+        s, m = _make_qkx2(16, 3, x, 16 * j, w, L, Laux, np.float32(-0.5), np.float32(0.1), 15, False)
         fs[j] = s
         fm[j] = m
         if s > max_scale:
@@ -688,7 +684,7 @@ def _block_q2k(x, out, refine, L, Laux, w, fs, fm, sc, mi, st, err):
             mi[j] = 0
         st[1] = 0
     if refine:
-        _affine_refine(x, 16, 16, 3, 15, st, sc, mi, err, _ITERS[4])
+        _affine_refine(x, 16, 16, 3, 15, st, sc, mi, err, _ITERS[2])
     D = _f16_to_f32(st[0])
     Dm = _f16_to_f32(st[1])
     for j in range(16):
@@ -711,7 +707,7 @@ def _block_q2k(x, out, refine, L, Laux, w, fs, fm, sc, mi, st, err):
 # ------------------------------------------------------------------ row kernels
 
 
-@njit(nogil=True, cache=True, parallel=True)
+@njit(nogil=True, cache=True, fastmath=_FM, parallel=True)
 def _quantize_rows(x, mode, lut, kind, refine, out, nchunks):
     """Quantize every 256-weight block of the 2-D bit array ``x`` into ``out``.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-import convcore
 
 from ._input import as_rows, f32_slices
 
@@ -155,14 +154,3 @@ def dequantize(kind: str, data: dict[str, np.ndarray], shape: tuple[int, ...]) -
         else:
             x = (q - (8 if kind == "q4_0" else 16)) * d
     return x.reshape(shape).astype(np.float32, copy=False)
-
-
-def scheme(kind: str) -> convcore.Scheme:
-    return convcore.Scheme(
-        name=kind, block_size=QK, bits=TYPE_SIZE[kind] * 8 / QK, family="gguf",
-        quantize=lambda array: quantize(kind, array),
-        dequantize=lambda data, shape: dequantize(kind, data, shape),
-        description=f"GGUF {kind.upper()}: blocks of 32, bit-exact with ggml's reference")
-
-
-SCHEMES = [scheme(k) for k in TYPE_SIZE]

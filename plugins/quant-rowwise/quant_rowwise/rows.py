@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-import convcore
 
 from ._input import as_rows, f32_slices
 
@@ -131,18 +130,3 @@ def dequantize_sym(data: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.nd
     codes = np.asarray(data["q"]).reshape(-1, shape[-1]).astype(np.float32)
     scales = np.asarray(data["scales"], np.float32).reshape(-1, 1)
     return (codes * scales).reshape(shape)
-
-
-SCHEMES = [
-    *(convcore.Scheme(name=f"int{b}-row", block_size=1, bits=float(b), family="row",
-                      quantize=lambda a, b=b: quantize_asym(b, a),
-                      dequantize=lambda d, s, b=b: dequantize_asym(b, d, s),
-                      description=f"{b}-bit asymmetric, scale and zero point per row")
-      for b in ASYM_BITS),
-    convcore.Scheme(name="int8-row-sym", block_size=1, bits=8.0, family="row",
-                    quantize=lambda a: quantize_sym(a, per_tensor=False),
-                    dequantize=dequantize_sym, description="int8 symmetric, scale per row"),
-    convcore.Scheme(name="int8-tensor", block_size=1, bits=8.0, family="row",
-                    quantize=lambda a: quantize_sym(a, per_tensor=True),
-                    dequantize=dequantize_sym, description="int8 symmetric, one scale"),
-]
