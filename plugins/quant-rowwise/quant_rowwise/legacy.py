@@ -61,19 +61,23 @@ def _sym(x, out, d_out, bad, divisor, offset, qmax, o):
     for b in prange(x.shape[0]):
         xb = x[b]
         ob = out[b]
-        amax = F0
+        lo = xb[0]
+        hi = xb[0]
         nf = 0
         for j in range(QK):
-            a = abs(xb[j])
-            nf |= 0 if a <= FMAX else 1
-            amax = a if a > amax else amax
+            v = xb[j]
+            nf |= 0 if abs(v) <= FMAX else 1
+            lo = v if v < lo else lo
+            hi = v if v > hi else hi
         if nf:
             bad[0] = 1
-        mx = xb[0]
-        for j in range(QK):  # the first value of largest magnitude, as argmax picks it
-            if abs(xb[j]) == amax:
-                mx = xb[j]
-                break
+        # the value of largest magnitude; on a tie (-lo == hi) the first one, as argmax
+        mx = hi if hi > -lo else lo
+        if hi == -lo:
+            for j in range(QK):
+                if abs(xb[j]) == hi:
+                    mx = xb[j]
+                    break
         d = mx / divisor
         idv = F1 / d if d != F0 else F0
         d_out[b] = d
