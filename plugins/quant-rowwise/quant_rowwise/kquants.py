@@ -303,13 +303,13 @@ def _make_q3(n, nmax, x, xo, L):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM, inline="always")
-def _affine_sse(x, o, n, dl, ml, nmax):
-    """Squared error of x[o:o+n] coded as dl*q - ml with the nearest q in 0..nmax."""
+def _affine_sse(x, wt, o, n, dl, ml, nmax):
+    """Weighted squared error of x[o:o+n] coded as dl*q - ml with the nearest q in 0..nmax."""
     s = _F0
     if dl == _F0:
         for i in range(n):
             e = -ml - x[o + i]
-            s += e * e
+            s += wt[o + i] * e * e
         return np.float64(s)
     idl = _F1 / dl
     fmax = np.float32(nmax)
@@ -317,17 +317,17 @@ def _affine_sse(x, o, n, dl, ml, nmax):
         v = x[o + i]
         q = min(max(np.rint((v + ml) * idl), _F0), fmax)
         e = dl * q - ml - v
-        s += e * e
+        s += wt[o + i] * e * e
     return np.float64(s)
 
 
 @njit(nogil=True, cache=True, fastmath=_FM, inline="always")
-def _sym_sse(x, o, n, dl, qlo, qhi):
-    """Squared error of x[o:o+n] coded as dl*q with the nearest q in qlo..qhi."""
+def _sym_sse(x, wt, o, n, dl, qlo, qhi):
+    """Weighted squared error of x[o:o+n] coded as dl*q with the nearest q in qlo..qhi."""
     s = _F0
     if dl == _F0:
         for i in range(n):
-            s += x[o + i] * x[o + i]
+            s += wt[o + i] * x[o + i] * x[o + i]
         return np.float64(s)
     idl = _F1 / dl
     flo = np.float32(qlo)
@@ -336,7 +336,7 @@ def _sym_sse(x, o, n, dl, qlo, qhi):
         v = x[o + i]
         q = min(max(np.rint(v * idl), flo), fhi)
         e = dl * q - v
-        s += e * e
+        s += wt[o + i] * e * e
     return np.float64(s)
 
 
@@ -348,9 +348,21 @@ def _affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters):
     """
     D = _f16_to_f32(st[0])
     Dm = _f16_to_f32(st[1])
+    # llama.cpp's importance weights for this type (what its own search minimises), so a
+    # change is kept only when it helps by llama.cpp's measure too: q4_K/q5_K weigh each
+    # value by the sub-block's RMS plus |x|, q2_K by |x|.
+    wt = np.empty(nsub * sub, np.float32)
+    for j in range(nsub):
+        av = _F0
+        if sub == 32:
+            for i in range(sub):
+                av += x[j * sub + i] * x[j * sub + i]
+            av = np.float32(np.sqrt(av / np.float32(sub)))
+        for i in range(sub):
+            wt[j * sub + i] = av + abs(x[j * sub + i])
     total = 0.0
     for j in range(nsub):
-        err[j] = _affine_sse(x, j * sub, sub, D * np.float32(sc[j]), Dm * np.float32(mi[j]), nmax)
+        err[j] = _affine_sse(x, wt, j * sub, sub, D * np.float32(sc[j]), Dm * np.float32(mi[j]), nmax)
         total += err[j]
     for _ in range(iters):
         # Least-squares refit of the two f16 super-scales with codes and sub-scales fixed.
@@ -365,15 +377,16 @@ def _affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters):
             fb = np.float64(mi[j])
             for i in range(sub):
                 v = x[j * sub + i]
+                ww = np.float64(wt[j * sub + i])
                 q = 0
                 if dl != _F0:
                     q = _rint_clamp((v + ml) / dl, 0, nmax)
                 a = np.float64(sc[j] * q)
-                saa += a * a
-                sab += a * fb
-                sbb += fb * fb
-                sax += a * v
-                sbx += fb * v
+                saa += ww * a * a
+                sab += ww * a * fb
+                sbb += ww * fb * fb
+                sax += ww * a * v
+                sbx += ww * fb * v
         det = saa * sbb - sab * sab
         if det > 1e-30 * saa * sbb and det > 0.0:
             nd = (sax * sbb - sbx * sab) / det
@@ -385,7 +398,7 @@ def _affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters):
                 Dm2 = _f16_to_f32(h1)
                 t2 = 0.0
                 for j in range(nsub):
-                    err[nsub + j] = _affine_sse(x, j * sub, sub, D2 * np.float32(sc[j]),
+                    err[nsub + j] = _affine_sse(x, wt, j * sub, sub, D2 * np.float32(sc[j]),
                                                 Dm2 * np.float32(mi[j]), nmax)
                     t2 += err[nsub + j]
                 if t2 < total:
@@ -409,7 +422,7 @@ def _affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters):
                     m2 = mi[j] + dm
                     if m2 < 0 or m2 > smax or (ds == 0 and dm == 0):
                         continue
-                    e = _affine_sse(x, j * sub, sub, D * np.float32(s2), Dm * np.float32(m2), nmax)
+                    e = _affine_sse(x, wt, j * sub, sub, D * np.float32(s2), Dm * np.float32(m2), nmax)
                     if e < be:
                         be = e
                         bs = s2
@@ -434,6 +447,10 @@ def _sym_refine(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L):
         return
     flo = np.float32(qlo)
     fhi = np.float32(qhi)
+    # llama.cpp's weights for q3_K/q6_K (x squared), as its own scale search uses
+    wt = np.empty(nsub * sub, np.float32)
+    for i in range(nsub * sub):
+        wt[i] = x[i] * x[i]
     for j in range(nsub):
         o = j * sub
         dl = D * np.float32(sc[j])
@@ -447,10 +464,10 @@ def _sym_refine(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L):
             v = x[o + i]
             q = min(max(np.rint(v * idl), flo), fhi)
             L[o + i] = int(q) - qlo
-            sxq += v * q
-            sqq += q * q
+            sxq += wt[o + i] * v * q
+            sqq += wt[o + i] * q * q
             e = dl * q - v
-            e2 += e * e
+            e2 += wt[o + i] * e * e
         if sqq == _F0:
             continue
         s_opt = sxq / sqq / D
@@ -462,7 +479,7 @@ def _sym_refine(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L):
         if cand == 0:
             continue
         dl = D * np.float32(cand)
-        if _sym_sse(x, o, sub, dl, qlo, qhi) < np.float64(e2):
+        if _sym_sse(x, wt, o, sub, dl, qlo, qhi) < np.float64(e2):
             sc[j] = cand
             idl = _F1 / dl
             for i in range(sub):
