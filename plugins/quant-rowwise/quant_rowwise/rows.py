@@ -68,20 +68,44 @@ def _absmax_rows(x, out):
         out[r] = a
 
 
+@njit(nogil=True, cache=True, parallel=True)
+def _pack(codes, bits, out):
+    per = 8 // bits
+    for r in prange(codes.shape[0]):
+        for b in range(out.shape[1]):
+            acc = 0
+            for k in range(per):
+                j = b * per + k
+                if j < codes.shape[1]:
+                    acc |= np.int64(codes[r, j]) << (8 - bits * (k + 1))
+            out[r, b] = np.uint8(acc)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _unpack(packed, bits, out):
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    for r in prange(out.shape[0]):
+        for j in range(out.shape[1]):
+            byte = np.int64(packed[r, j // per])
+            out[r, j] = np.uint8((byte >> (8 - bits * (j % per + 1))) & mask)
+
+
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """(rows, n) codes < 2**bits -> (rows, ceil(n*bits/8)) uint8, MSB first."""
     if bits == 8:
         return codes
-    planes = np.unpackbits(codes[..., None], axis=-1)[..., 8 - bits:]  # each code's low bits, MSB first
-    return np.packbits(planes.reshape(codes.shape[0], -1), axis=-1)
+    out = np.empty((codes.shape[0], -(-codes.shape[1] * bits // 8)), np.uint8)
+    _pack(codes, bits, out)
+    return out
 
 
 def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     if bits == 8:
         return packed[:, :n]
-    flat = np.unpackbits(packed, axis=-1)[:, : n * bits].reshape(packed.shape[0], n, bits)
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
-    return (flat * weights).sum(-1).astype(np.uint8)
+    out = np.empty((packed.shape[0], n), np.uint8)
+    _unpack(np.ascontiguousarray(packed), bits, out)
+    return out
 
 
 def quantize_asym(bits: int, array: np.ndarray) -> dict[str, np.ndarray]:
