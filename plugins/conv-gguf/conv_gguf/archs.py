@@ -1,0 +1,226 @@
+"""What llama.cpp expects of each architecture, as tables.
+
+Each :class:`Arch` says which GGUF architecture an HF ``model_type`` becomes, how its
+tensors are renamed, which weights are transformed on the way (llama's rotary
+permutation of q/k, Gemma's ``1 + w`` norms), and which hyper-parameters are written
+under which key. The reader uses the same tables backwards.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from convcore import ConvcoreError
+
+# HF module path -> GGUF tensor name; ".weight"/".bias" are carried over unchanged.
+BASE_NAMES = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm",
+    "model.layers.{bid}.self_attn.q_proj": "blk.{bid}.attn_q",
+    "model.layers.{bid}.self_attn.k_proj": "blk.{bid}.attn_k",
+    "model.layers.{bid}.self_attn.v_proj": "blk.{bid}.attn_v",
+    "model.layers.{bid}.self_attn.o_proj": "blk.{bid}.attn_output",
+    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm",
+    "model.layers.{bid}.mlp.gate_proj": "blk.{bid}.ffn_gate",
+    "model.layers.{bid}.mlp.up_proj": "blk.{bid}.ffn_up",
+    "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
+}
+QK_NORM_NAMES = {
+    "model.layers.{bid}.self_attn.q_norm": "blk.{bid}.attn_q_norm",
+    "model.layers.{bid}.self_attn.k_norm": "blk.{bid}.attn_k_norm",
+}
+# Gemma 2/3 have four norms per block; the HF post-attention norm is a real post-norm.
+SANDWICH_NORM_NAMES = {
+    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.post_attention_norm",
+    "model.layers.{bid}.pre_feedforward_layernorm": "blk.{bid}.ffn_norm",
+    "model.layers.{bid}.post_feedforward_layernorm": "blk.{bid}.post_ffw_norm",
+}
+# Phi-3 keeps q/k/v and gate/up fused; llama.cpp splits them at load time.
+PHI3_NAMES = {
+    "model.layers.{bid}.self_attn.qkv_proj": "blk.{bid}.attn_qkv",
+    "model.layers.{bid}.mlp.gate_up_proj": "blk.{bid}.ffn_up",
+}
+
+
+def rope_theta(config: dict[str, Any], layer_type: str = "full_attention") -> float | None:
+    """rope_theta from a v4 (``rope_theta``) or v5 (``rope_parameters``) config."""
+    if config.get("rope_theta") is not None:
+        return float(config["rope_theta"])
+    params = config.get("rope_parameters") or {}
+    if layer_type in params and isinstance(params[layer_type], dict):
+        params = params[layer_type]
+    theta = params.get("rope_theta")
+    return float(theta) if theta is not None else None
+
+
+def rope_type(config: dict[str, Any], layer_type: str = "full_attention") -> str:
+    """HF rope type ("default", "linear", "llama3", "yarn", ...)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if layer_type in params and isinstance(params[layer_type], dict):
+        params = params[layer_type]
+    return str(params.get("rope_type") or params.get("type") or "default")
+
+
+def rope_factor(config: dict[str, Any]) -> float | None:
+    """The factor of linear rope scaling, or None."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if "full_attention" in params and isinstance(params["full_attention"], dict):
+        params = params["full_attention"]
+    return float(params["factor"]) if rope_type(config) == "linear" and "factor" in params else None
+
+
+SUPPORTED_ROPE = ("default", "linear")
+
+
+def head_dim(config: dict[str, Any]) -> int:
+    """Per-head width (HF's head_dim, else hidden / heads)."""
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def rotary_dim(config: dict[str, Any]) -> int:
+    """How many dimensions of each head are rotated (Phi-3's partial_rotary_factor)."""
+    params = config.get("rope_parameters") or {}
+    factor = config.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0)) or 1.0
+    return int(head_dim(config) * factor)
+
+
+def _cfg(key: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda c: c.get(key)
+
+
+# (GGUF key below "{arch}.", value from the HF config, GGUF value type, HF config key or None)
+# The last column lets the reader rebuild config.json; None = derived, handled in reader.
+COMMON_HPARAMS: tuple[tuple[str, Callable[[dict], Any], str, str | None], ...] = (
+    ("context_length", _cfg("max_position_embeddings"), "u32", "max_position_embeddings"),
+    ("embedding_length", _cfg("hidden_size"), "u32", "hidden_size"),
+    ("block_count", _cfg("num_hidden_layers"), "u32", "num_hidden_layers"),
+    ("feed_forward_length", _cfg("intermediate_size"), "u32", "intermediate_size"),
+    ("attention.head_count", _cfg("num_attention_heads"), "u32", "num_attention_heads"),
+    ("attention.head_count_kv",
+     lambda c: c.get("num_key_value_heads") or c["num_attention_heads"], "u32", "num_key_value_heads"),
+    ("attention.layer_norm_rms_epsilon", _cfg("rms_norm_eps"), "f32", "rms_norm_eps"),
+    ("attention.key_length", head_dim, "u32", "head_dim"),
+    ("attention.value_length", head_dim, "u32", None),
+    ("rope.freq_base", rope_theta, "f32", None),
+    ("rope.dimension_count", rotary_dim, "u32", None),
+    ("vocab_size", _cfg("vocab_size"), "u32", "vocab_size"),
+    ("rope.scaling.type", lambda c: "linear" if rope_factor(c) else None, "str", None),
+    ("rope.scaling.factor", rope_factor, "f32", None),
+)
+SOFTCAP_HPARAMS = (
+    ("attn_logit_softcapping", _cfg("attn_logit_softcapping"), "f32", "attn_logit_softcapping"),
+    ("final_logit_softcapping", _cfg("final_logit_softcapping"), "f32", "final_logit_softcapping"),
+)
+SLIDING_HPARAMS = (
+    ("attention.sliding_window", _cfg("sliding_window"), "u32", "sliding_window"),
+)
+PHI3_HPARAMS = (
+    ("rope.scaling.original_context_length", _cfg("original_max_position_embeddings"), "u32",
+     "original_max_position_embeddings"),
+)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One HF architecture as llama.cpp sees it."""
+
+    hf: str                                 # HF model_type
+    gguf: str                               # general.architecture
+    hf_class: str                           # architectures[0] in config.json
+    names: dict[str, str]
+    hparams: tuple = COMMON_HPARAMS
+    permute_qk: bool = False                # llama.cpp's "normal" rope wants q/k rows interleaved
+    norm_offset: float = 0.0                # Gemma stores 1 + w
+    required: tuple[str, ...] = ()          # extra keys the reader/validator insists on
+    config_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+ARCHS: dict[str, Arch] = {a.hf: a for a in (
+    Arch("llama", "llama", "LlamaForCausalLM", BASE_NAMES, permute_qk=True),
+    Arch("mistral", "llama", "MistralForCausalLM", BASE_NAMES, permute_qk=True),
+    Arch("qwen2", "qwen2", "Qwen2ForCausalLM", BASE_NAMES),
+    Arch("qwen3", "qwen3", "Qwen3ForCausalLM", {**BASE_NAMES, **QK_NORM_NAMES}),
+    Arch("gemma", "gemma", "GemmaForCausalLM", BASE_NAMES, norm_offset=1.0,
+         config_defaults={"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}),
+    Arch("gemma2", "gemma2", "Gemma2ForCausalLM", {**BASE_NAMES, **SANDWICH_NORM_NAMES},
+         COMMON_HPARAMS + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
+         required=("attention.sliding_window",),
+         config_defaults={"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}),
+    Arch("gemma3_text", "gemma3", "Gemma3ForCausalLM",
+         {**BASE_NAMES, **SANDWICH_NORM_NAMES, **QK_NORM_NAMES},
+         COMMON_HPARAMS + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
+         required=("attention.sliding_window",),
+         config_defaults={"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}),
+    Arch("phi3", "phi3", "Phi3ForCausalLM", {**BASE_NAMES, **PHI3_NAMES},
+         COMMON_HPARAMS + SLIDING_HPARAMS + PHI3_HPARAMS),
+)}
+# GGUF architecture -> the HF model_type the reader rebuilds (mistral reads back as llama:
+# llama.cpp stores both the same way and they compute the same function).
+BY_GGUF = {"llama": ARCHS["llama"], "qwen2": ARCHS["qwen2"], "qwen3": ARCHS["qwen3"],
+           "gemma": ARCHS["gemma"], "gemma2": ARCHS["gemma2"], "gemma3": ARCHS["gemma3_text"],
+           "phi3": ARCHS["phi3"]}
+REQUIRED_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                 "attention.head_count", "attention.layer_norm_rms_epsilon")
+
+
+def arch_for(model_type: str, source: str = "") -> Arch:
+    """The table entry for an HF model_type, or a one-line error listing what is known."""
+    try:
+        return ARCHS[model_type]
+    except KeyError:
+        raise ConvcoreError(
+            f"{source or 'model'}: architecture {model_type!r} is not supported by the gguf "
+            f"writer (supported: {', '.join(ARCHS)})") from None
+
+
+def _compile(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for hf, gg in names.items():
+        pattern = re.escape(hf).replace(r"\{bid\}", r"(?P<bid>\d+)")
+        out.append((re.compile(pattern + r"\.(?P<suffix>weight|bias)$"), gg))
+    return out
+
+
+def map_name(arch: Arch, hf_name: str) -> str | None:
+    """GGUF name of an HF tensor, or None when llama.cpp has no use for it."""
+    for pattern, gg in _compile(arch.names):
+        m = pattern.match(hf_name)
+        if m:
+            bid = m.groupdict().get("bid")
+            return gg.replace("{bid}", bid or "") + "." + m.group("suffix")
+    return None
+
+
+def unmap_name(arch: Arch, gguf_name: str) -> str | None:
+    """HF name of a GGUF tensor (the inverse of :func:`map_name`)."""
+    inverse = {gg: hf for hf, gg in arch.names.items()}
+    return map_name(Arch(arch.hf, arch.gguf, arch.hf_class, inverse), gguf_name)
+
+
+# weight transforms ------------------------------------------------------------------------
+def permute_rows(w: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
+    """HF keeps each head's rotary pairs in two halves; llama.cpp's "normal" rope wants
+    them interleaved. Reorders the rows of a q/k weight (or bias) per head."""
+    rows = w.shape[0]
+    half = rows // n_head // 2
+    shape = (n_head, 2, half) if not inverse else (n_head, half, 2)
+    return w.reshape(*shape, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def transform(arch: Arch, config: dict[str, Any], gguf_name: str, inverse: bool = False
+              ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The function that turns an HF array into the GGUF array (or back with ``inverse``),
+    or None when the tensor is copied unchanged."""
+    if arch.permute_qk and re.search(r"\.attn_[qk]\.(weight|bias)$", gguf_name):
+        heads = config["num_attention_heads"] if ".attn_q." in gguf_name else (
+            config.get("num_key_value_heads") or config["num_attention_heads"])
+        return lambda w: permute_rows(w, heads, inverse)
+    if arch.norm_offset and gguf_name.endswith("norm.weight"):
+        offset = -arch.norm_offset if inverse else arch.norm_offset
+        return lambda w: (w.astype(np.float32) + np.float32(offset))
+    return None

@@ -1,0 +1,212 @@
+"""A bounds-checked walk over a GGUF header, done before gguf-py's reader sees the file.
+
+gguf-py trusts the counts and lengths in the header; a truncated or hostile file can
+make it loop for ages or allocate without bound. Every count and length here is checked
+against the bytes left in the file first, so a bad file costs one line of error.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from convcore import ConvcoreError
+
+from . import archs
+
+# value type -> fixed size in bytes (strings and arrays are variable)
+FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+STRING, ARRAY = 8, 9
+MAX_DIMS = 4
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]      # numpy order
+    gtype: int
+    offset: int                 # from the start of the data section
+    nbytes: int
+
+
+@dataclass
+class Header:
+    version: int
+    kv: dict[str, object]       # scalars and strings; arrays as their length
+    tensors: list[TensorInfo]
+    data_start: int
+    file_size: int
+
+
+class _Cursor:
+    def __init__(self, data: bytes, path: Path):
+        self.data, self.pos, self.path = data, 0, path
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ConvcoreError(f"{self.path}: truncated GGUF header while reading {what} "
+                                f"(needs {n} bytes at offset {self.pos}, file has {len(self.data)})")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u32(self, what: str) -> int:
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack("<Q", self.take(8, what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.u64(what)
+        raw = self.take(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConvcoreError(f"{self.path}: {what} is not UTF-8") from None
+
+
+def _value(cur: _Cursor, vtype: int, key: str) -> object:
+    if vtype in FIXED:
+        raw = cur.take(FIXED[vtype], f"value of {key!r}")
+        fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+               10: "<Q", 11: "<q", 12: "<d"}[vtype]
+        return struct.unpack(fmt, raw)[0]
+    if vtype == STRING:
+        return cur.string(f"value of {key!r}")
+    if vtype == ARRAY:
+        sub = cur.u32(f"array type of {key!r}")
+        count = cur.u64(f"array length of {key!r}")
+        left = len(cur.data) - cur.pos
+        if sub in FIXED:
+            if count * FIXED[sub] > left:
+                raise ConvcoreError(f"{cur.path}: key {key!r} claims {count} array items, "
+                                    f"more than the {left} bytes left")
+            cur.take(count * FIXED[sub], f"array {key!r}")
+        elif sub == STRING:
+            if count * 8 > left:
+                raise ConvcoreError(f"{cur.path}: key {key!r} claims {count} strings, "
+                                    f"more than the {left} bytes left")
+            for _ in range(count):
+                cur.take(cur.u64(f"string in {key!r}"), f"string in {key!r}")
+        else:
+            raise ConvcoreError(f"{cur.path}: key {key!r} has arrays of type {sub}, "
+                                "which GGUF does not define")
+        return count
+    raise ConvcoreError(f"{cur.path}: key {key!r} has value type {vtype}, which GGUF does not define")
+
+
+def read_header(path: Path) -> Header:
+    """Parse and bounds-check the header of one GGUF file (tensor data is not read)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(24)
+            if head[:4] != b"GGUF":
+                raise ConvcoreError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+            if len(head) < 24:
+                raise ConvcoreError(f"{path}: truncated GGUF header ({size} bytes)")
+            version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+            if version not in (2, 3):
+                raise ConvcoreError(f"{path}: GGUF version {version}, expected 2 or 3")
+            # each KV takes at least 8+1+4 bytes and each tensor info 8+1+4+8+4+8
+            if n_kv * 13 > size or n_tensors * 33 > size:
+                raise ConvcoreError(f"{path}: header claims {n_tensors} tensors and {n_kv} keys, "
+                                    f"impossible in a file of {size} bytes")
+            # mapped, not read: slices copy only the few bytes each field takes
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        raise ConvcoreError(f"{path}: cannot read ({exc.strerror})") from None
+    cur = _Cursor(data, path)
+    cur.pos = 24
+    kv: dict[str, object] = {}
+    for i in range(n_kv):
+        key = cur.string(f"key #{i}")
+        vtype = cur.u32(f"type of {key!r}")
+        kv[key] = _value(cur, vtype, key)
+    tensors = []
+    for i in range(n_tensors):
+        name = cur.string(f"tensor name #{i}")
+        n_dims = cur.u32(f"dims of {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise ConvcoreError(f"{path}: tensor {name!r} has {n_dims} dimensions, expected 1..{MAX_DIMS}")
+        ne = [cur.u64(f"shape of {name!r}") for _ in range(n_dims)]
+        gtype = cur.u32(f"type of {name!r}")
+        offset = cur.u64(f"offset of {name!r}")
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(gtype)]
+        except (ValueError, KeyError):
+            raise ConvcoreError(f"{path}: tensor {name!r} has type {gtype}, unknown to gguf") from None
+        if ne[0] % block != 0:
+            raise ConvcoreError(f"{path}: tensor {name!r} has rows of {ne[0]}, not a multiple of "
+                                f"its type's block of {block}")
+        numel = 1
+        for d in ne:
+            numel *= d
+        nbytes = numel // block * type_size
+        if nbytes > size:
+            raise ConvcoreError(f"{path}: tensor {name!r} needs {nbytes} bytes, more than the file's {size}")
+        tensors.append(TensorInfo(name, tuple(reversed(ne)), gtype, offset, nbytes))
+    align = kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise ConvcoreError(f"{path}: general.alignment {align!r} is not a power of two")
+    data_start = (cur.pos + align - 1) // align * align
+    for t in tensors:
+        if data_start + t.offset + t.nbytes > size:
+            raise ConvcoreError(f"{path}: tensor {t.name!r} lies past the end of the file "
+                                f"(offset {data_start + t.offset} + {t.nbytes} bytes > {size})")
+    data.close()
+    return Header(version, kv, tensors, data_start, size)
+
+
+def validate(path: Path) -> list[str]:
+    """One-line problems with a GGUF file (and its split siblings); empty when valid."""
+    from .reader import shard_paths
+
+    problems: list[str] = []
+    try:
+        paths = shard_paths(Path(path))
+    except ConvcoreError as exc:
+        return [str(exc)]
+    headers = []
+    for p in paths:
+        try:
+            headers.append(read_header(p))
+        except ConvcoreError as exc:
+            problems.append(str(exc))
+    if problems:
+        return problems
+    first = headers[0].kv
+    arch = first.get("general.architecture")
+    if not isinstance(arch, str):
+        return [f"{path}: no general.architecture key"]
+    if arch in archs.BY_GGUF:
+        spec = archs.BY_GGUF[arch]
+        for key in archs.REQUIRED_KEYS + spec.required:
+            if f"{arch}.{key}" not in first:
+                problems.append(f"{path}: missing key {arch}.{key}")
+    names = [t.name for h in headers for t in h.tensors]
+    blocks = first.get(f"{arch}.block_count")
+    if names and arch in archs.BY_GGUF and isinstance(blocks, int):
+        if "token_embd.weight" not in names:
+            problems.append(f"{path}: no token_embd.weight tensor")
+        stray = [n for n in names if n.startswith("blk.") and int(n.split(".")[1]) >= blocks]
+        if stray:
+            problems.append(f"{path}: tensor {stray[0]!r} is beyond block_count {blocks}")
+        if names and not any(n.startswith(f"blk.{blocks - 1}.") for n in names):
+            problems.append(f"{path}: block_count is {blocks} but there is no blk.{blocks - 1}.* tensor")
+    if len(set(names)) != len(names):
+        problems.append(f"{path}: duplicate tensor names")
+    if "split.tensors.count" in first and first["split.tensors.count"] != len(names):
+        problems.append(f"{path}: split.tensors.count is {first['split.tensors.count']} "
+                        f"but the shards hold {len(names)} tensors")
+    for h, p in zip(headers, paths):
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in h.tensors)
+        for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                problems.append(f"{p}: tensors {an!r} and {bn!r} overlap")
+                break
+    return problems

@@ -1,0 +1,135 @@
+"""Per-tensor GGUF types, chosen as llama-quantize chooses them.
+
+A ``--quant`` name is a llama.cpp file type ("q4_k_m"); its default tensor type is
+bumped for sensitive tensors (output, attn_v, ffn_down, ...) per llama.cpp's
+``llama_tensor_get_type``, and a row length that does not divide into the type's block
+falls back to a type that fits, each fallback reported.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import gguf
+
+T = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
+
+# --quant name -> (llama file type, default tensor type)
+FILE_TYPES: dict[str, tuple[F, T]] = {
+    "f32": (F.ALL_F32, T.F32), "f16": (F.MOSTLY_F16, T.F16), "bf16": (F.MOSTLY_BF16, T.BF16),
+    "q8_0": (F.MOSTLY_Q8_0, T.Q8_0), "q4_0": (F.MOSTLY_Q4_0, T.Q4_0),
+    "q4_1": (F.MOSTLY_Q4_1, T.Q4_1), "q5_0": (F.MOSTLY_Q5_0, T.Q5_0),
+    "q5_1": (F.MOSTLY_Q5_1, T.Q5_1), "q2_k": (F.MOSTLY_Q2_K, T.Q2_K),
+    "q3_k_s": (F.MOSTLY_Q3_K_S, T.Q3_K), "q3_k_m": (F.MOSTLY_Q3_K_M, T.Q3_K),
+    "q3_k_l": (F.MOSTLY_Q3_K_L, T.Q3_K), "q4_k_s": (F.MOSTLY_Q4_K_S, T.Q4_K),
+    "q4_k_m": (F.MOSTLY_Q4_K_M, T.Q4_K), "q5_k_s": (F.MOSTLY_Q5_K_S, T.Q5_K),
+    "q5_k_m": (F.MOSTLY_Q5_K_M, T.Q5_K), "q6_k": (F.MOSTLY_Q6_K, T.Q6_K),
+}
+SCHEMES = tuple(FILE_TYPES)
+FLOATS = (T.F32, T.F16, T.BF16)
+# the convcore scheme that produces each block type
+SCHEME_OF = {T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q5_0: "q5_0", T.Q5_1: "q5_1",
+             T.Q2_K: "q2_k", T.Q3_K: "q3_k", T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k"}
+# llama.cpp's fallback when a row does not divide into the block (then F16 if still not)
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+
+# ffn_down type by file type, as a function of (layer, n_layers, use_more_bits)
+FFN_DOWN = {
+    "q2_k": lambda i, n, more: T.Q3_K,
+    "q3_k_m": lambda i, n, more: T.Q5_K if i < n // 16 else T.Q4_K,
+    "q3_k_l": lambda i, n, more: T.Q5_K,
+    "q4_k_m": lambda i, n, more: T.Q6_K if more else None,
+    "q5_k_m": lambda i, n, more: T.Q6_K if more else None,
+    "q4_k_s": lambda i, n, more: T.Q5_K if i < n // 8 else None,
+}
+ATTN_OUTPUT = {"q2_k": T.Q3_K, "q3_k_m": T.Q4_K, "q3_k_l": T.Q5_K}
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of layers that get a bigger type: first and last eighth, and
+    every third layer between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def quantizable(name: str, ndim: int) -> bool:
+    """llama-quantize only touches 2-D+ weights that are not norms."""
+    return ndim >= 2 and name.endswith("weight") and "_norm.weight" not in name
+
+
+@dataclass
+class MixState:
+    """Counters llama.cpp keeps while walking the tensors in file order."""
+
+    n_attention_wv: int
+    n_ffn_down: int
+    has_output: bool
+    n_gqa: int
+    i_attention_wv: int = 0
+    i_ffn_down: int = 0
+
+
+def new_state(names: list[str], n_gqa: int) -> MixState:
+    """Counters for a file holding tensors ``names`` (in write order)."""
+    return MixState(
+        n_attention_wv=sum(1 for n in names if re.search(r"attn_(v|qkv)\.weight", n)),
+        n_ffn_down=sum(1 for n in names if "ffn_down" in n),
+        has_output="output.weight" in names, n_gqa=n_gqa)
+
+
+def _mix_type(state: MixState, ftype: str, name: str, ncols: int, default: T) -> T:
+    """llama_tensor_get_type_impl for the file types convcore writes."""
+    new = default
+    if name == "output.weight" or (not state.has_output and name == "token_embd.weight"):
+        if ncols % gguf.GGML_QUANT_SIZES[default][0] != 0:
+            return T.Q8_0
+        return T.Q6_K if default != T.Q8_0 else default
+    if name == "token_embd.weight":
+        return new
+    if re.search(r"attn_(v|qkv)\.weight", name):
+        # llama.cpp treats fused qkv like attn_v (its own qkv rule is never reached)
+        i, n = state.i_attention_wv, state.n_attention_wv
+        if ftype == "q2_k":
+            new = T.Q4_K if state.n_gqa >= 4 else T.Q3_K
+        elif ftype == "q3_k_m":
+            new = T.Q5_K if i < 2 else T.Q4_K
+        elif ftype == "q3_k_l":
+            new = T.Q5_K
+        elif ftype in ("q4_k_m", "q5_k_m") and use_more_bits(i, n):
+            new = T.Q6_K
+        elif ftype == "q4_k_s" and i < 4:
+            new = T.Q5_K
+        state.i_attention_wv += 1
+    elif "ffn_down" in name:
+        i, n = state.i_ffn_down, state.n_ffn_down
+        rule = FFN_DOWN.get(ftype)
+        if rule is not None:
+            new = rule(i, n, use_more_bits(i, n)) or new
+        state.i_ffn_down += 1
+    elif "attn_output.weight" in name:
+        new = ATTN_OUTPUT.get(ftype, new)
+    return new
+
+
+def choose_type(state: MixState | None, quant: str | None, name: str, shape: tuple[int, ...],
+                float_type: T, notes: list[str]) -> T:
+    """The GGUF type of one tensor. ``float_type`` is what unquantized 2-D tensors get;
+    1-D tensors and norms are always F32. ``state`` None means llama-quantize's --pure
+    (the file type's default type everywhere). Fallbacks are appended to ``notes``."""
+    if len(shape) < 2 or name.endswith("_norm.weight"):
+        return T.F32
+    if quant is None or quant in ("f32", "f16", "bf16"):
+        return float_type
+    if not quantizable(name, len(shape)):
+        return float_type
+    default = FILE_TYPES[quant][1]
+    new = _mix_type(state, quant, name, shape[-1], default) if state else default
+    block = gguf.GGML_QUANT_SIZES[new][0]
+    if shape[-1] % block != 0:
+        fallback = FALLBACK.get(new, T.F16)
+        if shape[-1] % gguf.GGML_QUANT_SIZES[fallback][0] != 0:
+            fallback = T.F16
+        notes.append(f"{name}: row length {shape[-1]} is not a multiple of {block} "
+                     f"(required for {new.name.lower()}); falling back to {fallback.name.lower()}")
+        new = fallback
+    return new

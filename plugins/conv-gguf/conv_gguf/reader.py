@@ -1,0 +1,164 @@
+"""GGUF -> convcore Model: inverse names and transforms, config rebuilt from the keys,
+tensors dequantized on demand, tokenizer turned back into HF files."""
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import ml_dtypes
+import numpy as np
+
+from convcore import ConvcoreError, Model, TensorRef
+
+from . import archs, checks
+
+T = gguf.GGMLQuantizationType
+FLOAT_VIEWS = {T.F32: ("f32", np.float32), T.F16: ("f16", np.float16),
+               T.BF16: ("bf16", ml_dtypes.bfloat16)}
+SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+def shard_paths(path: Path) -> list[Path]:
+    """``path`` alone, or every shard of a split GGUF when ``path`` is one of them."""
+    if not path.exists():
+        # a split written for ``model.gguf`` is ``model-00001-of-0000N.gguf`` and siblings
+        firsts = sorted(path.parent.glob(f"{glob.escape(path.stem)}-00001-of-?????.gguf"))
+        if firsts:
+            path = firsts[0]
+    m = SHARD.match(path.name)
+    if not m:
+        return [path]
+    n = int(m.group("n"))
+    paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ConvcoreError(f"{path}: split GGUF is missing shard {missing[0]}")
+    return paths
+
+
+def _open(paths: list[Path]) -> tuple[dict[str, Any], list[tuple[gguf.ReaderTensor, gguf.GGUFReader, Path]]]:
+    kv: dict[str, Any] = {}
+    tensors = []
+    for p in paths:
+        checks.read_header(p)   # bounds first: gguf-py trusts the header
+        try:
+            reader = gguf.GGUFReader(p, "r")
+        except Exception as exc:  # gguf-py raises ValueError and friends on bad files
+            raise ConvcoreError(f"{p}: cannot parse GGUF ({exc})") from None
+        for key, field in reader.fields.items():
+            if not key.startswith("GGUF.") and key not in kv:
+                kv[key] = field.contents()
+        tensors.extend((t, reader, p) for t in reader.tensors)
+    return kv, tensors
+
+
+def rebuild_config(kv: dict[str, Any], spec: archs.Arch, tied: bool) -> dict[str, Any]:
+    """An HF config.json dict from the GGUF hyper-parameters."""
+    a = spec.gguf
+    config: dict[str, Any] = {"architectures": [spec.hf_class], "model_type": spec.hf,
+                              "dtype": "float32", **spec.config_defaults}
+    for key, _, _, hf_key in spec.hparams:
+        if hf_key and f"{a}.{key}" in kv:
+            config[hf_key] = kv[f"{a}.{key}"]
+    heads = config.get("num_attention_heads")
+    if heads and "hidden_size" in config:
+        config.setdefault("head_dim", config["hidden_size"] // heads)
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in kv:
+        config["vocab_size"] = len(kv["tokenizer.ggml.tokens"])
+    theta = kv.get(f"{a}.rope.freq_base", 10000.0)
+    scaling = None
+    if kv.get(f"{a}.rope.scaling.type") == "linear" and f"{a}.rope.scaling.factor" in kv:
+        scaling = {"rope_type": "linear", "factor": float(kv[f"{a}.rope.scaling.factor"])}
+    if spec.hf == "gemma3_text":
+        # llama.cpp hard-codes the local (sliding) rope base of Gemma 3 to 10000
+        config["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", "rope_theta": theta, **(scaling or {})},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    else:
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
+        rot = kv.get(f"{a}.rope.dimension_count")
+        if rot and config.get("head_dim") and rot != config["head_dim"]:
+            config["rope_parameters"]["partial_rotary_factor"] = rot / config["head_dim"]
+    if spec.hf in ("gemma2", "gemma3_text"):
+        # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the
+        # 27B models (which it recognises by their layer count)
+        big = config.get("num_hidden_layers") in ({"gemma2": 46, "gemma3_text": 62}[spec.hf],)
+        config["query_pre_attn_scalar"] = (config["hidden_size"] // heads if big
+                                           else config["head_dim"])
+    if spec.hf == "phi3":
+        config.setdefault("sliding_window", None)
+        config["pad_token_id"] = None
+    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                        ("padding_token_id", "pad_token_id")):
+        if f"tokenizer.ggml.{key}" in kv:
+            config[hf_key] = int(kv[f"tokenizer.ggml.{key}"])
+    config["tie_word_embeddings"] = tied
+    if "general.name" in kv:
+        config["_name_or_path"] = kv["general.name"]
+    return config
+
+
+def _loader(path: Path, t: gguf.ReaderTensor, shape: tuple[int, ...], fn):
+    gtype = T(t.tensor_type)
+    offset, nbytes = int(t.data_offset), int(t.n_bytes)
+
+    def load() -> np.ndarray:
+        # a fresh map per read: its pages go with the array, so resident memory stays
+        # bounded by the tensors in flight instead of growing to the file's size
+        raw = (np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
+               if nbytes else np.zeros(0, dtype=np.uint8))
+        if gtype in FLOAT_VIEWS:
+            array = raw.view(FLOAT_VIEWS[gtype][1]).reshape(shape)
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[gtype]
+            rows = raw.reshape(*shape[:-1], shape[-1] // block * size)
+            array = gguf.quants.dequantize(rows, gtype).astype(np.float32, copy=False)
+        if fn is not None:
+            array = fn(array)
+            if gtype in FLOAT_VIEWS and array.dtype != FLOAT_VIEWS[gtype][1]:
+                array = array.astype(FLOAT_VIEWS[gtype][1])
+        return array
+
+    return load
+
+
+def load_gguf(path: Path) -> Model:
+    """Describe a GGUF file (or split set) as a lazy HF-named :class:`Model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvcoreError(f"{path}: a gguf model is a file")
+    kv, tensors = _open(shard_paths(path))
+    arch_name = kv.get("general.architecture")
+    if arch_name not in archs.BY_GGUF:
+        raise ConvcoreError(f"{path}: GGUF architecture {arch_name!r} cannot be read back to HF "
+                            f"(supported: {', '.join(archs.BY_GGUF)})")
+    spec = archs.BY_GGUF[arch_name]
+    names = {t.name for t, _, _ in tensors}
+    tied = "output.weight" not in names
+    config = rebuild_config(kv, spec, tied)
+    refs: dict[str, TensorRef] = {}
+    for t, reader, p in tensors:
+        hf = archs.unmap_name(spec, t.name)
+        if hf is None:
+            raise ConvcoreError(f"{p}: tensor {t.name!r} has no HF name for architecture {arch_name}")
+        gtype = T(t.tensor_type)
+        if gtype not in FLOAT_VIEWS and gtype not in gguf.quants._type_traits:  # noqa: SLF001
+            raise ConvcoreError(f"{p}: tensor {t.name!r} has type {gtype.name}, which gguf "
+                                "cannot dequantize")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        dtype = FLOAT_VIEWS[gtype][0] if gtype in FLOAT_VIEWS else "f32"
+        fn = archs.transform(spec, config, t.name, inverse=True)
+        if fn is not None and spec.norm_offset and t.name.endswith("norm.weight"):
+            dtype = "f32" if gtype == T.F32 else dtype
+        refs[hf] = TensorRef(hf, shape, dtype, _loader(p, t, shape, fn), source=str(p),
+                             stored="" if gtype in FLOAT_VIEWS else gtype.name.lower())
+    from .hf_tokenizer import tokenizer_files
+    tokenizer = tokenizer_files(kv)
+    metadata = {k.removeprefix("general."): v for k, v in kv.items()
+                if k.startswith("general.") and isinstance(v, (str, int, float, bool))}
+    metadata["source"] = str(path)
+    return Model(arch=spec.hf, config=config, tensors=refs, tokenizer=tokenizer,
+                 metadata=metadata, source=str(path), format="gguf")

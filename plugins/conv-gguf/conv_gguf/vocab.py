@@ -1,0 +1,254 @@
+"""HF tokenizer files -> GGUF tokenizer keys, and back.
+
+SentencePiece models (``tokenizer.model``) become ``tokenizer.ggml.model = "llama"`` with
+pieces, scores and token types read from the model proto; byte-level BPE
+(``tokenizer.json``) becomes ``"gpt2"`` with vocab, merges and a pre-tokenizer name.
+llama.cpp recognises BPE pre-tokenizers by name; one we cannot name exactly is mapped
+to the known one whose split regex is closest, with a warning.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import gguf
+
+from convcore import ConvcoreError
+
+TT = gguf.TokenType
+
+# llama.cpp pre-tokenizer names and the split regex each stands for (llama-vocab.cpp)
+PRE_TOKENIZERS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "gpt-2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+}
+
+
+@dataclass
+class Vocab:
+    """What goes under ``tokenizer.*`` in a GGUF file."""
+
+    model: str                                   # "llama" (SentencePiece) or "gpt2" (BPE)
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] | None = None
+    pre: str | None = None
+    special: dict[str, int] = field(default_factory=dict)   # bos/eos/unk/pad/... -> id
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    add_space_prefix: bool | None = None
+    chat_template: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _json(files: dict[str, bytes], name: str) -> Any:
+    if name not in files:
+        return None
+    try:
+        return json.loads(files[name])
+    except ValueError as exc:
+        raise ConvcoreError(f"{name}: not valid JSON ({exc})") from None
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def read_vocab(files: dict[str, bytes], config: dict[str, Any]) -> Vocab | None:
+    """The GGUF vocab of an HF model's tokenizer files (None when there are none)."""
+    tok_json = _json(files, "tokenizer.json")
+    tok_cfg = _json(files, "tokenizer_config.json") or {}
+    if "tokenizer.model" in files:
+        vocab = _spm_vocab(files["tokenizer.model"], tok_json)
+    elif tok_json and (tok_json.get("model") or {}).get("type") == "BPE":
+        vocab = _spm_from_json(tok_json) if _is_spm_style(tok_json) else _bpe_vocab(tok_json)
+    else:
+        return None
+    n_vocab = int(config.get("vocab_size") or len(vocab.tokens))
+    for i in range(len(vocab.tokens), n_vocab):   # the embedding has rows no token uses
+        vocab.tokens.append(f"[PAD{i}]")
+        vocab.types.append(int(TT.UNUSED))
+        if vocab.scores is not None:
+            vocab.scores.append(-10000.0)
+    index = {t: i for i, t in enumerate(vocab.tokens)}
+    for key in ("bos", "eos", "unk", "pad"):
+        text = _token_text(tok_cfg.get(f"{key}_token"))
+        if text is not None and text in index:
+            vocab.special[key] = index[text]
+        elif key in ("bos", "eos") and isinstance(config.get(f"{key}_token_id"), int) \
+                and text is None and f"{key}_token" not in tok_cfg:
+            vocab.special[key] = config[f"{key}_token_id"]
+    template = _post_template(tok_json)
+    if "add_bos_token" in tok_cfg:
+        vocab.add_bos = bool(tok_cfg["add_bos_token"])
+    elif template is not None:
+        vocab.add_bos = template[:1] == [_token_text(tok_cfg.get("bos_token"))]
+    else:
+        vocab.add_bos = vocab.model == "llama"   # SentencePiece models add BOS unless told
+    if "add_eos_token" in tok_cfg:
+        vocab.add_eos = bool(tok_cfg["add_eos_token"])
+    elif template is not None:
+        vocab.add_eos = template[-1:] == [_token_text(tok_cfg.get("eos_token"))]
+    template = tok_cfg.get("chat_template")
+    if "chat_template.jinja" in files:
+        template = files["chat_template.jinja"].decode("utf-8")
+    if isinstance(template, str):
+        vocab.chat_template = template
+    return vocab
+
+
+def _post_template(tok_json: Any) -> list[str] | None:
+    """The single-sequence template of tokenizer.json's TemplateProcessing as token texts
+    with "$A" for the text (["<s>", "$A"] for Llama), or None when there is none."""
+    post = (tok_json or {}).get("post_processor") or {}
+    if post.get("type") == "Sequence":
+        post = next((p for p in post.get("processors", []) if p.get("type") == "TemplateProcessing"), {})
+    if post.get("type") != "TemplateProcessing":
+        return None
+    return [p["SpecialToken"]["id"] if "SpecialToken" in p else "$A" for p in post.get("single", [])]
+
+
+def _spm_vocab(model_bytes: bytes, tok_json: Any) -> Vocab:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(model_bytes)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ConvcoreError(f"tokenizer.model: not a SentencePiece model ({exc})") from None
+    # SentencePiece piece types use the same numbers as GGUF token types (1..6).
+    tokens = [p.piece for p in proto.pieces]
+    scores = [float(p.score) for p in proto.pieces]
+    types = [int(p.type) for p in proto.pieces]
+    for added in (tok_json or {}).get("added_tokens", []):
+        i = int(added["id"])
+        if i < len(tokens):
+            if added.get("special") and types[i] == TT.NORMAL:
+                types[i] = int(TT.CONTROL)
+            continue
+        while len(tokens) < i:
+            tokens.append(f"[PAD{len(tokens)}]"); scores.append(-1000.0); types.append(int(TT.UNUSED))
+        tokens.append(added["content"]); scores.append(-1000.0)
+        types.append(int(TT.CONTROL if added.get("special") else TT.USER_DEFINED))
+    return Vocab("llama", tokens, types, scores=scores,
+                 add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix))
+
+
+def _is_spm_style(tok_json: dict[str, Any]) -> bool:
+    """A fast tokenizer converted from SentencePiece: byte fallback or "▁" spaces."""
+    text = json.dumps([tok_json.get("pre_tokenizer"), tok_json.get("normalizer")])
+    return bool(tok_json["model"].get("byte_fallback")) or "Metaspace" in text or "\\u2581" in text
+
+
+def _spm_from_json(tok_json: dict[str, Any]) -> Vocab:
+    """SentencePiece-style vocab from a tokenizer.json alone (no tokenizer.model): merge
+    priority follows token ids, so scores are minus the id, as llama.cpp's converter does."""
+    model = tok_json["model"]
+    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    added = {int(a["id"]): a for a in tok_json.get("added_tokens", [])}
+    for i, a in added.items():
+        by_id[i] = a["content"]
+    size = max(by_id) + 1 if by_id else 0
+    tokens, scores, types = [], [], []
+    for i in range(size):
+        text = by_id.get(i, f"[PAD{i}]")
+        tokens.append(text)
+        scores.append(-float(i))
+        if i not in by_id:
+            types.append(int(TT.UNUSED))
+        elif text == model.get("unk_token"):
+            types.append(int(TT.UNKNOWN))
+        elif i in added:
+            types.append(int(TT.CONTROL if added[i].get("special") else TT.USER_DEFINED))
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types.append(int(TT.BYTE))
+        else:
+            types.append(int(TT.NORMAL))
+    pre = json.dumps(tok_json.get("pre_tokenizer"))
+    prefix = '"prepend_scheme": "never"' not in pre and '"add_prefix_space": false' not in pre
+    return Vocab("llama", tokens, types, scores=scores, add_space_prefix=prefix)
+
+
+def _split_regexes(pre: Any) -> list[str]:
+    if not isinstance(pre, dict):
+        return []
+    if pre.get("type") == "Sequence":
+        return [r for p in pre.get("pretokenizers", []) for r in _split_regexes(p)]
+    if pre.get("type") == "Split":
+        pattern = pre.get("pattern") or {}
+        return [pattern.get("Regex") or pattern.get("String") or ""]
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return [PRE_TOKENIZERS["gpt-2"]]
+    return []
+
+
+def pre_tokenizer_name(tok_json: dict[str, Any]) -> tuple[str, str | None]:
+    """(llama.cpp pre-tokenizer name, warning or None) for a tokenizer.json."""
+    regexes = _split_regexes(tok_json.get("pre_tokenizer"))
+    if not regexes:
+        return "default", "tokenizer.json: no split regex in its pre-tokenizer; using 'default'"
+    regex = regexes[0]
+    for name, known in PRE_TOKENIZERS.items():
+        if regex == known:
+            return name, None
+    best = max(PRE_TOKENIZERS,
+               key=lambda n: difflib.SequenceMatcher(None, regex, PRE_TOKENIZERS[n]).ratio())
+    return best, (f"tokenizer.json: pre-tokenizer regex is not one llama.cpp knows; using the "
+                  f"closest, {best!r} (tokenization of some texts may differ)")
+
+
+def _bpe_vocab(tok_json: dict[str, Any]) -> Vocab:
+    model = tok_json["model"]
+    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    added = {int(a["id"]): a for a in tok_json.get("added_tokens", [])}
+    for i, a in added.items():
+        by_id[i] = a["content"]
+    size = max(by_id) + 1 if by_id else 0
+    tokens, types = [], []
+    for i in range(size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]"); types.append(int(TT.UNUSED))
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(int(TT.CONTROL if added[i].get("special") else TT.USER_DEFINED))
+        else:
+            tokens.append(by_id[i]); types.append(int(TT.NORMAL))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    pre, warning = pre_tokenizer_name(tok_json)
+    vocab = Vocab("gpt2", tokens, types, merges=merges, pre=pre)
+    if warning:
+        vocab.warnings.append(warning)
+    return vocab
+
+
+def add_to_writer(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
+    """Write the ``tokenizer.*`` keys."""
+    writer.add_tokenizer_model(vocab.model)
+    if vocab.pre:
+        writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    if vocab.merges is not None:
+        writer.add_token_merges(vocab.merges)
+    setters = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
+               "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id}
+    for key, value in vocab.special.items():
+        setters[key](value)
+    if vocab.add_bos is not None:
+        writer.add_add_bos_token(vocab.add_bos)
+    if vocab.add_eos is not None:
+        writer.add_add_eos_token(vocab.add_eos)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)

@@ -1,0 +1,313 @@
+"""HF model -> GGUF, streaming.
+
+The plan (GGUF name, shape, type of every tensor) is fixed first, so the tensor infos
+and offsets are written before any data; then tensors are pulled, transformed and
+quantized one at a time (a bounded thread pool keeps the order) and appended.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+import numpy as np
+
+import convcore
+from convcore import ConvcoreError, Model, TensorRef, cast
+
+from . import archs, mixes, vocab as vocab_mod
+
+T = gguf.GGMLQuantizationType
+NUMPY_OF = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
+IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+PHI3_NAME = re.compile(r"phi-?3", re.I)
+PHI3_TOKENS = {"<unk>", "<s>", "</s>", "<|endoftext|>"}
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (conversions report fallbacks and guesses)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@dataclass
+class Planned:
+    name: str                  # GGUF name
+    shape: tuple[int, ...]     # logical shape, numpy order
+    gtype: T
+    ref: TensorRef
+    fn: Callable[[np.ndarray], np.ndarray] | None
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[self.gtype]
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) * (self.shape[-1] // block) * size
+
+
+def flag(options: dict[str, Any], key: str) -> bool:
+    """A boolean option, also when it came from the command line as a string."""
+    value = options.get(key)
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(value)
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string like "2G", "500M" (powers of 1000, as llama.cpp)."""
+    if value in (None, "", 0):
+        return 0
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)B?\s*", str(value), re.I)
+    if not m:
+        raise ConvcoreError(f"split_max_size: expected bytes like 2000000000 or '2G', got {value!r}")
+    return int(m.group(1)) * 1000 ** " KMGT".index(m.group(2).upper() or " ")
+
+
+def _order_key(item: tuple[int, str]) -> tuple:
+    index, name = item
+    m = re.match(r"blk\.(\d+)\.", name)
+    if name.startswith("token_embd"):
+        return (0, 0, index)
+    if m:
+        return (1, int(m.group(1)), index)
+    return (2, 0, index)
+
+
+def float_type(model: Model, options: dict[str, Any]) -> T:
+    """Type of the 2-D tensors that stay float: --dtype, else the source's precision."""
+    dtype = options.get("dtype")
+    if dtype:
+        return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}[dtype]
+    dtypes = {t.dtype for t in model.tensors.values() if len(t.shape) >= 2}
+    if dtypes == {"f16"}:
+        return T.F16
+    if dtypes == {"bf16"}:
+        return T.BF16
+    return T.F32
+
+
+def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planned], list[str]]:
+    """(arch, tensors to write in order, fallback notes)."""
+    spec = archs.arch_for(model.arch, model.source)
+    config = {**spec.config_defaults, **model.config}
+    tied = bool(config.get("tie_word_embeddings", False))
+    kind = archs.rope_type(config)
+    if kind not in archs.SUPPORTED_ROPE:
+        raise ConvcoreError(f"{model.source}: rope type {kind!r} is not supported by the gguf "
+                            f"writer yet (supported: {', '.join(archs.SUPPORTED_ROPE)})")
+    named: list[tuple[int, str, TensorRef]] = []
+    for i, ref in enumerate(model.tensors.values()):
+        if IGNORED.search(ref.name) or (tied and ref.name == "lm_head.weight"):
+            continue
+        name = archs.map_name(spec, ref.name)
+        if name is None:
+            raise ConvcoreError(f"{ref.source or model.source}: tensor {ref.name!r} has no GGUF "
+                                f"name for architecture {spec.hf}")
+        named.append((i, name, ref))
+    named.sort(key=lambda t: _order_key((t[0], t[1])))
+    if flag(options, "vocab_only"):
+        return spec, [], []
+    quant = options.get("quant")
+    state = None
+    if quant and quant not in ("f32", "f16", "bf16") and not flag(options, "pure"):
+        n_gqa = config["num_attention_heads"] // (config.get("num_key_value_heads") or config["num_attention_heads"])
+        state = mixes.new_state([n for _, n, _ in named], n_gqa)
+    ftype = float_type(model, options)
+    notes: list[str] = []
+    planned = []
+    for _, name, ref in named:
+        gtype = mixes.choose_type(state, quant, name, ref.shape, ftype, notes)
+        planned.append(Planned(name, tuple(ref.shape), gtype, ref,
+                               archs.transform(spec, config, name)))
+    return spec, planned, notes
+
+
+def quantize_blocks(array: np.ndarray, gtype: T, name: str) -> np.ndarray:
+    """ggml blocks of ``array`` (f32) as uint8 of shape (*rows, row_bytes), from the
+    registry's scheme (quant-rowwise provides them; without it the core's error says so)."""
+    scheme = mixes.SCHEME_OF[gtype]
+    blocks = convcore.quantize(array, scheme, {"name": name}).data["blocks"]
+    block, size = gguf.GGML_QUANT_SIZES[gtype]
+    expected = (*array.shape[:-1], array.shape[-1] // block * size)
+    if blocks.dtype != np.uint8 or tuple(blocks.shape) != expected:
+        raise ConvcoreError(f"{name}: scheme {scheme} returned {blocks.dtype}{list(blocks.shape)}, "
+                            f"expected uint8{list(expected)}")
+    return blocks
+
+
+CHUNK_ELEMENTS = 1 << 22   # tensors are converted in slices of rows of about this many values
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows [start, stop) of one planned tensor: the unit of work of the writer."""
+
+    item: Planned
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.item.shape[:-1], dtype=np.int64)) if len(self.item.shape) > 1 else 1
+
+
+def slices(planned: list[Planned]) -> list[Slice]:
+    """Row slices of every tensor, in file order. A tensor with a transform (q/k
+    permutation, norm offset) is one slice, since the transform mixes rows."""
+    out = []
+    for item in planned:
+        rows = int(np.prod(item.shape[:-1], dtype=np.int64)) if len(item.shape) > 1 else 1
+        step = rows if item.fn is not None else max(1, CHUNK_ELEMENTS // max(1, item.shape[-1]))
+        out.extend(Slice(item, a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1)))
+    return out
+
+
+def produce(part: Slice) -> np.ndarray:
+    """The bytes of a slice of rows as they go into the file (cast or quantized)."""
+    item = part.item
+    array = np.asarray(item.ref.load())
+    if item.fn is not None:
+        array = item.fn(array)
+    rows = array.reshape(-1, array.shape[-1]) if array.ndim > 1 else array.reshape(1, -1)
+    rows = rows[part.start:part.stop]
+    if item.gtype in NUMPY_OF:
+        return np.ascontiguousarray(cast(rows, NUMPY_OF[item.gtype]))
+    return quantize_blocks(np.ascontiguousarray(cast(rows, "f32")), item.gtype, item.name)
+
+
+def _begin_tensor(writer: gguf.GGUFWriter, item: Planned):
+    """Open the data of ``item`` in its shard (aligned); mirrors GGUFWriter.write_tensor_data,
+    which takes a whole tensor at once."""
+    file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
+    name = next(iter(writer.tensors[file_id]))
+    if name != item.name:
+        raise AssertionError(f"writing {item.name} where the header has {name}")
+    info = writer.tensors[file_id].pop(name)
+    fout = writer.fout[file_id]
+    writer.write_padding(fout, fout.tell())
+    return fout, info
+
+
+def _add_value(writer: gguf.GGUFWriter, key: str, value: Any, kind: str) -> None:
+    if kind == "u32":
+        writer.add_uint32(key, int(value))
+    elif kind == "f32":
+        writer.add_float32(key, float(value))
+    elif kind == "bool":
+        writer.add_bool(key, bool(value))
+    else:
+        writer.add_string(key, str(value))
+
+
+def _metadata_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint64(key, value) if value >= 0 else writer.add_int64(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:
+        writer.add_string(key, str(value))
+
+
+def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, options: dict[str, Any],
+                 file_type: int) -> list[str]:
+    """general.*, hyper-parameter and tokenizer keys; returns warnings."""
+    config = {**spec.config_defaults, **model.config}
+    meta = dict(options.get("metadata") or {})
+    writer.add_type("model")
+    vocab = vocab_mod.read_vocab(model.tokenizer, config)
+    warnings: list[str] = []
+    name = str(meta.pop("name", None) or model.metadata.get("name")
+               or Path(model.source.rstrip("/")).name or spec.hf)
+    if PHI3_NAME.search(name) and vocab is not None and not PHI3_TOKENS <= set(vocab.tokens):
+        # llama.cpp sets strip flags on these tokens for any model whose name says phi-3,
+        # and fails to load when one is missing from the vocabulary.
+        warnings.append(f"general.name {name!r} would make llama.cpp look for tokens "
+                        f"{sorted(PHI3_TOKENS - set(vocab.tokens))} this vocabulary lacks; "
+                        "writing the name without 'phi3'")
+        name = PHI3_NAME.sub("phi", name)
+    writer.add_name(name)
+    for key, fn, kind, _ in spec.hparams:
+        value = fn(config)
+        if value is not None:
+            _add_value(writer, f"{spec.gguf}.{key}", value, kind)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)   # as llama.cpp's converter
+    for key, value in meta.items():
+        _metadata_value(writer, key if "." in key else f"general.{key}", value)
+    if vocab is None:
+        warnings.append(f"{model.source}: no tokenizer.model or BPE tokenizer.json; "
+                        "the GGUF has no vocabulary")
+    else:
+        vocab_mod.add_to_writer(writer, vocab)
+        warnings.extend(vocab.warnings)
+    return warnings
+
+
+def write_gguf(model: Model, path: Path, options: dict[str, Any],
+               progress: Callable[[str], None]) -> Path:
+    """Write ``model`` as GGUF at ``path`` (plus shards beside it); returns the first file."""
+    spec, planned, notes = plan(model, options)
+    quant = options.get("quant")
+    if quant:
+        file_type = int(mixes.FILE_TYPES[quant][0])
+    else:
+        file_type = int({T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
+                         T.BF16: gguf.LlamaFileType.MOSTLY_BF16}[float_type(model, options)])
+    max_tensors = int(options.get("split_max_tensors") or 0)
+    max_size = parse_size(options.get("split_max_size"))
+    if flag(options, "dry_run"):
+        shard, count, size = 1, 0, 0
+        for item in planned:
+            # the same rule as GGUFWriter.add_tensor_info
+            if count and ((max_tensors and count >= max_tensors)
+                          or (max_size and size + item.nbytes > max_size)):
+                shard, count, size = shard + 1, 0, 0
+            count, size = count + 1, size + item.nbytes
+            split = f"\tshard {shard}" if max_tensors or max_size else ""
+            print(f"{item.name}\t{list(item.shape)}\t{item.gtype.name.lower()}{split}")
+        print(f"total {sum(p.nbytes for p in planned):,} bytes of tensor data", file=sys.stderr)
+        for note in notes:
+            warn(note)
+        return path
+    for note in notes:
+        warn(note)
+    path = Path(path)
+    writer = gguf.GGUFWriter(path, spec.gguf, split_max_tensors=max_tensors,
+                             split_max_size=max_size)
+    try:
+        for w in add_metadata(writer, model, spec, options, file_type):
+            warn(w)
+        for item in planned:
+            writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), item.nbytes,
+                                   raw_dtype=item.gtype)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        # slices of rows are converted on up to ``jobs`` threads while the main thread
+        # writes, so memory holds a few slices, never whole big tensors
+        jobs = max(1, int(options.get("jobs") or 1))
+        work = slices(planned)
+        fout = info = None
+        written = 0
+        for part, data in zip(work, convcore.ordered_map(produce, work, jobs)):
+            if part.start == 0:
+                fout, info = _begin_tensor(writer, part.item)
+                written = 0
+            data.tofile(fout)
+            written += data.nbytes
+            if part.stop >= part.rows:
+                if written != info.nbytes:
+                    raise ConvcoreError(f"{part.item.name}: wrote {written} bytes, planned {info.nbytes}")
+                writer.write_padding(fout, info.nbytes)
+                progress(part.item.ref.name)
+        shards = writer.format_shard_names(path)
+    finally:
+        writer.close()
+    return shards[0]

@@ -1,0 +1,86 @@
+"""GGUF -> HF: inverse names and transforms, rebuilt config and tokenizer."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+import convcore
+from gguf_testlib import TEXT, rel_err
+
+EXACT_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+GEMMA_ARCHS = ["gemma", "gemma2", "gemma3_text"]
+
+
+@pytest.mark.parametrize("arch", EXACT_ARCHS + GEMMA_ARCHS)
+def test_gguf_hf_roundtrip_f32(arch, converted, tiny_model_factory, tmp_path):
+    """hf -> gguf(f32) -> hf gives back every weight bit for bit (Gemma's stored 1 + w
+    norms come back within one f32 ulp of 1.0), a config transformers loads, and a
+    tokenizer that gives the same ids."""
+    src = tiny_model_factory(arch)
+    back = convcore.convert(converted(arch, "f32"), tmp_path / "hf", to="hf")
+    a, b = convcore.load(src), convcore.load(back)
+    expected = {n for n in a.tensors if not (n == "lm_head.weight" and a.config.get("tie_word_embeddings"))}
+    assert set(b.tensors) == expected
+    for name in expected:
+        x, y = a.tensors[name].load(), b.tensors[name].load()
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+            np.testing.assert_allclose(y, x, rtol=0, atol=np.spacing(np.float32(1.0)))
+        else:
+            np.testing.assert_array_equal(y, x, err_msg=name)
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(back))(TEXT)["input_ids"] == \
+        AutoTokenizer.from_pretrained(str(src))(TEXT)["input_ids"]
+    registry = convcore.get_registry()
+    ids = AutoTokenizer.from_pretrained(str(src))(TEXT)["input_ids"]
+    err = rel_err(registry.infer(back, ids, "hf"), registry.infer(src, ids, "hf"))
+    assert err <= (0 if arch in EXACT_ARCHS else 1e-5), err
+
+
+def test_gguf_quantized_reads_back_dequantized(converted, tmp_path):
+    """A q8_0 GGUF reads back as f32 tensors equal to gguf-py's dequantization."""
+    path = converted("llama", "q8_0")
+    model = convcore.load(path)
+    reader = gguf.GGUFReader(path)
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    ref = model.tensors["model.layers.0.mlp.down_proj.weight"]
+    assert ref.dtype == "f32"
+    np.testing.assert_array_equal(ref.load(), gguf.quants.dequantize(t.data, t.tensor_type))
+    f16 = convcore.load(converted("llama", "f16"))
+    assert f16.tensors["model.layers.0.mlp.down_proj.weight"].dtype == "f16"
+
+
+def test_gguf_requantize_gguf_to_gguf(converted, tmp_path, hf_reference):
+    """gguf(f32) -> gguf q8_0 equals hf -> gguf q8_0 byte for byte."""
+    direct = converted("llama", "q8_0")
+    via = convcore.convert(converted("llama", "f32"), tmp_path / "re.gguf", to="gguf", quant="q8_0")
+    a = {t.name: t.data.tobytes() for t in gguf.GGUFReader(direct).tensors}
+    b = {t.name: t.data.tobytes() for t in gguf.GGUFReader(via).tensors}
+    assert a == b
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q2_k", "q5_0"])
+def test_gguf_reads_llama_quantize_output(quant, converted, hf_reference, tmp_path):
+    """A GGUF llama-quantize made (k-quants included) reads back through gguf-py's
+    dequantization; transformers on the result computes what llama.cpp computes on
+    the quantized file (up to llama.cpp's 8-bit activations in quantized matmuls)."""
+    from gguf_testlib import llama_quantize
+    path = llama_quantize(converted("llama", "f32"), tmp_path / f"{quant}.gguf", quant)
+    back = convcore.convert(path, tmp_path / "hf", to="hf")
+    ids, _ = hf_reference("llama")
+    registry = convcore.get_registry()
+    hf_logits = registry.infer(back, ids, "hf")
+    cpp_logits = registry.infer(path, ids, "gguf")
+    orig = hf_reference("llama")[1]
+    # the dequantized model is much closer to llama.cpp's than either is to the original
+    assert rel_err(hf_logits, cpp_logits) < 0.25 * rel_err(cpp_logits, orig)
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_gguf_conformance(quant, tiny_llama, tmp_path):
+    from convcore.testing.conformance import check_format
+    out = check_format("gguf", tiny_llama, tmp_path, lossless=quant == "f32", quant=quant)
+    if quant == "q8_0":
+        ref = convcore.load(out).tensors["model.layers.0.mlp.up_proj.weight"]
+        assert ref.stored == "q8_0" and ref.dtype == "f32"
