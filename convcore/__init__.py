@@ -10,14 +10,16 @@ from .model import (
 )
 from .pipeline import convert, load, ordered_map, quantize
 from .registry import Format, Registry, Scheme, get_registry, using
-from .safetensors_io import PlannedTensor, StreamingWriter, open_tensors, read_header, write_sharded
+from .safetensors_io import (
+    PlannedTensor, StreamingWriter, index_shards, open_tensors, read_header, write_sharded,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DTYPES", "FLOAT_DTYPES", "ConvcoreError", "Format", "Model", "PlannedTensor",
     "QuantizedTensor", "Registry", "Scheme", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
-    "convert", "dtype_name", "get_registry", "hookimpl", "hookspec", "load", "numpy_dtype",
+    "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "hookspec", "load", "numpy_dtype",
     "open_tensors", "ordered_map", "quantize", "read_header", "read_json",
     "read_tokenizer_files", "using", "write_sharded", "write_tokenizer_files",
 ]

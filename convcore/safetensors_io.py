@@ -177,6 +177,28 @@ class StreamingWriter:
         self._file.close()
 
 
+def index_shards(index: Path) -> list[Path]:
+    """The shard files an HF-style ``*.index.json`` names, in order, each checked to be a
+    plain file name that exists beside the index."""
+    import json as _json
+
+    index = Path(index)
+    try:
+        weight_map = _json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConvcoreError(f"{index}: not a readable index ({exc})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConvcoreError(f"{index}: no weight_map")
+    files = []
+    for fname in dict.fromkeys(weight_map.values()):
+        if not isinstance(fname, str) or Path(fname).name != fname:
+            raise ConvcoreError(f"{index}: shard name {fname!r} is not a plain file name")
+        if not (index.parent / fname).is_file():
+            raise ConvcoreError(f"{index}: names shard {fname!r}, which is missing")
+        files.append(index.parent / fname)
+    return files
+
+
 @dataclass
 class PlannedTensor:
     """A tensor to write: its name, dtype and shape up front, its data on demand."""

@@ -16,7 +16,7 @@ import numpy as np
 from ..hookspecs import hookimpl
 from ..model import FLOAT_DTYPES, ConvcoreError, Model, TensorRef, arch_of, cast_chunks
 from ..registry import Format
-from ..safetensors_io import PlannedTensor, open_tensors, read_header, write_sharded
+from ..safetensors_io import PlannedTensor, index_shards, open_tensors, read_header, write_sharded
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -65,17 +65,7 @@ def _weight_files(path: Path) -> tuple[str, list[Path]]:
         ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
         if (path / index).is_file():
-            weight_map = read_json(path / index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ConvcoreError(f"{path / index}: no weight_map")
-            files = []
-            for fname in dict.fromkeys(weight_map.values()):
-                if Path(fname).name != fname:
-                    raise ConvcoreError(f"{path / index}: shard name {fname!r} is not a plain file name")
-                if not (path / fname).is_file():
-                    raise ConvcoreError(f"{path / index}: names shard {fname!r}, which is missing")
-                files.append(path / fname)
-            return kind, files
+            return kind, index_shards(path / index)
         if (path / single).is_file():
             return kind, [path / single]
     others = sorted(p.name for p in path.glob("*.safetensors"))

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 from convcore import (
-    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, open_tensors, read_json,
-    read_tokenizer_files,
+    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, open_tensors,
+    read_json, read_tokenizer_files,
 )
 
 from .layout import BITS, GROUP_SIZES, scheme_name
@@ -23,17 +23,7 @@ def weight_files(path: Path) -> list[Path]:
     """The shards the index names (each must exist), else ``model*.safetensors``."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ConvcoreError(f"{index}: no weight_map")
-        files = []
-        for fname in dict.fromkeys(weight_map.values()):
-            if Path(fname).name != fname:
-                raise ConvcoreError(f"{index}: shard name {fname!r} is not a plain file name")
-            if not (path / fname).is_file():
-                raise ConvcoreError(f"{index}: names shard {fname!r}, which is missing")
-            files.append(path / fname)
-        return files
+        return index_shards(index)
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise ConvcoreError(f"{path}: no model*.safetensors")
