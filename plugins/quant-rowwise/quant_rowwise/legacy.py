@@ -4,7 +4,8 @@ reference quantizer (and so to gguf-py's numpy port of it).
 One Numba kernel per type family reads a block, finds its scale and writes the packed
 codes, reproducing the reference's float32 arithmetic step by step
 (d = max/-8, then id = 1/d, trunc(x*id + 8.5); round-half-away-from-zero for q8_0) without
-fastmath, so every byte matches; the f16 scales are then rounded by numpy, as the reference does.
+fastmath, so every byte matches; the f16 scales are rounded to nearest even from their
+float32 bits inside the kernel, as the reference's conversion rounds them.
 
 Payload: ``{"blocks": uint8 (*shape[:-1], row_length // 32 * type_size)}``.
 """
@@ -23,13 +24,38 @@ F0, F1 = np.float32(0.0), np.float32(1.0)
 
 FMAX = np.float32(3.4028235e38)
 
+
+@njit(nogil=True, cache=True, inline="always")
+def _f16(bits, a):
+    """IEEE half bits of the float32 with bits ``bits`` and magnitude ``a``, rounded to
+    nearest even, overflowing to inf: the same conversion as numpy's astype(float16)."""
+    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
+    x = bits & np.uint32(0x7FFFFFFF)
+    if x >= np.uint32(0x7F800000):  # inf or NaN
+        h = np.uint32(0x7C00) | (np.uint32(0x200) if x > np.uint32(0x7F800000) else np.uint32(0))
+    elif x >= np.uint32(0x477FF000):  # rounds past 65504
+        h = np.uint32(0x7C00)
+    elif x < np.uint32(0x38800000):  # below 2**-14: a multiple of 2**-24, rounded exactly
+        h = np.uint32(np.rint(a * np.float32(16777216.0)))
+    else:
+        x = x + np.uint32(0x0FFF) + ((x >> np.uint32(13)) & np.uint32(1))
+        h = (x - np.uint32(0x38000000)) >> np.uint32(13)
+    return sign | h
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _put_f16(ob, o, bits, a):
+    h = _f16(bits, a)
+    ob[o] = np.uint8(h & np.uint32(0xFF))
+    ob[o + 1] = np.uint8(h >> np.uint32(8))
+
 # Kernels index one block through 1-D views (xb, ob): that lets LLVM vectorise the
 # per-value loops, about twice as fast as 2-D indexing. Non-finite values are flagged
 # with an integer OR (a <= FMAX is false for NaN and Inf), which vectorises too.
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _q8_0(x, out, d_out, bad):
+def _q8_0(x, out, d_out, dbits, bad):
     for b in prange(x.shape[0]):
         xb = x[b]
         ob = out[b]
@@ -44,6 +70,9 @@ def _q8_0(x, out, d_out, bad):
         d = amax / np.float32(127.0)
         idv = F1 / d if d != F0 else F0
         d_out[b] = d
+        h = _f16(dbits[b], abs(d))
+        ob[0] = np.int8(h & np.uint32(0xFF))  # truncating stores: the same bytes as uint8
+        ob[1] = np.int8(h >> np.uint32(8))
         for j in range(QK):
             n = xb[j] * idv
             a = abs(n)
@@ -54,7 +83,7 @@ def _q8_0(x, out, d_out, bad):
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _sym(x, out, d_out, bad, divisor, offset, qmax, o):
+def _sym(x, out, d_out, dbits, bad, divisor, offset, qmax, o):
     """q4_0 / q5_0: d = (value of largest magnitude, first if tied) / divisor,
     q = trunc(x * (1/d) + offset); q5_0's fifth bits go to bytes 2..5."""
     fq = np.float32(qmax)
@@ -81,6 +110,7 @@ def _sym(x, out, d_out, bad, divisor, offset, qmax, o):
         d = mx / divisor
         idv = F1 / d if d != F0 else F0
         d_out[b] = d
+        _put_f16(ob, 0, dbits[b], abs(d))
         if qmax == 15:
             for j in range(16):
                 q0 = np.uint8(min(max(np.trunc(xb[j] * idv + offset), F0), fq))
@@ -98,7 +128,7 @@ def _sym(x, out, d_out, bad, divisor, offset, qmax, o):
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _asym(x, out, d_out, m_out, bad, levels, qmax, o):
+def _asym(x, out, d_out, m_out, dbits, mbits, bad, levels, qmax, o):
     """q4_1 / q5_1: d = (max - min) / levels, q = trunc((x - min) * (1/d) + 0.5);
     q5_1's fifth bits go to bytes 4..7."""
     fq = np.float32(qmax)
@@ -119,6 +149,8 @@ def _asym(x, out, d_out, m_out, bad, levels, qmax, o):
         idv = F1 / d if d != F0 else F0
         d_out[b] = d
         m_out[b] = lo
+        _put_f16(ob, 0, dbits[b], abs(d))
+        _put_f16(ob, 2, mbits[b], abs(lo))
         if qmax == 15:
             for j in range(16):
                 q0 = np.uint8(min(max(np.trunc((xb[j] - lo) * idv + np.float32(0.5)), F0), fq))
@@ -135,32 +167,19 @@ def _asym(x, out, d_out, m_out, bad, levels, qmax, o):
                 ob[4 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _put_u16(out, offset, bits):
-    for b in prange(out.shape[0]):
-        out[b, offset] = np.uint8(bits[b] & 0xFF)
-        out[b, offset + 1] = np.uint8(bits[b] >> 8)
-
-
-def _put_f16(out: np.ndarray, offset: int, values: np.ndarray) -> None:
-    # numpy's f32 -> f16 rounding is the reference's (ggml uses the same RNE conversion)
-    _put_u16(out, offset, values.astype(np.float16).view(np.uint16))
-
-
 def _quantize_blocks(kind: str, x: np.ndarray, out: np.ndarray, bad: np.ndarray) -> None:
-    d = np.empty(x.shape[0], np.float32)
+    d = np.empty(x.shape[0], np.float32)  # the kernels read the bits back to round to f16
     if kind == "q8_0":
-        _q8_0(x, out.view(np.int8), d, bad)
+        _q8_0(x, out.view(np.int8), d, d.view(np.uint32), bad)
     elif kind in ("q4_0", "q5_0"):
         q5 = kind == "q5_0"
-        _sym(x, out, d, bad, np.float32(-16.0 if q5 else -8.0), np.float32(16.5 if q5 else 8.5),
-             31 if q5 else 15, 6 if q5 else 2)
+        _sym(x, out, d, d.view(np.uint32), bad, np.float32(-16.0 if q5 else -8.0),
+             np.float32(16.5 if q5 else 8.5), 31 if q5 else 15, 6 if q5 else 2)
     else:
         q5 = kind == "q5_1"
         m = np.empty(x.shape[0], np.float32)
-        _asym(x, out, d, m, bad, np.float32(31.0 if q5 else 15.0), 31 if q5 else 15, 8 if q5 else 4)
-        _put_f16(out, 2, m)
-    _put_f16(out, 0, d)
+        _asym(x, out, d, m, d.view(np.uint32), m.view(np.uint32), bad,
+              np.float32(31.0 if q5 else 15.0), 31 if q5 else 15, 8 if q5 else 4)
 
 
 def quantize(kind: str, array: np.ndarray) -> dict[str, np.ndarray]:

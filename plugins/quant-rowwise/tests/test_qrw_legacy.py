@@ -21,6 +21,10 @@ def sample(shape, dtype, seed):
         flat[32:64] = 0.25               # a constant block
         flat[64:96] *= 1000              # a block of large values
         flat[70] = -flat[64:96].__abs__().max()  # negative extreme (sign of the q4_0 scale)
+    if flat.size >= 160:
+        flat[96:128] *= 1e-5                 # f16 scales that are subnormal
+        if np.dtype(dtype) != np.float16:    # (f16 input cannot hold such values)
+            flat[128:160] *= 1e8             # f16 scales that overflow to inf
     return x.astype(dtype)
 
 
