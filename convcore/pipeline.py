@@ -57,7 +57,7 @@ def normalise_types(fmt_schemes: tuple[str, ...], fmt: str, quant: str | None,
             raise ConvcoreError(f"--quant {quant} and --dtype {dtype} disagree")
         return None, quant
     if quant is not None and quant not in fmt_schemes:
-        stored = ", ".join(FLOAT_SCHEMES + tuple(fmt_schemes))
+        stored = ", ".join(dict.fromkeys(FLOAT_SCHEMES + tuple(fmt_schemes)))
         raise ConvcoreError(f"format {fmt} cannot store {quant!r} (it stores: {stored})")
     return quant, dtype
 
