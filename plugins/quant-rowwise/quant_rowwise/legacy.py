@@ -82,89 +82,109 @@ def _q8_0(x, out, d_out, dbits, bad):
             ob[2 + j] = np.int8(-r if n < F0 else r)
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _sym(x, out, d_out, dbits, bad, divisor, offset, qmax, o):
-    """q4_0 / q5_0: d = (value of largest magnitude, first if tied) / divisor,
-    q = trunc(x * (1/d) + offset); q5_0's fifth bits go to bytes 2..5."""
+def _make_sym(q5: bool):
+    """The q4_0 or q5_0 kernel: d = (value of largest magnitude, first if tied) / divisor,
+    q = trunc(x * (1/d) + offset); q5_0's fifth bits go to bytes 2..5. The constants are
+    closed over, so Numba compiles them in (about 1.4x faster than passing them)."""
+    divisor = np.float32(-16.0 if q5 else -8.0)
+    offset = np.float32(16.5 if q5 else 8.5)
+    qmax = 31 if q5 else 15
     fq = np.float32(qmax)
-    for b in prange(x.shape[0]):
-        xb = x[b]
-        ob = out[b]
-        lo = xb[0]
-        hi = xb[0]
-        nf = 0
-        for j in range(QK):
-            v = xb[j]
-            nf |= 0 if abs(v) <= FMAX else 1
-            lo = v if v < lo else lo
-            hi = v if v > hi else hi
-        if nf:
-            bad[0] = 1
-        # the value of largest magnitude; on a tie (-lo == hi) the first one, as argmax
-        mx = hi if hi > -lo else lo
-        if hi == -lo:
+    o = 6 if q5 else 2
+
+    @njit(nogil=True, cache=True, parallel=True)
+    def kernel(x, out, d_out, dbits, bad):
+        for b in prange(x.shape[0]):
+            xb = x[b]
+            ob = out[b]
+            lo = xb[0]
+            hi = xb[0]
+            nf = 0
             for j in range(QK):
-                if abs(xb[j]) == hi:
-                    mx = xb[j]
-                    break
-        d = mx / divisor
-        idv = F1 / d if d != F0 else F0
-        d_out[b] = d
-        _put_f16(ob, 0, dbits[b], abs(d))
-        if qmax == 15:
-            for j in range(16):
-                q0 = np.uint8(min(max(np.trunc(xb[j] * idv + offset), F0), fq))
-                q1 = np.uint8(min(max(np.trunc(xb[j + 16] * idv + offset), F0), fq))
-                ob[o + j] = q0 | (q1 << np.uint8(4))
-        else:
-            qh = np.uint32(0)
-            for j in range(16):
-                q0 = np.uint32(min(max(np.trunc(xb[j] * idv + offset), F0), fq))
-                q1 = np.uint32(min(max(np.trunc(xb[j + 16] * idv + offset), F0), fq))
-                ob[o + j] = np.uint8((q0 & np.uint32(0x0F)) | ((q1 & np.uint32(0x0F)) << np.uint32(4)))
-                qh |= ((q0 >> np.uint32(4)) << np.uint32(j)) | ((q1 >> np.uint32(4)) << np.uint32(j + 16))
-            for k in range(4):
-                ob[2 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+                v = xb[j]
+                nf |= 0 if abs(v) <= FMAX else 1
+                lo = v if v < lo else lo
+                hi = v if v > hi else hi
+            if nf:
+                bad[0] = 1
+            # the value of largest magnitude; on a tie (-lo == hi) the first one, as argmax
+            mx = hi if hi > -lo else lo
+            if hi == -lo:
+                for j in range(QK):
+                    if abs(xb[j]) == hi:
+                        mx = xb[j]
+                        break
+            d = mx / divisor
+            idv = F1 / d if d != F0 else F0
+            d_out[b] = d
+            _put_f16(ob, 0, dbits[b], abs(d))
+            if qmax == 15:
+                for j in range(16):
+                    q0 = np.uint8(min(max(np.trunc(xb[j] * idv + offset), F0), fq))
+                    q1 = np.uint8(min(max(np.trunc(xb[j + 16] * idv + offset), F0), fq))
+                    ob[o + j] = q0 | (q1 << np.uint8(4))
+            else:
+                qh = np.uint32(0)
+                for j in range(16):
+                    q0 = np.uint32(min(max(np.trunc(xb[j] * idv + offset), F0), fq))
+                    q1 = np.uint32(min(max(np.trunc(xb[j + 16] * idv + offset), F0), fq))
+                    ob[o + j] = np.uint8((q0 & np.uint32(0x0F)) | ((q1 & np.uint32(0x0F)) << np.uint32(4)))
+                    qh |= ((q0 >> np.uint32(4)) << np.uint32(j)) | ((q1 >> np.uint32(4)) << np.uint32(j + 16))
+                for k in range(4):
+                    ob[2 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+    return kernel
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _asym(x, out, d_out, m_out, dbits, mbits, bad, levels, qmax, o):
-    """q4_1 / q5_1: d = (max - min) / levels, q = trunc((x - min) * (1/d) + 0.5);
-    q5_1's fifth bits go to bytes 4..7."""
+def _make_asym(q5: bool):
+    """The q4_1 or q5_1 kernel: d = (max - min) / levels, q = trunc((x - min) * (1/d) + 0.5);
+    q5_1's fifth bits go to bytes 4..7 (constants closed over, as in _make_sym)."""
+    levels = np.float32(31.0 if q5 else 15.0)
+    qmax = 31 if q5 else 15
     fq = np.float32(qmax)
-    for b in prange(x.shape[0]):
-        xb = x[b]
-        ob = out[b]
-        lo = xb[0]
-        hi = xb[0]
-        nf = 0
-        for j in range(QK):
-            v = xb[j]
-            nf |= 0 if abs(v) <= FMAX else 1
-            lo = v if v < lo else lo
-            hi = v if v > hi else hi
-        if nf:
-            bad[0] = 1
-        d = (hi - lo) / levels
-        idv = F1 / d if d != F0 else F0
-        d_out[b] = d
-        m_out[b] = lo
-        _put_f16(ob, 0, dbits[b], abs(d))
-        _put_f16(ob, 2, mbits[b], abs(lo))
-        if qmax == 15:
-            for j in range(16):
-                q0 = np.uint8(min(max(np.trunc((xb[j] - lo) * idv + np.float32(0.5)), F0), fq))
-                q1 = np.uint8(min(max(np.trunc((xb[j + 16] - lo) * idv + np.float32(0.5)), F0), fq))
-                ob[o + j] = q0 | (q1 << np.uint8(4))
-        else:
-            qh = np.uint32(0)
-            for j in range(16):
-                q0 = np.uint32(min(max(np.trunc((xb[j] - lo) * idv + np.float32(0.5)), F0), fq))
-                q1 = np.uint32(min(max(np.trunc((xb[j + 16] - lo) * idv + np.float32(0.5)), F0), fq))
-                ob[o + j] = np.uint8((q0 & np.uint32(0x0F)) | ((q1 & np.uint32(0x0F)) << np.uint32(4)))
-                qh |= ((q0 >> np.uint32(4)) << np.uint32(j)) | ((q1 >> np.uint32(4)) << np.uint32(j + 16))
-            for k in range(4):
-                ob[4 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+    o = 8 if q5 else 4
+
+    @njit(nogil=True, cache=True, parallel=True)
+    def kernel(x, out, d_out, m_out, dbits, mbits, bad):
+        for b in prange(x.shape[0]):
+            xb = x[b]
+            ob = out[b]
+            lo = xb[0]
+            hi = xb[0]
+            nf = 0
+            for j in range(QK):
+                v = xb[j]
+                nf |= 0 if abs(v) <= FMAX else 1
+                lo = v if v < lo else lo
+                hi = v if v > hi else hi
+            if nf:
+                bad[0] = 1
+            d = (hi - lo) / levels
+            idv = F1 / d if d != F0 else F0
+            d_out[b] = d
+            m_out[b] = lo
+            _put_f16(ob, 0, dbits[b], abs(d))
+            _put_f16(ob, 2, mbits[b], abs(lo))
+            if qmax == 15:
+                for j in range(16):
+                    q0 = np.uint8(min(max(np.trunc((xb[j] - lo) * idv + np.float32(0.5)), F0), fq))
+                    q1 = np.uint8(min(max(np.trunc((xb[j + 16] - lo) * idv + np.float32(0.5)), F0), fq))
+                    ob[o + j] = q0 | (q1 << np.uint8(4))
+            else:
+                qh = np.uint32(0)
+                for j in range(16):
+                    q0 = np.uint32(min(max(np.trunc((xb[j] - lo) * idv + np.float32(0.5)), F0), fq))
+                    q1 = np.uint32(min(max(np.trunc((xb[j + 16] - lo) * idv + np.float32(0.5)), F0), fq))
+                    ob[o + j] = np.uint8((q0 & np.uint32(0x0F)) | ((q1 & np.uint32(0x0F)) << np.uint32(4)))
+                    qh |= ((q0 >> np.uint32(4)) << np.uint32(j)) | ((q1 >> np.uint32(4)) << np.uint32(j + 16))
+                for k in range(4):
+                    ob[4 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+    return kernel
+
+
+_q4_0, _q5_0 = _make_sym(False), _make_sym(True)
+_q4_1, _q5_1 = _make_asym(False), _make_asym(True)
 
 
 def _quantize_blocks(kind: str, x: np.ndarray, out: np.ndarray, bad: np.ndarray) -> None:
@@ -172,14 +192,10 @@ def _quantize_blocks(kind: str, x: np.ndarray, out: np.ndarray, bad: np.ndarray)
     if kind == "q8_0":
         _q8_0(x, out.view(np.int8), d, d.view(np.uint32), bad)
     elif kind in ("q4_0", "q5_0"):
-        q5 = kind == "q5_0"
-        _sym(x, out, d, d.view(np.uint32), bad, np.float32(-16.0 if q5 else -8.0),
-             np.float32(16.5 if q5 else 8.5), 31 if q5 else 15, 6 if q5 else 2)
+        (_q5_0 if kind == "q5_0" else _q4_0)(x, out, d, d.view(np.uint32), bad)
     else:
-        q5 = kind == "q5_1"
         m = np.empty(x.shape[0], np.float32)
-        _asym(x, out, d, m, d.view(np.uint32), m.view(np.uint32), bad,
-              np.float32(31.0 if q5 else 15.0), 31 if q5 else 15, 8 if q5 else 4)
+        (_q5_1 if kind == "q5_1" else _q4_1)(x, out, d, m, d.view(np.uint32), m.view(np.uint32), bad)
 
 
 def quantize(kind: str, array: np.ndarray) -> dict[str, np.ndarray]:
