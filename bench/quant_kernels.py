@@ -5,6 +5,10 @@ gguf-py's numpy ``gguf.quants.quantize`` (q8_0 q4_0 q4_1 q5_0 q5_1) and MLX's
 ``bench/kquant_vs_llamacpp.py``.
 
     .venv/bin/python bench/quant_kernels.py [--schemes q8_0,int4-g64] [--repeat 3]
+
+Where a peer exists the two are timed alternately, one call each per round; the table
+gives best-of-rounds throughput for each, the ratio of the best times and the ratio of
+the median times.
 """
 from __future__ import annotations
 
@@ -18,14 +22,25 @@ import convcore
 MB = 4096 * 4096 * 4 / 1e6
 
 
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def best_of(fn, repeat: int) -> float:
     fn()  # warm-up (JIT, caches)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(timed(fn) for _ in range(repeat))
+
+
+def paired(ours, theirs, repeat: int) -> tuple[float, float, float, float]:
+    """(our best time, their best time, our median, their median), the two sides timed
+    alternately round after round, so a slow minute on this shared machine hits both
+    rather than one."""
+    ours()
+    theirs()
+    pairs = np.array([(timed(ours), timed(theirs)) for _ in range(repeat)])
+    return (*pairs.min(axis=0), *np.median(pairs, axis=0))
 
 
 def peer_for(name: str, x: np.ndarray):
@@ -51,16 +66,17 @@ def main() -> None:
     wanted = [s for s in args.schemes.split(",") if s] or [
         n for n in registry.schemes if not n.endswith("_k")]
     x = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
-    print("| scheme | ours MB/s | peer | peer MB/s | speed-up |")
-    print("| --- | ---: | --- | ---: | ---: |")
+    print("| scheme | ours MB/s | peer | peer MB/s | speed-up (best) | speed-up (median) |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
     for name in wanted:
-        ours = best_of(lambda: registry.quantize(x, name), args.repeat)
         peer, fn = peer_for(name, x)
         if fn is None:
-            print(f"| {name} | {MB / ours:.0f} | - | - | - |", flush=True)
+            ours = best_of(lambda: registry.quantize(x, name), args.repeat)
+            print(f"| {name} | {MB / ours:.0f} | - | - | - | - |", flush=True)
             continue
-        theirs = best_of(fn, args.repeat)
-        print(f"| {name} | {MB / ours:.0f} | {peer} | {MB / theirs:.0f} | {theirs / ours:.1f}x |", flush=True)
+        ours, theirs, ours_med, theirs_med = paired(lambda: registry.quantize(x, name), fn, args.repeat)
+        print(f"| {name} | {MB / ours:.0f} | {peer} | {MB / theirs:.0f} | {theirs / ours:.1f}x "
+              f"| {theirs_med / ours_med:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from numba import njit, prange
 
 import convcore
 
-from ._input import as_rows, f32_slices
+from ._input import as_rows, f32_slices, faulted_empty
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
@@ -89,7 +89,7 @@ def quantize(bits: int, group: int, array: np.ndarray) -> dict[str, np.ndarray]:
     rows = as_rows(array, group)
     n_rows, length = rows.shape
     per_row_groups = length // group
-    words = np.empty((n_rows, length * bits // 32), np.uint32)
+    words = faulted_empty((n_rows, length * bits // 32), np.uint32)
     scales = np.empty((n_rows, per_row_groups), np.float32)
     biases = np.empty((n_rows, per_row_groups), np.float32)
     bad = np.zeros(1, np.uint8)

@@ -27,6 +27,8 @@ from numba import njit, prange
 
 import convcore
 
+from ._input import faulted_empty
+
 QK_K = 256
 TYPE_SIZE = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 BITS = {name: size * 8 / QK_K for name, size in TYPE_SIZE.items()}
@@ -891,7 +893,7 @@ def quantize_kquant(array: np.ndarray, name: str, refine: bool = True) -> dict[s
     bits, mode, lut = _bits_2d(array, name)
     shape = np.shape(array)
     nb = shape[-1] // QK_K
-    out = np.empty((bits.shape[0], nb * TYPE_SIZE[name]), np.uint8)
+    out = faulted_empty((bits.shape[0], nb * TYPE_SIZE[name]), np.uint8)
     total = bits.shape[0] * nb
     nchunks = max(1, min(total, 256))
     if total:

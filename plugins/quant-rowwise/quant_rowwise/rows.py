@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 
-from ._input import as_rows, f32_slices
+from ._input import as_rows, f32_slices, faulted_empty
 
 ASYM_BITS = (1, 2, 4, 8)
 
@@ -111,7 +111,7 @@ def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
 def quantize_asym(bits: int, array: np.ndarray) -> dict[str, np.ndarray]:
     rows = as_rows(array, 1)
     qmax = (1 << bits) - 1
-    codes = np.empty(rows.shape, np.uint8)
+    codes = faulted_empty(rows.shape, np.uint8)
     scales = np.empty(rows.shape[0], np.float32)
     zps = np.empty(rows.shape[0], np.float32)
     bad = np.zeros(1, np.uint8)
@@ -143,7 +143,7 @@ def quantize_sym(array: np.ndarray, per_tensor: bool) -> dict[str, np.ndarray]:
         amax = np.full_like(amax, amax.max() if amax.size else 0)
     scales = amax / np.float32(127.0)
     scales[scales == 0] = 1.0
-    codes = np.empty(rows.shape, np.int8)
+    codes = faulted_empty(rows.shape, np.int8)
     bad = np.zeros(1, np.uint8)
     for start, part in f32_slices(rows):
         _sym(part, scales[start:start + len(part)], codes[start:start + len(part)], bad)
