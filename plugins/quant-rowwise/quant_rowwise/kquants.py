@@ -343,17 +343,17 @@ def _sym_sse(x, wt, o, n, dl, qlo, qhi):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters):
+def _affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters, wt):
     """Improve (d, dmin, sc[], m[]) of an affine super-block; keeps only improvements.
 
-    ``st`` holds the f16 bits of d and dmin; ``err`` is per-sub-block squared error scratch.
+    ``st`` holds the f16 bits of d and dmin; ``err`` is per-sub-block squared error scratch,
+    ``wt`` per-value weight scratch.
     """
     D = _f16_to_f32(st[0])
     Dm = _f16_to_f32(st[1])
     # llama.cpp's importance weights for this type (what its own search minimises), so a
     # change is kept only when it helps by llama.cpp's measure too: q4_K/q5_K weigh each
     # value by the sub-block's RMS plus |x|, q2_K by |x|.
-    wt = np.empty(nsub * sub, np.float32)
     for j in range(nsub):
         av = _F0
         if sub == 32:
@@ -436,7 +436,7 @@ def _affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _sym_refine(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L):
+def _sym_refine(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L, wt):
     """Improve the sub-block scales of a symmetric super-block; keeps only improvements.
 
     Per sub-block: one pass gives its error and the least-squares scale for its codes;
@@ -450,7 +450,6 @@ def _sym_refine(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L):
     flo = np.float32(qlo)
     fhi = np.float32(qhi)
     # llama.cpp's weights for q3_K/q6_K (x squared), as its own scale search uses
-    wt = np.empty(nsub * sub, np.float32)
     for i in range(nsub * sub):
         wt[i] = x[i] * x[i]
     for j in range(nsub):
@@ -514,7 +513,7 @@ def _put_f16(out, o, h):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _block_q45k(x, out, nmax, refine, L, Laux, w, fs, fm, sc, mi, st, err):
+def _block_q45k(x, out, nmax, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt):
     """One q4_K (nmax 15) or q5_K (nmax 31) super-block into out[0:144|176]."""
     if nmax == 15:
         rmin = np.float32(-1.0)
@@ -548,7 +547,7 @@ def _block_q45k(x, out, nmax, refine, L, Laux, w, fs, fm, sc, mi, st, err):
     st[0] = _f32_to_f16(max_scale / np.float32(63.0))
     st[1] = _f32_to_f16(max_min / np.float32(63.0))
     if refine:
-        _affine_refine(x, 8, 32, nmax, 63, st, sc, mi, err, _ITERS[1 if nmax == 31 else 0])
+        _affine_refine(x, 8, 32, nmax, 63, st, sc, mi, err, _ITERS[1 if nmax == 31 else 0], wt)
     D = _f16_to_f32(st[0])
     Dm = _f16_to_f32(st[1])
     for j in range(8):
@@ -577,7 +576,7 @@ def _block_q45k(x, out, nmax, refine, L, Laux, w, fs, fm, sc, mi, st, err):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _block_q6k(x, out, refine, L, fs, sc, st, err):
+def _block_q6k(x, out, refine, L, fs, sc, st, err, wt):
     """One q6_K super-block into out[0:210]."""
     max_scale = _F0
     max_abs = _F0
@@ -597,7 +596,7 @@ def _block_q6k(x, out, refine, L, fs, sc, st, err):
         sc[ib] = min(127, _nearest(iscale * fs[ib]))
     D = _f16_to_f32(st[0])
     if refine:
-        _sym_refine(x, 16, 16, -32, 31, -128, 127, st, sc, L)
+        _sym_refine(x, 16, 16, -32, 31, -128, 127, st, sc, L, wt)
     for j in range(16 if not refine else 0):
         dl = D * np.float32(sc[j])
         if dl == _F0:
@@ -620,7 +619,7 @@ def _block_q6k(x, out, refine, L, fs, sc, st, err):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _block_q3k(x, out, refine, L, fs, sc, st, err):
+def _block_q3k(x, out, refine, L, fs, sc, st, err, wt):
     """One q3_K super-block into out[0:110]."""
     max_scale = _F0
     amax = _F0
@@ -644,7 +643,7 @@ def _block_q3k(x, out, refine, L, fs, sc, st, err):
         st[0] = 0
     D = _f16_to_f32(st[0])
     if refine and max_scale != _F0:
-        _sym_refine(x, 16, 16, -4, 3, -32, 31, st, sc, L)
+        _sym_refine(x, 16, 16, -4, 3, -32, 31, st, sc, L, wt)
     for j in range(16 if not refine else 0):
         dl = D * np.float32(sc[j])
         if dl == _F0:
@@ -675,7 +674,7 @@ def _block_q3k(x, out, refine, L, fs, sc, st, err):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _block_q2k(x, out, refine, L, Laux, w, fs, fm, sc, mi, st, err):
+def _block_q2k(x, out, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt):
     """One q2_K super-block into out[0:84]."""
     max_scale = _F0
     max_min = _F0
@@ -709,7 +708,7 @@ def _block_q2k(x, out, refine, L, Laux, w, fs, fm, sc, mi, st, err):
             mi[j] = 0
         st[1] = 0
     if refine:
-        _affine_refine(x, 16, 16, 3, 15, st, sc, mi, err, _ITERS[2])
+        _affine_refine(x, 16, 16, 3, 15, st, sc, mi, err, _ITERS[2], wt)
     D = _f16_to_f32(st[0])
     Dm = _f16_to_f32(st[1])
     for j in range(16):
@@ -757,6 +756,7 @@ def _quantize_rows(x, mode, lut, kind, refine, out, nchunks):
         mi = np.zeros(16, np.int32)
         st = np.zeros(2, np.int32)
         err = np.zeros(32, np.float64)
+        wt = np.zeros(QK_K, np.float32)  # per-thread scratch, not one allocation per block
         for blk in range(start, end):
             r = blk // nb
             b = blk - r * nb
@@ -765,15 +765,15 @@ def _quantize_rows(x, mode, lut, kind, refine, out, nchunks):
                 bad[c] += 1
                 continue
             if kind == 4:
-                _block_q45k(xb, ob, 15, refine, L, Laux, w, fs, fm, sc, mi, st, err)
+                _block_q45k(xb, ob, 15, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt)
             elif kind == 5:
-                _block_q45k(xb, ob, 31, refine, L, Laux, w, fs, fm, sc, mi, st, err)
+                _block_q45k(xb, ob, 31, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt)
             elif kind == 6:
-                _block_q6k(xb, ob, refine, L, fs, sc, st, err)
+                _block_q6k(xb, ob, refine, L, fs, sc, st, err, wt)
             elif kind == 3:
-                _block_q3k(xb, ob, refine, L, fs, sc, st, err)
+                _block_q3k(xb, ob, refine, L, fs, sc, st, err, wt)
             else:
-                _block_q2k(xb, ob, refine, L, Laux, w, fs, fm, sc, mi, st, err)
+                _block_q2k(xb, ob, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt)
     return bad.sum()
 
 
