@@ -61,7 +61,8 @@ HALF_DOWN = np.float32(0.49999997)
 U32 = np.uint32
 ALL = np.uint32(0xFFFFFFFF)
 # Numba widens uint32 & uint32 to uint64; the U32(...) casts keep the reductions at 32 bits,
-# which with these select forms LLVM vectorises (about 4x faster than without them).
+# which with these select forms LLVM vectorises (_magnitudes alone, one thread, 4096x4096:
+# 1.4 GB/s without the casts, 24-27 GB/s with them).
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -240,7 +241,7 @@ _KERNELS = {"q4_0": _make_sym(False), "q5_0": _make_sym(True),
 def _quantize_blocks(kind: str, x: np.ndarray, out: np.ndarray, flags: np.ndarray) -> None:
     xi = x.view(np.uint32)
     if kind == "q8_0":
-        _q8_0(xi.view(np.float32), xi, out.view(np.int8), flags)
+        _q8_0(x, xi, out.view(np.int8), flags)
         return
     kernel, fix = _KERNELS[kind]
     flags[1] = 0
