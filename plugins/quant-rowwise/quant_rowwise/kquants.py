@@ -5,8 +5,8 @@ quantizer uses when it has no importance matrix (``quantize_row_qN_K_ref``: the
 weighted min/scale searches of ``make_qkx2_quants``, ``make_qx_quants`` and
 ``make_q3_quants``, then 6-/4-bit sub-block scales under an f16 super-scale), in float32.
 Without the refinement (``refine=False``) the bytes equal ggml's for most blocks (q3_k
-99.96%, q6_k 97%, q4_k 96%, q5_k 77% on gaussian rows: float sums are reassociated so
-they vectorize). Two departures lower the error further:
+99.9%, q6_k 98.5%, q4_k 96%, q5_k 77% on gaussian rows: float sums are reassociated or
+fused so they vectorize). Two departures lower the error further:
 
 - a refinement pass per super-block: for q4_k/q5_k/q2_k a least-squares refit of the two
   f16 super-scales and +-1 steps of each 6-/4-bit sub-scale and sub-min; for q3_k/q6_k
@@ -204,51 +204,71 @@ def _make_qkx2(n, nmax, x, xo, w, L, Laux, rmin, rdelta, nstep, use_mad):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _make_qx(n, nmax, x, xo, L):
-    """Symmetric scale for codes -nmax..nmax-1 with weights x**2, as make_qx_quants(rmse 1)."""
-    mx = _F0
-    amax = _F0
-    for i in range(n):
-        ax = abs(x[xo + i])
-        if ax > amax:
-            amax = ax
-            mx = x[xo + i]
-    if amax < _GROUP_MAX_EPS:
-        for i in range(n):
-            L[xo + i] = 0
-        return _F0
+def _make_qx16(x, L, fs, S):
+    """make_qx_quants(16, nmax=32, rmse_type 1), q6_K's scale search, for all 16 sub-blocks
+    of the super-block x[0:256] at once: scales into fs[0:16], codes + 32 into L.
+
+    llama.cpp searches one sub-block at a time: an initial scale -32/max, then 18 more
+    around it, each scoring its 16 codes by the x**2-weighted least squares fit. Here the
+    16 sub-blocks are the vector lanes (x transposed into S[0], so lane j reads sub-block j)
+    and every candidate is scored for all of them in one pass; each lane's sums still run
+    over its values in order. About 1.7x faster than the per-sub-block loop, whose 16-value
+    reductions LLVM did not vectorise. S: float32 scratch (9, 256).
+    """
+    nmax = 32
     fnmax = np.float32(nmax)
-    iscale = -fnmax / mx
-    sumlx = _F0
-    suml2 = _F0
-    for i in range(n):
-        v = x[xo + i]
-        l = _rint_clamp(iscale * v, -nmax, nmax - 1)
-        L[xo + i] = l + nmax
-        fl = np.float32(l)
-        w = v * v
-        sumlx += w * v * fl
-        suml2 += w * fl * fl
-    scale = sumlx / suml2 if suml2 != _F0 else _F0
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(fnmax + np.float32(0.1) * np.float32(step)) / mx
-        sumlx = _F0
-        suml2 = _F0
-        for i in range(n):
-            v = x[xo + i]
-            fl = np.float32(_rint_clamp(iscale * v, -nmax, nmax - 1))
-            w = v * v
-            sumlx += w * v * fl
-            suml2 += w * fl * fl
-        if suml2 > _F0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[xo + i] = nmax + _rint_clamp(iscale * x[xo + i], -nmax, nmax - 1)
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
+    flo = -fnmax
+    fhi = fnmax - _F1
+    xt = S[0]
+    w2 = S[1]
+    w3 = S[2]
+    mx = S[3]    # the value of largest magnitude per sub-block (0: an all-small one)
+    cis = S[4]   # the candidate inverse scale per sub-block
+    bis = S[5]   # the best so far
+    best = S[6]
+    slx = S[7]
+    sl2 = S[8]
+    for j in range(16):
+        m = _F0
+        a = _F0
+        for i in range(16):
+            v = x[16 * j + i]
+            if abs(v) > a:
+                a = abs(v)
+                m = v
+        mx[j] = m if a >= _GROUP_MAX_EPS else _F0
+        for i in range(16):
+            v = x[16 * j + i]
+            xt[16 * i + j] = v
+            w2[16 * i + j] = v * v
+            w3[16 * i + j] = v * v * v
+    for k in range(19):  # k = 0: the initial scale; then steps -9..-1, 1..9
+        step = k - 10 if k <= 9 else k - 9
+        num = -(fnmax + np.float32(0.1) * np.float32(step)) if k else -fnmax
+        for j in range(16):
+            cis[j] = num / mx[j] if mx[j] != _F0 else _F0
+            slx[j] = _F0
+            sl2[j] = _F0
+        for i in range(16):
+            o = 16 * i
+            for j in range(16):
+                fl = min(max(np.rint(cis[j] * xt[o + j]), flo), fhi)
+                slx[j] += w3[o + j] * fl
+                sl2[j] += w2[o + j] * fl * fl
+        for j in range(16):
+            if k == 0 or (sl2[j] > _F0 and slx[j] * slx[j] > best[j] * sl2[j]):
+                sc = slx[j] / sl2[j] if sl2[j] != _F0 else _F0
+                fs[j] = sc
+                best[j] = sc * slx[j]
+                bis[j] = cis[j]
+    for j in range(16):
+        if mx[j] == _F0:
+            fs[j] = _F0
+            for i in range(16):
+                L[16 * j + i] = 0
+        else:
+            for i in range(16):
+                L[16 * j + i] = nmax + int(min(max(np.rint(bis[j] * x[16 * j + i]), flo), fhi))
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
@@ -577,13 +597,13 @@ def _block_q45k(x, out, nmax, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def _block_q6k(x, out, refine, L, fs, sc, st, err, wt):
+def _block_q6k(x, out, refine, L, fs, sc, st, err, wt, S):
     """One q6_K super-block into out[0:210]."""
     max_scale = _F0
     max_abs = _F0
+    _make_qx16(x, L, fs, S)
     for ib in range(16):
-        s = _make_qx(16, 32, x, 16 * ib, L)
-        fs[ib] = s
+        s = fs[ib]
         if abs(s) > max_abs:
             max_abs = abs(s)
             max_scale = s
@@ -758,6 +778,7 @@ def _quantize_rows(x, mode, lut, kind, refine, out, nchunks):
         st = np.zeros(2, np.int32)
         err = np.zeros(32, np.float64)
         wt = np.zeros(QK_K, np.float32)  # per-thread scratch, not one allocation per block
+        S = np.zeros((9, QK_K), np.float32)
         for blk in range(start, end):
             r = blk // nb
             b = blk - r * nb
@@ -770,7 +791,7 @@ def _quantize_rows(x, mode, lut, kind, refine, out, nchunks):
             elif kind == 5:
                 _block_q45k(xb, ob, 31, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt)
             elif kind == 6:
-                _block_q6k(xb, ob, refine, L, fs, sc, st, err, wt)
+                _block_q6k(xb, ob, refine, L, fs, sc, st, err, wt, S)
             elif kind == 3:
                 _block_q3k(xb, ob, refine, L, fs, sc, st, err, wt)
             else:
