@@ -393,7 +393,7 @@ def _make_qx16(x, L, fs, S):
 # _make_q3x16's scratch: one flat float32 array with its regions at fixed offsets. Rows of
 # a 2-D array (as _make_qx16 uses) hid from LLVM that the regions do not overlap, and with
 # Numba's default (Python) error model the division-by-zero checks kept the sweep scalar;
-# with both changed the search took 20-22 ms instead of 29-32 ms per 4M values.
+# with both changed the search took 20-25 ms instead of 29-32 ms per 4M values (one thread).
 _XT, _W2, _W3, _LT = 0, 256, 512, 768      # 256 values each, transposed
 _MX, _CIS, _SX, _S2 = 1024, 1040, 1056, 1072  # one per lane
 LANE_SCRATCH = 1024 + 16 * 13  # room for the larger layout, _make_qkx2_lanes'
