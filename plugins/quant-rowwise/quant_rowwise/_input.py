@@ -32,10 +32,10 @@ def f32_slices(rows: np.ndarray, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[
 
 
 def faulted_empty(shape, dtype) -> np.ndarray:
-    """``np.empty`` with its pages already mapped in, for kernel outputs. On the VMs
-    measured here, a fresh 17 MB q8_0 output took 20-35 ms of page faults when they came
-    inside the (3 ms) two-thread quantization kernel, and 2-3 ms when one thread first
-    touches one byte per page (two threads touching them were as slow as the kernel)."""
+    """``np.empty`` with its pages already mapped in, for kernel outputs. Page faults
+    taken inside a parallel quantization kernel cost far more than the kernel's own
+    work, and one thread touching one byte per page first costs little (figures in
+    docs/benchmarks.md)."""
     out = np.empty(shape, dtype)
     if out.nbytes >= 1 << 20:
         out.reshape(-1).view(np.uint8)[::4096] = 0

@@ -1,0 +1,335 @@
+"""The k-quant block packers: each turns one 256-weight super-block into ggml's bytes for
+its type (search, integer sub-scales under an f16 super-scale, optional refinement, final
+codes, bit packing), and ``quantize_rows`` runs them over a tensor's blocks in parallel.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .kquant_bits import (F0, F1, FM, f16_to_f32, f32_to_f16, load_block, nearest, put_f16,
+                          rint_clamp)
+from .kquant_refine import affine_refine, sym_refine
+from .kquant_search import (GROUP_MAX_EPS, K_WT, LANE_SCRATCH, make_q3x16, make_qkx2,
+                            make_qkx2_lanes, make_qx16)
+from .kquants import QK_K
+
+# Refinement rounds for q4_K, q5_K, q2_K: one; a second lowers the error little for its
+# time (docs/benchmarks.md).
+_ITERS = (1, 1, 1)
+
+
+@njit(nogil=True, cache=True)
+def _pack_scale_min_k4(sc, mi, out, o):
+    """The 8 6-bit sub-scales and sub-mins of q4_K/q5_K into the 12 bytes at out[o:o+12]."""
+    for j in range(12):
+        out[o + j] = 0
+    for j in range(8):
+        ls = sc[j]
+        lm = mi[j]
+        if j < 4:
+            out[o + j] = ls
+            out[o + j + 4] = lm
+        else:
+            out[o + j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            out[o + j - 4] |= (ls >> 4) << 6
+            out[o + j] |= (lm >> 4) << 6
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def block_q45k(x, out, nmax, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt):
+    """One q4_K (nmax 15) or q5_K (nmax 31) super-block into out[0:144|176].
+
+    Scratch, nothing in it read before it is written here: L int32[256], the codes;
+    Laux int32[32] and w float32[32], make_qkx2's codes tried and weights for one
+    sub-block; fs[0:8], fm[0:8], the sub-blocks' float scales and (negated) mins;
+    sc[0:8], mi[0:8], their 6-bit forms; st[0:2], the f16 bits of d and dmin; err
+    float64[16+] and wt float32[256], affine_refine's.
+    """
+    if nmax == 15:
+        rmin = np.float32(-1.0)
+        nstep = 20
+    else:
+        rmin = np.float32(-0.5)
+        nstep = 15
+    rdelta = np.float32(0.1)
+    max_scale = F0
+    max_min = F0
+    for j in range(8):
+        sum_x2 = F0
+        for l in range(32):
+            v = x[32 * j + l]
+            sum_x2 += v * v
+        av_x = np.sqrt(sum_x2 / np.float32(32.0))
+        for l in range(32):
+            w[l] = av_x + abs(x[32 * j + l])
+        s, m = make_qkx2(32, nmax, x, 32 * j, w, L, Laux, rmin, rdelta, nstep, False)
+        fs[j] = s
+        fm[j] = m
+        if s > max_scale:
+            max_scale = s
+        if m > max_min:
+            max_min = m
+    inv_scale = np.float32(63.0) / max_scale if max_scale > F0 else F0
+    inv_min = np.float32(63.0) / max_min if max_min > F0 else F0
+    for j in range(8):
+        sc[j] = min(63, nearest(inv_scale * fs[j]) & 0xFF)
+        mi[j] = min(63, nearest(inv_min * fm[j]) & 0xFF)
+    st[0] = f32_to_f16(max_scale / np.float32(63.0))
+    st[1] = f32_to_f16(max_min / np.float32(63.0))
+    if refine:
+        affine_refine(x, 8, 32, nmax, 63, st, sc, mi, err, _ITERS[1 if nmax == 31 else 0], wt)
+    D = f16_to_f32(st[0])
+    Dm = f16_to_f32(st[1])
+    for j in range(8):
+        dl = D * np.float32(sc[j])
+        if dl == F0:
+            continue
+        ml = Dm * np.float32(mi[j])
+        for i in range(32):
+            L[32 * j + i] = rint_clamp((x[32 * j + i] + ml) / dl, 0, nmax)
+    put_f16(out, 0, st[0])
+    put_f16(out, 2, st[1])
+    _pack_scale_min_k4(sc, mi, out, 4)
+    if nmax == 15:
+        for c in range(4):
+            for l in range(32):
+                out[16 + 32 * c + l] = L[64 * c + l] | (L[64 * c + 32 + l] << 4)
+    else:
+        for l in range(32):
+            h = 0
+            for k in range(8):
+                h |= (L[32 * k + l] >> 4) << k
+            out[16 + l] = h
+        for c in range(4):
+            for l in range(32):
+                out[48 + 32 * c + l] = (L[64 * c + l] & 0xF) | ((L[64 * c + 32 + l] & 0xF) << 4)
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def block_q6k(x, out, refine, L, fs, sc, st, err, wt, S):
+    """One q6_K super-block into out[0:210].
+
+    Scratch: L int32[256] codes; fs float32[16] float sub-scales; sc int32[16] 8-bit
+    sub-scales; st[0] the f16 bits of d; wt float32[256] for sym_refine;
+    S float32[9, 256] for make_qx16; err unused.
+    """
+    max_scale = F0
+    max_abs = F0
+    make_qx16(x, L, fs, S)
+    for ib in range(16):
+        s = fs[ib]
+        if abs(s) > max_abs:
+            max_abs = abs(s)
+            max_scale = s
+    if max_abs < GROUP_MAX_EPS:
+        for i in range(210):
+            out[i] = 0
+        return
+    iscale = np.float32(-128.0) / max_scale
+    st[0] = f32_to_f16(F1 / iscale)
+    for ib in range(16):
+        sc[ib] = min(127, nearest(iscale * fs[ib]))
+    D = f16_to_f32(st[0])
+    if refine:
+        sym_refine(x, 16, 16, -32, 31, -128, 127, st, sc, L, wt)
+    for j in range(16 if not refine else 0):
+        dl = D * np.float32(sc[j])
+        if dl == F0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = rint_clamp(x[16 * j + i] / dl, -32, 31) + 32
+    for h in range(2):
+        for l in range(32):
+            b = 128 * h + l
+            q1 = L[b]
+            q2 = L[b + 32]
+            q3 = L[b + 64]
+            q4 = L[b + 96]
+            out[64 * h + l] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+            out[64 * h + l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
+            out[128 + 32 * h + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+    for ib in range(16):
+        out[192 + ib] = sc[ib] & 0xFF
+    put_f16(out, 208, st[0])
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def block_q3k(x, out, refine, L, fs, sc, st, err, wt, A):
+    """One q3_K super-block into out[0:110].
+
+    Scratch: L int32[256] codes; fs float32[16] float sub-scales; sc int32[16] 6-bit
+    sub-scales (signed); st[0] the f16 bits of d; wt float32[256] for sym_refine;
+    A float32[LANE_SCRATCH] for make_q3x16; err unused.
+    """
+    max_scale = F0
+    amax = F0
+    make_q3x16(x, L, fs, A)
+    for j in range(16):
+        s = fs[j]
+        if abs(s) > amax:
+            amax = abs(s)
+            max_scale = s
+    if max_scale != F0:
+        iscale = np.float32(-32.0) / max_scale
+        for j in range(16):
+            l = nearest(iscale * fs[j])
+            # ggml stores the rounded value in an int8 before clamping it
+            l = ((l + 128) & 0xFF) - 128
+            sc[j] = max(-32, min(31, l))
+        st[0] = f32_to_f16(F1 / iscale)
+    else:
+        for j in range(16):
+            sc[j] = -32
+        st[0] = 0
+    D = f16_to_f32(st[0])
+    if refine and max_scale != F0:
+        sym_refine(x, 16, 16, -4, 3, -32, 31, st, sc, L, wt)
+    for j in range(16 if not refine else 0):
+        dl = D * np.float32(sc[j])
+        if dl == F0:
+            continue
+        idl = F1 / dl
+        for i in range(16):
+            L[16 * j + i] = rint_clamp(x[16 * j + i] * idl, -4, 3) + 4
+    for i in range(96, 108):
+        out[i] = 0
+    for j in range(16):
+        l = sc[j] + 32
+        if j < 8:
+            out[96 + j] = l & 0xF
+        else:
+            out[96 + j - 8] |= (l & 0xF) << 4
+        out[96 + 8 + j % 4] |= (l >> 4) << (2 * (j // 4))
+    for l in range(32):
+        h = 0
+        for k in range(8):
+            h |= (L[32 * k + l] >> 2) << k
+        out[l] = h
+    for h in range(2):
+        for l in range(32):
+            b = 128 * h + l
+            out[32 + 32 * h + l] = ((L[b] & 3) | ((L[b + 32] & 3) << 2) | ((L[b + 64] & 3) << 4)
+                                    | ((L[b + 96] & 3) << 6))
+    put_f16(out, 108, st[0])
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def block_q2k(x, out, refine, L, A, fs, fm, sc, mi, st, err, wt):
+    """One q2_K super-block into out[0:84].
+
+    Scratch: L int32[256] codes; A float32[LANE_SCRATCH] for make_qkx2_lanes (the weights
+    are written into it here); fs, fm float32[16] float sub-scales and (negated) mins;
+    sc, mi int32[16] their 4-bit forms; st int32[2] f16 bits of d and dmin;
+    err float64[32] and wt float32[256] for affine_refine.
+    """
+    max_scale = F0
+    max_min = F0
+    for j in range(16):
+        for l in range(16):
+            A[K_WT + 16 * l + j] = abs(x[16 * j + l])
+    make_qkx2_lanes(x, 16, 16, 3, np.float32(-0.5), np.float32(0.1), 15, A, L, fs, fm)
+    for j in range(16):
+        s = fs[j]
+        m = fm[j]
+        if s > max_scale:
+            max_scale = s
+        if m > max_min:
+            max_min = m
+    q4 = np.float32(15.0)
+    if max_scale > F0:
+        iscale = q4 / max_scale
+        for j in range(16):
+            sc[j] = nearest(iscale * fs[j]) & 0xF
+        st[0] = f32_to_f16(max_scale / q4)
+    else:
+        for j in range(16):
+            sc[j] = 0
+        st[0] = 0
+    if max_min > F0:
+        iscale = q4 / max_min
+        for j in range(16):
+            mi[j] = nearest(iscale * fm[j]) & 0xF
+        st[1] = f32_to_f16(max_min / q4)
+    else:
+        for j in range(16):
+            mi[j] = 0
+        st[1] = 0
+    if refine:
+        affine_refine(x, 16, 16, 3, 15, st, sc, mi, err, _ITERS[2], wt)
+    D = f16_to_f32(st[0])
+    Dm = f16_to_f32(st[1])
+    for j in range(16):
+        dl = D * np.float32(sc[j])
+        if dl == F0:
+            continue
+        ml = Dm * np.float32(mi[j])
+        for i in range(16):
+            L[16 * j + i] = rint_clamp((x[16 * j + i] + ml) / dl, 0, 3)
+    for j in range(16):
+        out[j] = sc[j] | (mi[j] << 4)
+    for h in range(2):
+        for l in range(32):
+            b = 128 * h + l
+            out[16 + 32 * h + l] = L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6)
+    put_f16(out, 80, st[0])
+    put_f16(out, 82, st[1])
+
+
+@njit(nogil=True, cache=True, fastmath=FM, parallel=True)
+def quantize_rows(x, mode, lut, kind, refine, out, nchunks):
+    """Quantize every 256-weight block of the 2-D bit array ``x`` into ``out``.
+
+    kind: 2..6 for q2_K..q6_K; mode, lut: how load_block widens x; out: uint8 (rows,
+    blocks per row * type size); nchunks: the blocks are split into this many runs of
+    consecutive blocks, handed to the threads. Returns the number of blocks holding NaN/Inf.
+
+    Per-thread scratch, allocated once per chunk rather than per block:
+    ubuf uint32[256], the block's f32 bits (xb: the same memory as float32);
+    L int32[256], each value's code; fs, fm float32[16], the sub-blocks' float scales and
+    (negated) mins from the search; sc, mi int32[16], their integer forms; st int32[2],
+    the f16 bits of d and dmin; err float64[32] and wt float32[256], the refinements'
+    per-sub-block errors and per-value weights; A float32[LANE_SCRATCH], the lane searches'
+    flat scratch (q2_K, q3_K); Laux int32[32] and w float32[32], make_qkx2's codes tried
+    and weights (q4_K, q5_K); S float32[9, 256], make_qx16's scratch (q6_K).
+    """
+    nrows = x.shape[0]
+    nb = x.shape[1] // QK_K
+    ts = out.shape[1] // max(nb, 1)
+    total = nrows * nb
+    bad = np.zeros(nchunks, np.int64)
+    for c in prange(nchunks):
+        start = c * total // nchunks
+        end = (c + 1) * total // nchunks
+        ubuf = np.empty(QK_K, np.uint32)
+        xb = ubuf.view(np.float32)
+        L = np.zeros(QK_K, np.int32)
+        fs = np.zeros(16, np.float32)
+        fm = np.zeros(16, np.float32)
+        sc = np.zeros(16, np.int32)
+        mi = np.zeros(16, np.int32)
+        st = np.zeros(2, np.int32)
+        err = np.zeros(32, np.float64)
+        wt = np.zeros(QK_K, np.float32)
+        A = np.zeros(LANE_SCRATCH, np.float32)
+        Laux = np.zeros(32, np.int32)
+        w = np.zeros(32, np.float32)
+        S = np.zeros((9, QK_K), np.float32)
+        for blk in range(start, end):
+            r = blk // nb
+            b = blk - r * nb
+            ob = out[r, b * ts:(b + 1) * ts]
+            if not load_block(x, r, b * QK_K, mode, lut, ubuf):
+                bad[c] += 1
+                continue
+            if kind == 4:
+                block_q45k(xb, ob, 15, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt)
+            elif kind == 5:
+                block_q45k(xb, ob, 31, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt)
+            elif kind == 6:
+                block_q6k(xb, ob, refine, L, fs, sc, st, err, wt, S)
+            elif kind == 3:
+                block_q3k(xb, ob, refine, L, fs, sc, st, err, wt, A)
+            else:
+                block_q2k(xb, ob, refine, L, A, fs, fm, sc, mi, st, err, wt)
+    return bad.sum()
