@@ -16,7 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+from .destination import check_location, check_replaceable
 from .model import ConvcoreError, Model
+from .options import check_options
 from .registry import FLOAT_SCHEMES, Registry, get_registry, using
 
 T = TypeVar("T")
@@ -103,6 +105,9 @@ def convert(
     """Convert the model at ``src`` to format ``to`` at ``dst``; the Python face of
     ``convcore run``. Returns the path written (the first file for split outputs).
 
+    ``options`` are the target format's declared options (what ``-O KEY=VALUE`` sets);
+    an undeclared or ill-typed one is an error before any work starts.
+
     DST appears only when everything succeeded: the writer works on a temporary name
     beside it, which is renamed into place at the end and removed on any failure.
     """
@@ -122,12 +127,13 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
     if not out_fmt.can_write:
         raise ConvcoreError(f"format {to!r} can be read but not written")
     quant, dtype = normalise_types(out_fmt.schemes, to, quant, dtype)
-    opts = dict(options or {})
+    opts = check_options(to, out_fmt.options, dict(options or {}))
     dry_run = bool(opts.get("dry_run"))
-    if dst.exists() and not force and not dry_run:
-        raise ConvcoreError(f"{dst}: already exists; pass --force to overwrite")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ConvcoreError(f"{dst}: output must not be the source or inside it")
+    check_location(dst, src)
+    if (dst.exists() or dst.is_symlink()) and not dry_run:
+        if not force:
+            raise ConvcoreError(f"{dst}: already exists; pass --force to overwrite")
+        check_replaceable(dst, out_fmt)
 
     model = registry.load(src, from_)
     model.metadata.update(metadata or {})
@@ -151,14 +157,18 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
             problems = registry.validate(target, to)
             if problems:
                 raise ConvcoreError(f"{dst}: written output fails validation: {problems[0]}")
-        return _move_into_place(staging, dst, out_fmt.directory, written, force)
+        return _move_into_place(staging, dst, out_fmt, written, force)
     except BaseException:
         close()
         _remove(staging)
         raise
 
 
-def _move_into_place(staging: Path, dst: Path, directory: bool, written: Path, force: bool) -> Path:
+def _move_into_place(staging: Path, dst: Path, fmt: Any, written: Path, force: bool) -> Path:
+    """Rename the finished output into place. What it replaces (checked again here, as
+    the tree may have changed while writing) is set aside first and removed only once
+    the new output is in place."""
+    directory = fmt.directory
     if directory:
         moves = [(staging, dst)]
     else:
@@ -166,15 +176,28 @@ def _move_into_place(staging: Path, dst: Path, directory: bool, written: Path, f
     clash = [d for _, d in moves if d.exists() or d.is_symlink()]
     if clash and not force:
         raise ConvcoreError(f"{clash[0]}: already exists; pass --force to overwrite")
-    backups = []
     for d in clash:
-        backup = d.parent / f".{d.name}.convcore-old-{uuid.uuid4().hex[:8]}"
-        d.rename(backup)
-        backups.append(backup)
-    for s, d in moves:
-        s.rename(d)
-    for b in backups:
-        _remove(b)
+        check_replaceable(d, fmt)
+    backups: list[tuple[Path, Path]] = []
+    done: list[tuple[Path, Path]] = []
+    try:
+        for d in clash:
+            backup = d.parent / f".{d.name}.convcore-old-{uuid.uuid4().hex[:8]}"
+            d.rename(backup)
+            backups.append((d, backup))
+        for s, d in moves:
+            s.rename(d)
+            done.append((s, d))
+    except BaseException:
+        # put everything back as it was: the new output into staging (removed by the
+        # caller), the old output under its own name
+        for s, d in reversed(done):
+            d.rename(s)
+        for d, backup in reversed(backups):
+            backup.rename(d)
+        raise
+    for _, backup in backups:
+        _remove(backup)
     if not directory:
         staging.rmdir()
         return dst.parent / Path(written).name

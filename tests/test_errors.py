@@ -86,9 +86,13 @@ def test_dst_exists_is_refused_and_kept(run_cli, src, tmp_path):
     (dst / "keep.txt").write_text("mine")
     expect_failure(run_cli, src, dst, message="already exists; pass --force")
     assert (dst / "keep.txt").read_text() == "mine"
+    # --force replaces only a previous output: keep.txt is the user's, so it is refused too
+    expect_failure(run_cli, src, dst, "--force", message="did not write (keep.txt)")
+    assert (dst / "keep.txt").read_text() == "mine"
+    (dst / "keep.txt").unlink()
     ok = run_cli("run", src, "-o", dst, "--to", "hf", "--force")
     assert ok.returncode == 0, ok.stderr
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    assert (dst / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

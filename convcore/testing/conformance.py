@@ -40,6 +40,10 @@ def check_format(fmt: str, src: Path, tmp_path: Path, *, lossless: bool = True,
     so ``hf -> fmt -> hf`` must be bit-exact."""
     registry = registry or get_registry()
     spec = registry.format(fmt)
+    for option in spec.options:
+        assert option.help, f"option {option.name} of {fmt} has no help line"
+    if spec.can_write and not spec.directory:
+        assert spec.extensions, f"file format {fmt} declares no extension"
     before = tree_digest(src)
     name = "out" + ("" if spec.directory else (spec.extensions[0] if spec.extensions else f".{fmt}"))
     dst = tmp_path / name
@@ -72,6 +76,21 @@ def check_format(fmt: str, src: Path, tmp_path: Path, *, lossless: bool = True,
         raise AssertionError("an existing output was overwritten without force")
     if digest is not None:
         assert tree_digest(out.parent) == digest
+    # --force replaces a previous output of the format (atomically: nothing left beside
+    # it), and refuses a directory holding anything its writer does not produce.
+    out = convert(src, dst, fmt, registry=registry, force=True, **convert_kwargs)
+    assert registry.validate(out, fmt) == [], "a --force replacement fails validation"
+    if spec.directory:
+        (dst / "notes-of-mine.txt").write_text("not a model file")
+        digest = tree_digest(dst)
+        try:
+            convert(src, dst, fmt, registry=registry, force=True, **convert_kwargs)
+        except ConvcoreError as exc:
+            assert "notes-of-mine.txt" in str(exc), exc
+        else:
+            raise AssertionError("--force replaced a directory holding a file it did not write")
+        assert tree_digest(dst) == digest
+        (dst / "notes-of-mine.txt").unlink()
     # A failure half-way leaves nothing behind.
     failed = tmp_path / ("failed-" + name)
     model = registry.load(src)

@@ -15,7 +15,8 @@ def detect(path):
 @convcore.hookimpl
 def convcore_register_formats(register):
     register(convcore.Format(name="npydir", description="one .npy per tensor",
-                             directory=True, detect=detect))
+                             directory=True, detect=detect,
+                             outputs=("*.npy", "tensors.json", "config.json")))
 
 
 @convcore.hookimpl

@@ -1,0 +1,142 @@
+"""``--force`` replaces a previous output, never the user's own files or directories."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import convcore
+from convcore.testing import tree_digest
+
+
+@pytest.fixture
+def src(tiny_llama, tmp_path):
+    path = tmp_path / "src"
+    shutil.copytree(tiny_llama, path)
+    return path
+
+
+def user_tree(path):
+    """A directory of the user's: a note, a sub-folder, and a config.json-lookalike."""
+    path.mkdir()
+    (path / "notes.md").write_text("my notes\n")
+    (path / "sub").mkdir()
+    (path / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def refused(run_cli, *args, cwd_tree, message, env=None):
+    """Run ``convcore run ARGS``; assert one error line with ``message`` and that
+    ``cwd_tree`` (the folder holding the user's files) is byte-identical afterwards."""
+    before = tree_digest(cwd_tree)
+    result = run_cli("run", *args, env=env)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr, result.stderr
+    assert tree_digest(cwd_tree) == before
+    return result
+
+
+def test_force_refuses_a_directory_with_foreign_files(run_cli, src, tmp_path):
+    dst = user_tree(tmp_path / "work")
+    r = refused(run_cli, src, "-o", dst, "--to", "hf", "--force", cwd_tree=tmp_path,
+                message="holds files convcore did not write (notes.md, sub/); choose another path")
+    assert str(dst) in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "work"]
+
+
+def test_python_api_follows_the_same_rules(src, tmp_path):
+    dst = user_tree(tmp_path / "work")
+    before = tree_digest(tmp_path)
+    with pytest.raises(convcore.ConvcoreError, match="did not write"):
+        convcore.convert(src, dst, to="hf", force=True)
+    assert tree_digest(tmp_path) == before
+
+
+def test_force_replaces_a_previous_output_atomically(run_cli, src, tmp_path):
+    dst = tmp_path / "out"
+    assert run_cli("run", src, "-o", dst, "--to", "hf", "-q").returncode == 0
+    (dst / "README.md").write_text("model card\n")  # a companion file is replaceable too
+    (dst / "1_Pooling").mkdir()
+    (dst / "1_Pooling" / "config.json").write_text("{}")
+    r = run_cli("run", src, "-o", dst, "--to", "hf", "--dtype", "f16", "--force", "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "float16"
+    assert not (dst / "README.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_force_on_a_directory_in_place_of_a_file_format(run_cli, src, tmp_path):
+    if "gguf" not in convcore.get_registry().formats:
+        pytest.skip("conv-gguf not installed")
+    dst = user_tree(tmp_path / "important")
+    refused(run_cli, src, "-o", dst, "--to", "gguf", "--force", cwd_tree=tmp_path,
+            message=f"{dst}: is a directory; a gguf output is a file")
+
+
+def test_force_replaces_a_regular_file_for_a_file_format(run_cli, src, tmp_path):
+    if "gguf" not in convcore.get_registry().formats:
+        pytest.skip("conv-gguf not installed")
+    dst = tmp_path / "m.gguf"
+    dst.write_bytes(b"old output")
+    r = run_cli("run", src, "-o", dst, "--to", "gguf", "--force", "-q")
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes()[:4] == b"GGUF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "src"]
+
+
+def test_a_file_in_place_of_a_directory_format(run_cli, src, tmp_path):
+    dst = tmp_path / "out"
+    dst.write_text("a file of mine")
+    refused(run_cli, src, "-o", dst, "--to", "hf", "--force", cwd_tree=tmp_path,
+            message="exists and is not a directory")
+
+
+@pytest.mark.parametrize("where", ["cwd", "home", "cwd-parent"])
+def test_working_and_home_directories_are_never_outputs(run_cli, src, tmp_path, where):
+    """``-o .`` / ``-o ~`` are refused even when they hold only model-like files."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.json").write_text("{}")
+    inner = work / "inner"
+    inner.mkdir()
+    dst = {"cwd": ".", "home": str(work), "cwd-parent": ".."}[where]
+    env = {"HOME": str(work)} if where == "home" else None
+    cwd = {"cwd": work, "home": tmp_path, "cwd-parent": inner}[where]
+
+    import os
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        message = {"cwd": "is the working directory", "home": "is the home directory",
+                   "cwd-parent": "is an ancestor of the working directory"}[where]
+        for force in ((), ("--force",)):
+            refused(run_cli, src, "-o", dst, "--to", "hf", *force, cwd_tree=tmp_path,
+                    message=message, env=env)
+    finally:
+        os.chdir(old)
+
+
+def test_filesystem_root_and_source_relatives_are_never_outputs(run_cli, src, tmp_path):
+    cases = [("/", "is a filesystem root"),
+             (src, "is the source"),
+             (tmp_path, "is an ancestor of the source"),
+             (src / "out", "is inside the source")]
+    for dst, message in cases:
+        for force in ((), ("--force",)):
+            refused(run_cli, src, "-o", dst, "--to", "hf", *force, cwd_tree=tmp_path,
+                    message=message)
+
+
+def test_a_symlinked_output_is_replaced_as_a_link(run_cli, src, tmp_path):
+    """DST a link to the user's folder: the link is replaced, the folder left alone."""
+    mine = user_tree(tmp_path / "mine")
+    before = tree_digest(mine)
+    link = tmp_path / "out"
+    link.symlink_to(mine)
+    r = run_cli("run", src, "-o", link, "--to", "hf", "--force", "-q")
+    assert r.returncode == 0, r.stderr
+    assert not link.is_symlink() and (link / "config.json").is_file()
+    assert tree_digest(mine) == before
