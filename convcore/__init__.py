@@ -3,13 +3,16 @@
 The public surface plugin authors and users rely on. Plugins import from here only.
 """
 from .builtins.hf import read_json, read_tokenizer_files, write_tokenizer_files
+from .extensions import Registrations, collect_registrations
 from .hookspecs import hookimpl, hookspec
 from .model import (
     DTYPES, FLOAT_DTYPES, ConvcoreError, Model, QuantizedTensor, TensorRef, arch_of, cast,
     cast_chunks, dtype_name, numpy_dtype,
 )
+from .options import Option, parse_size
 from .pipeline import convert, load, ordered_map, quantize
 from .registry import Format, Registry, Scheme, get_registry, using
+from .runtime import Session
 from .safetensors_io import (
     PlannedTensor, StreamingWriter, index_shards, open_tensors, read_header, write_sharded,
 )
@@ -18,8 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DTYPES", "FLOAT_DTYPES", "ConvcoreError", "Format", "Model", "PlannedTensor",
-    "QuantizedTensor", "Registry", "Scheme", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
-    "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "hookspec", "load", "numpy_dtype",
-    "open_tensors", "ordered_map", "quantize", "read_header", "read_json",
+    "QuantizedTensor", "Registrations", "Registry", "Scheme", "Session", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
+    "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "hookspec", "load", "numpy_dtype",
+    "open_tensors", "Option", "ordered_map", "parse_size", "quantize", "read_header", "read_json",
     "read_tokenizer_files", "using", "write_sharded", "write_tokenizer_files",
 ]

@@ -6,7 +6,6 @@ shows the traceback instead.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 import tempfile
@@ -18,18 +17,9 @@ import click
 import numpy as np
 
 from .model import ConvcoreError, Model
+from .options import parse_size  # noqa: F401 - kept importable as convcore.cli.parse_size
 from .pipeline import convert
 from .registry import get_registry
-
-SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
-
-
-def parse_size(text: str) -> int:
-    """``"2G"``, ``"500M"``, ``"123"`` -> bytes (decimal units, as llama.cpp's split)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ConvcoreError(f"bad size {text!r}; expected e.g. 500M or 2G")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
 def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
@@ -74,7 +64,8 @@ def cli(debug: bool) -> None:
 @click.option("--vocab-only", is_flag=True, help="Write the vocabulary only (gguf).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--jobs", type=int, help="Threads for quantization (default: up to 4).")
-@click.option("--force", is_flag=True, help="Overwrite DST.")
+@click.option("--force", is_flag=True,
+              help="Replace DST when it is a previous output of this format (never other files).")
 @click.option("--no-validate", is_flag=True, help="Skip validating the output.")
 @click.option("--check", is_flag=True, help="Compare logits of source and output afterwards.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -84,8 +75,9 @@ def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dty
         force: bool, no_validate: bool, check: bool, quiet: bool) -> None:
     """Convert SRC to format --to at DST."""
     options: dict[str, Any] = parse_pairs(extra, "--option")
+    # the format flags are options like any -O key, checked against the target's list
     if split_max_size:
-        options["split_max_size"] = parse_size(split_max_size)
+        options["split_max_size"] = split_max_size
     if split_max_tensors:
         options["split_max_tensors"] = split_max_tensors
     if vocab_only:
@@ -125,20 +117,30 @@ def plugins(as_json: bool, show_all: bool) -> None:
 
 
 @cli.command()
+@click.argument("name", required=False, metavar="[FMT]")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
-def formats(as_json: bool) -> None:
-    """List formats: read/write and the schemes each can store."""
+def formats(name: str | None, as_json: bool) -> None:
+    """List formats: read/write, the schemes each can store and its options (-O)."""
     registry = get_registry()
+    chosen = [registry.format(name)] if name else sorted(registry.formats.values(), key=lambda f: f.name)
     rows = [{"format": f.name, "read": f.can_read, "write": f.can_write,
              "kind": "directory" if f.directory else "file", "plugin": f.plugin,
-             "schemes": list(f.all_schemes), "description": f.description}
-            for f in sorted(registry.formats.values(), key=lambda f: f.name)]
+             "schemes": list(f.all_schemes), "options": [o.describe() for o in f.options],
+             "description": f.description}
+            for f in chosen]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows[0] if name else rows, indent=2))
         return
     for r in rows:
         rw = ("r" if r["read"] else "-") + ("w" if r["write"] else "-")
         click.echo(f"{r['format']:<10} {rw}  {r['kind']:<9} {', '.join(r['schemes'])}")
+        if name:
+            click.echo(f"  {r['description']} (plugin {r['plugin']})")
+            click.echo("  options (-O KEY=VALUE):" if r["options"] else "  options: none")
+            for o in r["options"]:
+                kind = "|".join(o["choices"]) if o.get("choices") else o["type"]
+                default = "" if o["default"] is None else f" (default {o['default']})"
+                click.echo(f"    {o['name']}={kind}{default}  {o['help']}")
 
 
 def summarise(model: Model) -> dict[str, Any]:
@@ -221,30 +223,36 @@ def tokenizer_for(path: Path, fmt: str | None) -> Any:
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--prompt", help="Text to tokenize with the model's tokenizer.")
-@click.option("--tokens", help="Comma list of token ids.")
+@click.option("--tokens", help="Comma list of token ids (generated ids are printed as ids).")
 @click.option("--max-tokens", type=int, default=0, help="Greedy-generate this many tokens.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-text tokens.")
 @click.option("--logits", "logits_out", type=click.Path(path_type=Path), help="Save logits (.npy).")
+@click.option("--threads", type=int, help="Threads for the runtime (default: its own).")
 @click.option("--format", "fmt", metavar="FMT", help="Format (detected when omitted).")
-def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int,
-          logits_out: Path | None, fmt: str | None) -> None:
-    """Run PATH in its format's own runtime; print the top next tokens or generate."""
+def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, ignore_eos: bool,
+          logits_out: Path | None, threads: int | None, fmt: str | None) -> None:
+    """Run PATH in its format's own runtime, loaded once: print the top next tokens, or
+    generate greedily with the runtime's KV cache."""
     if (prompt is None) == (tokens is None):
         raise ConvcoreError("pass exactly one of --prompt and --tokens")
-    tok = tokenizer_for(path, fmt) if prompt is not None or max_tokens else None
-    ids = tok(prompt).input_ids if prompt is not None else parse_tokens(tokens or "")
+    tok = tokenizer_for(path, fmt) if prompt is not None else None
+    ids = tok(prompt).input_ids if tok is not None else parse_tokens(tokens or "")
     if not ids:
         raise ConvcoreError("no tokens to run")
     registry = get_registry()
-    logits = registry.infer(path, ids, fmt)
-    if logits_out:
-        np.save(logits_out, logits)
-    generated: list[int] = []
-    for _ in range(max_tokens):
-        next_id = int(np.argmax(logits[-1]))
-        generated.append(next_id)
-        if tok is not None and next_id == tok.eos_token_id:
-            break
-        logits = registry.infer(path, ids + generated, fmt)
+    options: dict[str, Any] = {"n_ctx": len(ids) + max_tokens}
+    if threads:
+        options["threads"] = threads
+    with registry.open_session(path, fmt, options) as session:
+        logits = session.logits(ids)
+        if logits_out:
+            np.save(logits_out, logits)
+        stop: tuple[int, ...] = ()
+        if not ignore_eos:
+            stop = tuple(session.stop_ids)
+            if tok is not None and tok.eos_token_id is not None:
+                stop += (int(tok.eos_token_id),)
+        generated = list(session.extend(logits[-1], max_tokens, stop))
     if generated:
         click.echo(tok.decode(generated) if tok is not None else ",".join(map(str, generated)))
     else:
@@ -260,8 +268,11 @@ def compare_logits(ref: Path, cand: Path, ref_fmt: str | None, cand_fmt: str | N
     if tokens is None:
         vocab = int(registry.load(ref, ref_fmt).config.get("vocab_size", 100))
         tokens = [int(t) for t in np.random.default_rng(0).integers(3, vocab, 16)]
-    a = registry.infer(ref, tokens, ref_fmt).astype(np.float64)
-    b = registry.infer(cand, tokens, cand_fmt).astype(np.float64)
+    logits = []
+    for path, fmt in ((ref, ref_fmt), (cand, cand_fmt)):
+        with registry.open_session(path, fmt, {"n_ctx": len(tokens)}) as session:
+            logits.append(session.logits(tokens).astype(np.float64))
+    a, b = logits
     if a.shape != b.shape:
         raise ConvcoreError(f"logit shapes differ: {list(a.shape)} vs {list(b.shape)}")
     pa = np.exp(a - a.max(-1, keepdims=True))
@@ -291,6 +302,11 @@ def compare(ref: Path, candidate: Path, tokens: str | None, per_tensor: bool, as
         registry = get_registry()
         ma, mb = registry.load(ref), registry.load(candidate)
         rows = {}
+        # loaders restore HF names, so tensors pair by name; the candidate format's own
+        # names (blk.0.ffn_down.weight, ...) are shown beside them
+        native = registry.map_names(ma, mb.format)
+        if native:
+            report["candidate_names"] = {k: v for k, v in native.items() if k in ma.tensors}
         for name, ra in ma.tensors.items():
             rb = mb.tensors.get(name)
             if rb is None or rb.shape != ra.shape:
@@ -304,10 +320,25 @@ def compare(ref: Path, candidate: Path, tokens: str | None, per_tensor: bool, as
         click.echo(json.dumps(report, indent=2))
     else:
         for k, v in report.items():
-            if k != "tensors":
+            if k not in ("tensors", "candidate_names"):
                 click.echo(f"{k}: {v}")
+        names = report.get("candidate_names", {})
         for name, err in report.get("tensors", {}).items():
-            click.echo(f"  {name}: {'missing' if err is None else f'{err:.3e}'}")
+            shown = f"{name} ({names[name]})" if name in names else name
+            click.echo(f"  {shown}: {'missing' if err is None else f'{err:.3e}'}")
+
+
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+              help="Where to create it (default: ./convcore-NAME).")
+def new_plugin(name: str, directory: Path | None) -> None:
+    """Scaffold a plugin distribution for a format NAME: pyproject with the entry point,
+    hook implementations with declared options, tests running the conformance suite."""
+    from .scaffold import create_plugin
+
+    out = create_plugin(name, directory)
+    click.echo(f"created {out}; next: pip install -e {out} && convcore plugins", err=True)
 
 
 class Terminated(BaseException):

@@ -1,7 +1,7 @@
 """The hook contract between convcore and its plugins.
 
 Every hook is called with keyword arguments. The argument names are a fixed vocabulary:
-``register``, ``path``, ``fmt``, ``options``, ``model``, ``target``, ``tensor``,
+``pluginmanager``, ``register``, ``path``, ``fmt``, ``options``, ``model``, ``target``, ``tensor``,
 ``scheme``, ``progress``, ``token_ids``. A plugin implements any subset, with any subset
 of a hook's arguments, and marks each function with ``@convcore.hookimpl``.
 """
@@ -14,9 +14,26 @@ import numpy as np
 from pluggy import HookimplMarker, HookspecMarker
 
 from .model import Model, QuantizedTensor, TensorRef
+from .runtime import Session
 
 hookspec = HookspecMarker("convcore")
 hookimpl = HookimplMarker("convcore")
+
+
+@hookspec(historic=True)
+def convcore_add_hookspecs(pluginmanager: Any) -> None:
+    """Add hook specifications of your own, so other packages can extend your plugin.
+
+    Called for every plugin as it is registered (a historic hook: plugins registered
+    later are called too), before any other hook and before the registry checks that
+    every implementation has a spec. Call ``pluginmanager.add_hookspecs(module)`` with a
+    module of ``@convcore.hookspec`` functions; other plugins then implement them with
+    ``@convcore.hookimpl`` and you call them through ``convcore.get_registry().hook``.
+    conv-gguf's ``conv_gguf_register_archs`` is such a hook.
+
+    :param pluginmanager: the registry's ``pluggy.PluginManager``.
+    :return: nothing.
+    """
 
 
 @hookspec
@@ -64,8 +81,10 @@ def convcore_load(path: Path, fmt: str, options: dict[str, Any]) -> Model | None
 def convcore_map_names(model: Model, target: str) -> dict[str, str] | None:
     """Map the model's HF tensor names to the naming of format ``target``.
 
-    Used by writers that rename tensors and by ``convcore compare`` to pair tensors
-    across formats. Results of all implementations are merged (first wins per name).
+    Loaders give tensors their HF names back, so models pair by HF name; this hook
+    says what each is called in ``target``'s own naming, which ``convcore compare
+    --tensors`` shows beside it. A format's writer may use its own tables directly.
+    Results of all implementations are merged (first wins per name).
 
     :param model: the loaded model (names, config; no data is read).
     :param target: format name whose naming is wanted.
@@ -125,9 +144,28 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
 
 
 @hookspec(firstresult=True)
-def convcore_infer(path: Path, fmt: str, token_ids: list[int]) -> np.ndarray | None:
-    """Run the model at ``path`` in the format's native runtime on ``token_ids``.
+def convcore_open_session(path: Path, fmt: str, options: dict[str, Any]) -> Session | None:
+    """Load the model at ``path`` once in the format's native runtime.
 
+    The session computes logits for a sequence, extends it token by token with the
+    runtime's KV cache and is closed by its caller (it is a context manager). ``infer``,
+    ``compare`` and generation use it; ``convcore_infer`` falls back to it.
+    Stops at first non-None result.
+
+    :param path: model file or directory.
+    :param fmt: its format; return None if not yours.
+    :param options: runtime hints, may be empty: ``n_ctx`` (how many tokens the session
+        must hold), ``threads``. Ignore keys you don't use.
+    :return: a :class:`convcore.Session`, or None if not relevant.
+    """
+
+
+@hookspec(firstresult=True)
+def convcore_infer(path: Path, fmt: str, token_ids: list[int]) -> np.ndarray | None:
+    """Run the model at ``path`` in the format's native runtime on ``token_ids``, once.
+
+    The core implements it for every format that opens a session
+    (``convcore_open_session``); implement it only for a runtime without sessions.
     Stops at first non-None result.
 
     :param path: model file or directory.

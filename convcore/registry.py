@@ -26,8 +26,10 @@ import pluggy
 
 from . import hookspecs
 from .model import ConvcoreError, Model, QuantizedTensor, TensorRef
+from .options import Option
+from .runtime import Session
 
-DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.quantize")
+DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.quantize", "convcore.builtins.infer")
 ENTRY_POINT_GROUP = "convcore"
 FLOAT_SCHEMES = ("f32", "f16", "bf16")
 
@@ -44,6 +46,17 @@ class Format:
     :param detect: ``detect(path) -> int``: how sure this format is that ``path`` is its
         own (0 = not mine); the highest score wins when ``--from`` is omitted.
     :param extensions: file suffixes, for file formats.
+    :param outputs: for directory formats, glob patterns of the entries a writer of this
+        format may leave in its output directory (a trailing ``/`` marks a folder), e.g.
+        ``("config.json", "model*.safetensors", "model.safetensors.index.json")``. With
+        ``--force`` an existing directory is replaced only when each entry matches one of
+        these or a companion file (tokenizer, model card, ...); undeclared means nothing
+        but companion files may be replaced.
+    :param options: the :class:`convcore.Option` s its writer accepts (``-O KEY=VALUE``
+        and the flags ``--split-max-size``, ``--split-max-tensors``, ``--vocab-only``,
+        ``--dry-run``); anything else is refused before work starts.
+    :param scheme_package: the distribution that implements the schemes it lists, named
+        in the error when one of them is not installed (e.g. ``"quant-rowwise"``).
     """
 
     name: str
@@ -54,6 +67,9 @@ class Format:
     schemes: tuple[str, ...] = ()
     detect: Callable[[Path], int] | None = None
     extensions: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    options: tuple[Option, ...] = ()
+    scheme_package: str = ""
     plugin: str = ""
 
     @property
@@ -61,23 +77,34 @@ class Format:
         return FLOAT_SCHEMES + tuple(s for s in self.schemes if s not in FLOAT_SCHEMES)
 
 
+LayoutSpec = dict[str, tuple[str, tuple[int, ...]]]
+
+
 @dataclass(frozen=True)
 class Scheme:
     """A quantization scheme.
 
     :param name: the scheme name, e.g. ``"q4_0"``, ``"int4-g64"``, ``"int8-row"``.
-    :param quantize: ``quantize(array) -> dict[str, ndarray]``: the packed payload in the
-        scheme's canonical layout, from an f32/f16/bf16 array of any shape whose last
-        axis is the row.
+    :param quantize: ``quantize(array, options) -> dict[str, ndarray]``: the packed
+        payload in the scheme's canonical layout, from an f32/f16/bf16 array of any shape
+        whose last axis is the row. ``options`` (may be empty; ignore keys you don't use):
+        ``name`` (the tensor's name, for messages), ``weights`` (float32 importance of
+        each column, shape ``(row_length,)``, for importance-aware searches), ``device``
+        (where to compute, e.g. ``"cuda:0"``; absent means the CPU).
     :param dequantize: ``dequantize(data, shape) -> float32 ndarray``.
+    :param layout: ``layout(shape, dtype) -> {array_name: (dtype, packed_shape)}``: the
+        arrays ``quantize`` returns for a tensor of logical ``shape`` and canonical input
+        ``dtype`` (``"f32"``, ``"f16"``, ``"bf16"``), with canonical dtype names
+        (``"u8"``, ``"u32"``, ``"f16"``, ...). The core checks every result against it.
     :param block_size: the row length must be a multiple of this.
     :param bits: bits per weight, scales included (for size estimates).
     :param family: ``"gguf"``, ``"affine"``, ``"row"``, ... (informational).
     """
 
     name: str
-    quantize: Callable[[np.ndarray], dict[str, np.ndarray]]
+    quantize: Callable[[np.ndarray, dict[str, Any]], dict[str, np.ndarray]]
     dequantize: Callable[[dict[str, np.ndarray], tuple[int, ...]], np.ndarray]
+    layout: Callable[[tuple[int, ...], str], LayoutSpec]
     block_size: int = 1
     bits: float = 0.0
     family: str = ""
@@ -110,9 +137,13 @@ class Registry:
     def __init__(self, load_entry_points: bool = True, plugins: tuple[Any, ...] = ()):
         self.pm = pluggy.PluginManager("convcore")
         self.pm.add_hookspecs(hookspecs)
+        # historic: every plugin registered from here on may add hookspecs of its own
+        self.pm.hook.convcore_add_hookspecs.call_historic(kwargs={"pluginmanager": self.pm})
         self.infos: dict[str, PluginInfo] = {}
         self.formats: dict[str, Format] = {}
         self.schemes: dict[str, Scheme] = {}
+        # installed entry points not loaded: name -> (distribution, the variable that said so)
+        self.skipped: dict[str, tuple[str, str]] = {}
         if os.environ.get("CONVCORE_TRACE_PLUGINS"):
             self._trace()
         for module_name in DEFAULT_PLUGINS:
@@ -124,10 +155,27 @@ class Registry:
         for plugin in plugins:
             name = getattr(plugin, "__name__", repr(plugin))
             self._add(plugin, name)
-        self.pm.check_pending()
+        self._check_pending()
         self._collect()
 
     # discovery ------------------------------------------------------------------
+    def _check_pending(self) -> None:
+        """``check_pending``, dropping (and reporting) each plugin that implements a hook
+        nobody specified: a misspelled hookimpl, or a hook of a plugin that is absent."""
+        while True:
+            try:
+                self.pm.check_pending()
+                return
+            except pluggy.PluginValidationError as exc:
+                name = self.pm.get_name(exc.plugin)
+                self.pm.unregister(exc.plugin)
+                info = self.infos.get(name)
+                if info is None:
+                    raise
+                first = (str(exc).strip().splitlines() or [""])[0]
+                info.error = f"PluginValidationError: {first}"
+                info.hooks = []
+
     def _add(self, plugin: Any, name: str, builtin: bool = False, version: str = "") -> None:
         disabled = _env_list("CONVCORE_DISABLE_PLUGINS") or []
         if name in disabled:
@@ -150,8 +198,10 @@ class Registry:
                 continue
             seen.add(ep.name)
             if allowed is not None and ep.name not in allowed:
+                self.skipped[ep.name] = (self._dist_name(ep), "CONVCORE_LOAD_PLUGINS")
                 continue
             if ep.name in disabled:
+                self.skipped[ep.name] = (self._dist_name(ep), "CONVCORE_DISABLE_PLUGINS")
                 continue
             version = ep.dist.version if ep.dist else ""
             try:
@@ -164,6 +214,10 @@ class Registry:
                 )
                 continue
             self._add(plugin, ep.name, version=version)
+
+    @staticmethod
+    def _dist_name(ep: Any) -> str:
+        return ep.dist.name if getattr(ep, "dist", None) is not None else ep.value
 
     def _collect(self) -> None:
         for kind, hook, table in (
@@ -209,6 +263,12 @@ class Registry:
 
         self.pm.add_hookcall_monitoring(before, after)
 
+    @property
+    def hook(self) -> Any:
+        """The plugin manager's hook relay, for hooks plugins add themselves
+        (``registry.hook.conv_gguf_register_archs(register=...)``)."""
+        return self.pm.hook
+
     # lookups --------------------------------------------------------------------
     def format(self, name: str) -> Format:
         """The registered format ``name``, or an error listing the known ones."""
@@ -216,18 +276,38 @@ class Registry:
             return self.formats[name]
         except KeyError:
             known = ", ".join(sorted(self.formats)) or "none"
-            hint = f"; install the plugin that provides it (pip install conv-{name})"
-            raise ConvcoreError(f"unknown format {name!r} (known: {known}){hint}") from None
+            raise ConvcoreError(f"unknown format {name!r} (known: {known}); "
+                                f"{self._missing_plugin_hint(name)}") from None
 
     def scheme(self, name: str) -> Scheme:
         """The registered scheme ``name``, or an error saying which package provides it."""
         try:
             return self.schemes[name]
         except KeyError:
-            raise ConvcoreError(
-                f"no installed plugin provides quantization scheme {name!r}; "
-                "pip install quant-rowwise"
-            ) from None
+            pass
+        listing = [f for f in self.formats.values() if name in f.schemes]
+        packages = sorted({f.scheme_package for f in listing if f.scheme_package})
+        if packages:
+            hint = (f"format {listing[0].name} stores it with schemes from "
+                    f"{packages[0]}: pip install {packages[0]}")
+        else:
+            hint = self._missing_plugin_hint(name)
+        raise ConvcoreError(f"no installed plugin provides quantization scheme {name!r}; {hint}")
+
+    def _missing_plugin_hint(self, name: str) -> str:
+        """What to tell a user who asked for ``name`` that nothing registered: a plugin
+        that failed to load, or where to look. The core knows no plugin by name."""
+        broken = [i for i in self.infos.values() if i.error]
+        for info in broken:
+            if name in info.name or name in info.module:
+                return f"plugin {info.name!r} is installed but failed to load: {info.error}"
+        if broken:
+            return (f"{len(broken)} installed plugin(s) failed to load "
+                    f"({', '.join(i.name for i in broken)}); see convcore plugins")
+        if self.skipped:
+            shown = ", ".join(f"{dist} (by {why})" for dist, why in self.skipped.values())
+            return f"installed plugins not loaded: {shown}"
+        return "no installed plugin provides it; install the plugin for it and check convcore plugins"
 
     def detect(self, path: Path) -> str:
         """Name of the readable format that claims ``path`` most strongly."""
@@ -265,8 +345,11 @@ class Registry:
         return model
 
     def map_names(self, model: Model, target: str) -> dict[str, str]:
+        """``{hf_name: name in target}`` merged from every plugin that knows ``target``."""
         merged: dict[str, str] = {}
-        for result in self.pm.hook.convcore_map_names(model=model, target=target):
+        with using(self):
+            results = self.pm.hook.convcore_map_names(model=model, target=target)
+        for result in results:
             for k, v in (result or {}).items():
                 merged.setdefault(k, v)
         return merged
@@ -296,8 +379,26 @@ class Registry:
             results = self.pm.hook.convcore_validate(path=path, fmt=fmt)
         return [p for r in results if r for p in r]
 
-    def infer(self, path: Path, token_ids: list[int], fmt: str | None = None) -> np.ndarray:
+    def open_session(self, path: Path, fmt: str | None = None,
+                     options: dict | None = None) -> Session:
+        """The model at ``path`` open in its format's runtime (close it, or use
+        ``with``)."""
         path = Path(path)
+        if not path.exists():
+            raise ConvcoreError(f"{path}: no such file or directory")
+        fmt = fmt or self.detect(path)
+        self.format(fmt)
+        with using(self):
+            session = self.pm.hook.convcore_open_session(path=path, fmt=fmt, options=options or {})
+        if session is None:
+            raise ConvcoreError(f"no installed plugin runs format {fmt!r} in a runtime")
+        return session
+
+    def infer(self, path: Path, token_ids: list[int], fmt: str | None = None) -> np.ndarray:
+        """One-shot logits of ``token_ids`` from the model at ``path``."""
+        path = Path(path)
+        if not path.exists():
+            raise ConvcoreError(f"{path}: no such file or directory")
         fmt = fmt or self.detect(path)
         with using(self):
             result = self.pm.hook.convcore_infer(path=path, fmt=fmt, token_ids=list(token_ids))

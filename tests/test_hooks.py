@@ -27,8 +27,9 @@ def row_sum_scheme():
     """A toy scheme: each row stored as its float16 values (lossy, checkable)."""
     return convcore.Scheme(
         name="f16-rows", block_size=4, bits=16.0,
-        quantize=lambda a: {"q": np.asarray(a, np.float32).astype(np.float16)},
-        dequantize=lambda data, shape: data["q"].astype(np.float32).reshape(shape))
+        quantize=lambda a, options: {"q": np.asarray(a, np.float32).astype(np.float16)},
+        dequantize=lambda data, shape: data["q"].astype(np.float32).reshape(shape),
+        layout=lambda shape, dtype: {"q": ("f16", tuple(shape))})
 
 
 def test_every_hook_has_a_test():
@@ -59,8 +60,48 @@ def test_hook_convcore_register_schemes():
     registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
         convcore_register_schemes=lambda register: register(row_sum_scheme())),))
     assert registry.scheme("f16-rows").plugin == "testplugin"
-    with pytest.raises(convcore.ConvcoreError, match="pip install quant-rowwise"):
+    with pytest.raises(convcore.ConvcoreError, match="no installed plugin provides"):
         registry.scheme("q9_9")
+
+
+def test_missing_scheme_names_the_package_its_format_declares():
+    """The hint comes from data the format plugin ships, not from names in the core."""
+    registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
+        convcore_register_formats=lambda register: register(convcore.Format(
+            name="toy", schemes=("q9_9",), scheme_package="toy-kernels"))),))
+    with pytest.raises(convcore.ConvcoreError,
+                       match=r"scheme 'q9_9'; format toy stores it with schemes from "
+                             r"toy-kernels: pip install toy-kernels"):
+        registry.scheme("q9_9")
+
+
+def test_scheme_output_is_checked_against_its_layout():
+    bad = row_sum_scheme()
+    bad = convcore.Scheme(**{**bad.__dict__, "name": "liar",
+                             "layout": lambda shape, dtype: {"q": ("f16", (shape[0],))}})
+    registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
+        convcore_register_schemes=lambda register: register(bad)),))
+    x = np.ones((3, 8), np.float32)
+    with pytest.raises(convcore.ConvcoreError,
+                       match=r"scheme liar \(plugin testplugin\) returned q: f16\[3, 8\] for "
+                             r"f32\[3, 8\]; its layout declares q: f16\[3\]"):
+        convcore.quantize(x, "liar", registry=registry)
+
+
+def test_scheme_receives_options():
+    seen = {}
+
+    def quantize(a, options):
+        seen.update(options)
+        return {"q": np.asarray(a, np.float32).astype(np.float16)}
+
+    scheme = convcore.Scheme(**{**row_sum_scheme().__dict__, "quantize": quantize})
+    registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
+        convcore_register_schemes=lambda register: register(scheme)),))
+    w = np.linspace(0, 1, 8, dtype=np.float32)
+    convcore.quantize(np.ones((2, 8), np.float32), "f16-rows", {"weights": w, "name": "t"},
+                      registry=registry)
+    assert seen["name"] == "t" and seen["weights"] is w
 
 
 def test_hook_convcore_quantize():
@@ -110,10 +151,66 @@ def test_hook_convcore_validate(tiny_llama, tmp_path):
     assert len(problems) == 1 and "not valid JSON" in problems[0]
 
 
+def transformers_logits(path, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model, model(torch.tensor([ids])).logits[0].numpy()
+
+
 def test_hook_convcore_infer(tiny_llama):
-    logits = convcore.get_registry().infer(tiny_llama, [1, 2, 3])
-    assert logits.shape == (3, 1024) and logits.dtype == np.float32
-    assert np.isfinite(logits).all() and logits.std() > 0
+    """The one-shot hook, answered by the core through the hf session."""
+    ids = [1, 2, 3, 50, 7]
+    logits = convcore.get_registry().infer(tiny_llama, ids)
+    _, ref = transformers_logits(tiny_llama, ids)
+    assert logits.shape == (5, 1024) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0)
+
+
+def test_hook_convcore_open_session(tiny_llama):
+    """A session computes a sequence's logits, continues it from its KV cache exactly as
+    a full re-run would, generates as transformers' greedy generate does, and closes."""
+    import torch
+
+    ids = [1, 20, 30, 40, 5, 66]
+    model, ref = transformers_logits(tiny_llama, ids)
+    with convcore.get_registry().open_session(tiny_llama, options={"n_ctx": 32}) as session:
+        assert session.vocab_size == 1024
+        head = session.logits(ids[:3])
+        tail = np.concatenate([session.decode([t]) for t in ids[3:]])
+        np.testing.assert_allclose(np.concatenate([head, tail]), ref, atol=1e-4, rtol=0)
+        generated = list(session.generate(ids, max_tokens=12))
+        with pytest.raises(convcore.ConvcoreError, match="outside the vocabulary of 1024"):
+            session.logits([5000])
+    assert session.model is None  # closed on leaving the block
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert generated == expected
+
+
+def test_hook_convcore_add_hookspecs(tmp_path):
+    """A plugin adds a hook of its own; another plugin implements it; the registry checks
+    it like a core hook and calls it through ``registry.hook``."""
+    specs = types.ModuleType("toy_specs")
+
+    def toy_register_colours(register):
+        """Register colours."""
+    specs.toy_register_colours = convcore.hookspec(toy_register_colours)
+    host = make_plugin(convcore_add_hookspecs=lambda pluginmanager: pluginmanager.add_hookspecs(specs))
+    guest = types.ModuleType("guest")
+    guest.toy_register_colours = convcore.hookimpl(lambda register: register("teal"))
+    registry = convcore.Registry(load_entry_points=False, plugins=(guest, host))
+    colours = []
+    registry.hook.toy_register_colours(register=colours.append)
+    assert colours == ["teal"]
+    # without the host plugin the guest's hook has no spec: the guest is dropped and
+    # reported, the registry still works
+    alone = convcore.Registry(load_entry_points=False, plugins=(guest,))
+    assert "toy_register_colours" in alone.infos["guest"].error
+    assert "guest" not in {alone.pm.get_name(p) for p in alone.pm.get_plugins()}
+    assert "hf" in alone.formats
 
 
 def test_ordered_map_keeps_order_bound_and_registry():

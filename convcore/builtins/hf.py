@@ -15,6 +15,7 @@ import numpy as np
 
 from ..hookspecs import hookimpl
 from ..model import FLOAT_DTYPES, ConvcoreError, Model, TensorRef, arch_of, cast_chunks
+from ..options import Option
 from ..registry import Format
 from ..safetensors_io import PlannedTensor, index_shards, open_tensors, read_header, write_sharded
 
@@ -24,7 +25,15 @@ TOKENIZER_FILES = (
 )
 EXTRA_FILES = ("generation_config.json",)
 TORCH_DTYPE_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+# What an HF writer (ours, save_pretrained) leaves in a model directory besides companions.
+HF_OUTPUTS = ("config.json", "model.safetensors", "model-*-of-*.safetensors",
+              "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model-*-of-*.bin",
+              "pytorch_model.bin.index.json")
 DEFAULT_MAX_SHARD = 5 * 1000**3  # transformers' save_pretrained default, "5GB"
+OPTIONS = (
+    Option("split_max_size", "size", DEFAULT_MAX_SHARD, "largest safetensors shard (e.g. 2G)"),
+    Option("dry_run", "bool", False, "print each tensor's shard, type and shape; write nothing"),
+)
 
 
 def detect(path: Path) -> int:
@@ -44,7 +53,7 @@ def detect(path: Path) -> int:
 @hookimpl
 def convcore_register_formats(register: Callable[..., None]) -> None:
     register(Format(name="hf", description="Hugging Face model directory (safetensors or .bin)",
-                    directory=True, detect=detect))
+                    directory=True, detect=detect, outputs=HF_OUTPUTS, options=OPTIONS))
 
 
 # reading ------------------------------------------------------------------------------
@@ -200,7 +209,7 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
         out = dtype if dtype and ref.dtype in FLOAT_DTYPES else ref.dtype
         planned.append(PlannedTensor(ref.name, out, ref.shape,
                                      (lambda r=ref, o=out: cast_chunks(r.load(), o))))
-    max_shard = int(options.get("split_max_size") or DEFAULT_MAX_SHARD)
+    max_shard = options.get("split_max_size") or DEFAULT_MAX_SHARD
     if options.get("dry_run"):
         from ..safetensors_io import plan_shards
         for i, shard in enumerate(plan_shards(planned, max_shard)):
@@ -243,17 +252,8 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
 
 
 @hookimpl
-def convcore_infer(path: Path, fmt: str, token_ids: list[int]) -> np.ndarray | None:
+def convcore_open_session(path: Path, fmt: str, options: dict[str, Any]) -> Any:
     if fmt != "hf":
         return None
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise ConvcoreError("hf inference needs transformers and torch "
-                            "(pip install 'convcore[torch]')") from None
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([token_ids], dtype=torch.long)).logits[0]
-    return logits.float().numpy()
+    from .hf_runtime import TransformersSession
+    return TransformersSession(Path(path), options)

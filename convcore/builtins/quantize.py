@@ -43,8 +43,25 @@ def quantize_with(spec: Any, tensor: TensorRef | np.ndarray, options: dict[str, 
         raise ConvcoreError(f"tensor {name!r}: row length {array.shape[-1] if array.ndim else 0} "
                             f"is not a multiple of {scheme}'s block size {spec.block_size}")
     try:
-        data = spec.quantize(array)
+        data = spec.quantize(array, {**options, "name": name})
     except ValueError as exc:
         raise ConvcoreError(f"tensor {name!r}: {scheme}: {exc}") from None
+    check_layout(spec, tuple(array.shape), dtype_name(array.dtype), data)
     return QuantizedTensor(name=name, scheme=scheme, shape=tuple(array.shape), data=data,
                            dequantizer=lambda qt: spec.dequantize(qt.data, qt.shape))
+
+
+def check_layout(spec: Any, shape: tuple[int, ...], dtype: str, data: dict[str, np.ndarray]) -> None:
+    """Raise unless ``data`` is exactly what ``spec.layout(shape, dtype)`` declares: the same
+    array names, dtypes and shapes. A scheme that breaks its own layout would write
+    files no reader can decode, so this is checked on every tensor (it costs nothing)."""
+    expected = spec.layout(shape, dtype)
+    got = {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in data.items()}
+    want = {k: (d, tuple(s)) for k, (d, s) in expected.items()}
+    if got != want:
+        raise ConvcoreError(f"scheme {spec.name} (plugin {spec.plugin or '?'}) returned "
+                            f"{_fmt(got)} for {dtype}{list(shape)}; its layout declares {_fmt(want)}")
+
+
+def _fmt(table: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+    return ", ".join(f"{k}: {d}{list(s)}" for k, (d, s) in sorted(table.items()))

@@ -11,16 +11,17 @@ use, so ``convcore`` commands that quantize nothing never pay for them.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Callable
 
 import convcore
 
+from . import kquants
 from .npz import convcore_load, convcore_validate, convcore_write, register_npz  # noqa: F401
 
 __version__ = "0.1.0"
 
 LEGACY_SIZES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}
-KQUANT_SIZES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 AFFINE = [(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
 ROW_BITS = (1, 2, 4, 8)
 
@@ -29,37 +30,65 @@ def _kernels(module: str) -> Any:
     return importlib.import_module(f"{__name__}.{module}")
 
 
+def _rows(shape: tuple[int, ...]) -> int:
+    """How many rows the per-row kernels see: every axis but the last, flattened."""
+    return math.prod(shape[:-1])
+
+
+def _legacy_layout(size: int) -> Callable[[tuple[int, ...], str], dict]:
+    return lambda shape, dtype: {"blocks": ("u8", (*shape[:-1], shape[-1] // 32 * size))}
+
+
+def _affine_layout(bits: int, group: int) -> Callable[[tuple[int, ...], str], dict]:
+    # scales and biases keep the input's float type, as mx.quantize does
+    def layout(shape: tuple[int, ...], dtype: str) -> dict:
+        lead, n = tuple(shape[:-1]), shape[-1]
+        return {"weight": ("u32", (*lead, n * bits // 32)),
+                "scales": (dtype, (*lead, n // group)), "biases": (dtype, (*lead, n // group))}
+    return layout
+
+
+def _asym_layout(bits: int) -> Callable[[tuple[int, ...], str], dict]:
+    return lambda shape, dtype: {"q": ("u8", (_rows(shape), -(-shape[-1] * bits // 8))),
+                                 "scales": ("f32", (_rows(shape),)),
+                                 "zero_points": ("f32", (_rows(shape),))}
+
+
+def _sym_layout(per_tensor: bool) -> Callable[[tuple[int, ...], str], dict]:
+    return lambda shape, dtype: {"q": ("i8", (_rows(shape), shape[-1])),
+                                 "scales": ("f32", (1 if per_tensor else _rows(shape),))}
+
+
 def _schemes() -> list[convcore.Scheme]:
     out = []
     for kind, size in LEGACY_SIZES.items():
         out.append(convcore.Scheme(
             name=kind, block_size=32, bits=size * 8 / 32, family="gguf",
-            quantize=lambda a, k=kind: _kernels("legacy").quantize(k, a),
+            quantize=lambda a, o=None, k=kind: _kernels("legacy").quantize(k, a),
             dequantize=lambda d, s, k=kind: _kernels("legacy").dequantize(k, d, s),
+            layout=_legacy_layout(size),
             description=f"GGUF {kind.upper()}: blocks of 32, bit-exact with ggml's reference"))
-    for kind, size in KQUANT_SIZES.items():
-        out.append(convcore.Scheme(
-            name=kind, block_size=256, bits=size * 8 / 256, family="gguf",
-            quantize=lambda a, k=kind: _kernels("kquants").quantize_kquant(a, k),
-            dequantize=lambda d, s, k=kind: _kernels("kquants").dequantize_kquant(d, s, k),
-            description=f"GGUF {kind.upper()}: super-blocks of 256 (llama.cpp's search, refined)"))
+    out.extend(kquants.SCHEMES)  # kquants imports its kernels (and numba) on first use
     for bits, group in AFFINE:
         out.append(convcore.Scheme(
             name=f"int{bits}-g{group}", block_size=group, bits=bits + 32 / group, family="affine",
-            quantize=lambda a, b=bits, g=group: _kernels("affine").quantize(b, g, a),
+            quantize=lambda a, o=None, b=bits, g=group: _kernels("affine").quantize(b, g, a),
             dequantize=lambda d, s, b=bits, g=group: _kernels("affine").dequantize(b, g, d, s),
+            layout=_affine_layout(bits, group),
             description=f"MLX affine {bits}-bit in groups of {group} (mx.quantize layout)"))
     for bits in ROW_BITS:
         out.append(convcore.Scheme(
             name=f"int{bits}-row", block_size=1, bits=float(bits), family="row",
-            quantize=lambda a, b=bits: _kernels("rows").quantize_asym(b, a),
+            quantize=lambda a, o=None, b=bits: _kernels("rows").quantize_asym(b, a),
             dequantize=lambda d, s, b=bits: _kernels("rows").dequantize_asym(b, d, s),
+            layout=_asym_layout(bits),
             description=f"{bits}-bit asymmetric, scale and zero point per row"))
     for name, per_tensor in (("int8-row-sym", False), ("int8-tensor", True)):
         out.append(convcore.Scheme(
             name=name, block_size=1, bits=8.0, family="row",
-            quantize=lambda a, t=per_tensor: _kernels("rows").quantize_sym(a, t),
+            quantize=lambda a, o=None, t=per_tensor: _kernels("rows").quantize_sym(a, t),
             dequantize=lambda d, s: _kernels("rows").dequantize_sym(d, s),
+            layout=_sym_layout(per_tensor),
             description="int8 symmetric, " + ("one scale" if per_tensor else "scale per row")))
     return out
 

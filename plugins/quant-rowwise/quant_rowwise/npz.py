@@ -46,7 +46,10 @@ def detect(path: Path) -> int:
 
 def register_npz(register: Callable[..., None]) -> None:
     register(convcore.Format(name="npz", description="APL per-row quantized NPZ + manifest",
-                             directory=True, schemes=SCHEMES, detect=detect))
+                             directory=True, schemes=SCHEMES, detect=detect,
+                             outputs=("*_quantized_q*.npz", "*_manifest_q*.json", "config.json"),
+                             options=(convcore.Option("dry_run", "bool", False,
+                                                      "print each tensor's name, shape and scheme; write nothing"),)))
 
 
 def relative_error(x: np.ndarray, y: np.ndarray) -> float:

@@ -1,0 +1,29 @@
+"""Every registered scheme's output is what its declared layout says (the core checks it
+on each call; a mismatch raises), for every input float type and 2-D/3-D shapes."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import convcore
+
+SCHEMES = sorted(s.name for s in convcore.get_registry().schemes.values()
+                 if s.plugin == "quant_rowwise")
+
+
+def test_every_scheme_is_registered():
+    assert len(SCHEMES) == 34
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 256), (2, 2, 512)])
+def test_output_matches_declared_layout(scheme, dtype, shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32).astype(dtype)
+    qt = convcore.quantize(x, scheme)   # raises if the output breaks the layout
+    spec = convcore.get_registry().scheme(scheme)
+    declared = spec.layout(shape, convcore.dtype_name(x.dtype))
+    assert {k: (convcore.dtype_name(v.dtype), v.shape) for k, v in qt.data.items()} == \
+        {k: (d, tuple(s)) for k, (d, s) in declared.items()}
+    assert qt.dequantize().shape == shape
