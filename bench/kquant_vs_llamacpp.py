@@ -23,9 +23,11 @@ import gguf
 import numba
 import numpy as np
 
+from convcore.testing.llamacpp import llama_quantize
 from quant_rowwise.kquants import SCHEMES
 
-FTYPES = {"q2_k": 10, "q3_k": 11, "q4_k": 14, "q5_k": 16, "q6_k": 18}  # *_S / pure
+# llama.cpp file types whose pure output is all q{N}_K (the *_S mixes' base type)
+FTYPES = {"q2_k": "q2_k", "q3_k": "q3_k_s", "q4_k": "q4_k_s", "q5_k": "q5_k_s", "q6_k": "q6_k"}
 QTYPES = {"q2_k": gguf.GGMLQuantizationType.Q2_K, "q3_k": gguf.GGMLQuantizationType.Q3_K,
           "q4_k": gguf.GGMLQuantizationType.Q4_K, "q5_k": gguf.GGMLQuantizationType.Q5_K,
           "q6_k": gguf.GGMLQuantizationType.Q6_K}
@@ -58,18 +60,9 @@ def write_llama_gguf(path: str, tensors: dict[str, np.ndarray], dim: int) -> Non
 
 def llamacpp_quantize(src: str, dst: str, name: str, nthread: int = 2) -> float:
     """Quantize ``src`` to ``dst`` with llama.cpp (pure ``name`` type); returns seconds."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = nthread
-    params.ftype = FTYPES[name]
-    params.pure = True
     t = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
-    dt = time.perf_counter() - t
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {name}")
-    return dt
+    llama_quantize(src, dst, FTYPES[name], threads=nthread, pure=True)
+    return time.perf_counter() - t
 
 
 def ggml_kernel_seconds(name: str, arrays: list[np.ndarray], nthread: int = 2) -> float:

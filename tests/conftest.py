@@ -2,53 +2,25 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from convcore.testing.distributions import pip_install, write_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PLUGIN = ROOT / "docs" / "example-plugin"
 
 
-def pip_install(package_dir: Path, target: Path) -> None:
-    """``pip install`` a plugin distribution into ``target`` (a real install: wheel
-    built, dist-info and entry points written), without touching the venv."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(package_dir)],
-        check=True, capture_output=True, text=True)
-
-
-def write_plugin(root: Path, dist: str, module: str, ep_name: str, body: str, version="1.0") -> Path:
-    pkg = root / dist
-    (pkg / module).mkdir(parents=True)
-    (pkg / "pyproject.toml").write_text(f"""
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-[project]
-name = "{dist}"
-version = "{version}"
-[project.entry-points.convcore]
-{ep_name} = "{module}"
-""")
-    (pkg / module / "__init__.py").write_text(body)
-    return pkg
-
-
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory) -> Path:
-    """A site dir with three pip-installed plugins: the example ``npydir`` plugin, one
-    that raises on import, and one that registers ``npydir`` a second time."""
+    """A site dir with two pip-installed plugins: the example ``npydir`` plugin and one
+    that raises on import (``duplicate_site`` holds one registering ``npydir`` again)."""
     site = tmp_path_factory.mktemp("site")
     src = tmp_path_factory.mktemp("plugin-src")
     pip_install(EXAMPLE_PLUGIN, site)
     pip_install(write_plugin(src, "convcore-broken", "convcore_broken", "broken",
                              "raise RuntimeError('this plugin is broken on purpose')\n"), site)
-    shutil.rmtree(ROOT / "docs" / "example-plugin" / "build", ignore_errors=True)
     return site
 
 

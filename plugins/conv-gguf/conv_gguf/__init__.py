@@ -3,6 +3,10 @@
 Writes HF models as GGUF (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3)
 in every llama.cpp type from f32 to the k-quant mixes, reads GGUF back into convcore's
 model (dequantizing on demand), validates files and runs them with llama-cpp-python.
+
+Other packages add architectures through the hook ``conv_gguf_register_archs``
+(:mod:`conv_gguf.hookspecs`) with :class:`Arch` objects; the built-in ones are
+registered through the same hook, from :data:`BUILTIN_ARCHS`.
 """
 from __future__ import annotations
 
@@ -14,9 +18,18 @@ import numpy as np
 import convcore
 from convcore import Model
 
-from . import archs, mixes
+from . import arch_table, archs, mixes
+from .archs import BUILTIN_ARCHS, Arch
+
+__all__ = ["Arch", "BUILTIN_ARCHS", "registered_archs"]
 
 FORMAT = "gguf"
+
+
+def registered_archs(registry: convcore.Registry | None = None) -> dict[str, Arch]:
+    """Every architecture the gguf writer knows (HF model_type -> :class:`Arch`), built-in
+    and from other plugins, in the given registry (default: the one in use)."""
+    return dict(arch_table.registered(registry).items)
 
 
 def detect(path: Path) -> int:
@@ -28,18 +41,45 @@ def detect(path: Path) -> int:
         return 20 if f.read(4) == b"GGUF" else 0
 
 
+# the writer's options (-O KEY=VALUE and the --split-max-*, --vocab-only, --dry-run flags)
+OPTIONS = (
+    convcore.Option("split_max_size", "size", None,
+                    "largest shard, e.g. 2G (llama.cpp's --split-max-size)"),
+    convcore.Option("split_max_tensors", "int", None, "most tensors per shard"),
+    convcore.Option("vocab_only", "bool", False, "write the vocabulary and metadata, no tensors"),
+    convcore.Option("dry_run", "bool", False, "print name, shape and type of every tensor; write nothing"),
+    convcore.Option("pure", "bool", False,
+                    "llama-quantize's --pure: every weight in the file type's block type"),
+)
+
+
 @convcore.hookimpl
 def convcore_register_formats(register: Callable[..., None]) -> None:
     register(convcore.Format(
         name=FORMAT, description="GGUF, llama.cpp's single-file model (split files too)",
-        directory=False, extensions=(".gguf",), schemes=mixes.SCHEMES, detect=detect))
+        directory=False, extensions=(".gguf",), schemes=mixes.SCHEMES, detect=detect,
+        options=OPTIONS, scheme_package="quant-rowwise"))
+
+
+@convcore.hookimpl
+def convcore_add_hookspecs(pluginmanager: Any) -> None:
+    from . import hookspecs
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+@convcore.hookimpl
+def conv_gguf_register_archs(register: Callable[..., None]) -> None:
+    for arch in BUILTIN_ARCHS.values():
+        register(arch)
 
 
 @convcore.hookimpl
 def convcore_map_names(model: Model, target: str) -> dict[str, str] | None:
-    if target != FORMAT or model.arch not in archs.ARCHS:
+    if target != FORMAT:
         return None
-    spec = archs.ARCHS[model.arch]
+    spec = arch_table.registered().items.get(model.arch)
+    if spec is None:
+        return None
     out = {}
     for name in model.tensors:
         mapped = archs.map_name(spec, name)
@@ -74,8 +114,8 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
 
 
 @convcore.hookimpl
-def convcore_infer(path: Path, fmt: str, token_ids: list[int]) -> np.ndarray | None:
+def convcore_open_session(path: Path, fmt: str, options: dict[str, Any]) -> Any:
     if fmt != FORMAT:
         return None
-    from .runtime import logits
-    return logits(Path(path), token_ids)
+    from .runtime import LlamaCppSession
+    return LlamaCppSession(Path(path), options)

@@ -4,16 +4,19 @@ Each :class:`Arch` says which GGUF architecture an HF ``model_type`` becomes, ho
 tensors are renamed, which weights are transformed on the way (llama's rotary
 permutation of q/k, Gemma's ``1 + w`` norms), and which hyper-parameters are written
 under which key. The reader uses the same tables backwards.
+
+These are the built-in entries (:data:`BUILTIN_ARCHS`); the table in use is whatever the
+loaded plugins register through ``conv_gguf_register_archs`` (see ``arch_table.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import numpy as np
-
-from convcore import ConvcoreError
 
 # HF module path -> GGUF tensor name; ".weight"/".bias" are carried over unchanged.
 BASE_NAMES = {
@@ -125,57 +128,101 @@ PHI3_HPARAMS = (
 )
 
 
+def _gemma_query_scale(big_layers: int) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+    """llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads)
+    for the 27B models, which it recognises by their layer count (``big_layers``)."""
+    def fill(kv: dict[str, Any], config: dict[str, Any]) -> None:
+        big = config.get("num_hidden_layers") == big_layers
+        config["query_pre_attn_scalar"] = (config["hidden_size"] // config["num_attention_heads"]
+                                           if big else config["head_dim"])
+    return fill
+
+
+def _gemma3_config(kv: dict[str, Any], config: dict[str, Any]) -> None:
+    # llama.cpp hard-codes the local (sliding) rope base of Gemma 3 to 10000
+    full = {k: v for k, v in config["rope_parameters"].items() if k != "partial_rotary_factor"}
+    config["rope_parameters"] = {"full_attention": full,
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    _gemma_query_scale(62)(kv, config)
+
+
+def _phi3_config(kv: dict[str, Any], config: dict[str, Any]) -> None:
+    # transformers' Phi3Config defaults differ from what a GGUF without these keys means
+    config.setdefault("sliding_window", None)
+    config["pad_token_id"] = None
+
+
 @dataclass(frozen=True)
 class Arch:
-    """One HF architecture as llama.cpp sees it."""
+    """One HF architecture as llama.cpp sees it: conv-gguf's unit of extension.
 
-    hf: str                                 # HF model_type
-    gguf: str                               # general.architecture
-    hf_class: str                           # architectures[0] in config.json
+    Plugins register instances through the ``conv_gguf_register_archs`` hook
+    (see :mod:`conv_gguf.hookspecs`); the writer, reader, validator and name mapping
+    look them up by ``model_type`` or ``gguf_arch``.
+
+    :param model_type: the HF ``model_type`` in config.json this entry converts.
+    :param gguf_arch: ``general.architecture`` in the GGUF (the prefix of its keys).
+    :param hf_class: ``architectures[0]`` of the config.json the reader rebuilds.
+    :param names: HF module path -> GGUF tensor name, ``{bid}`` standing for the block
+        number; ``.weight`` / ``.bias`` are carried over.
+    :param hparams: ``(GGUF key below "{gguf_arch}.", value from the HF config dict,
+        GGUF value type "u32"|"f32"|"bool"|"str", HF config key the reader restores or
+        None)``; a None value is not written.
+    :param permute_qk: llama.cpp's "normal" rope wants each head's q/k rows interleaved.
+    :param norm_offset: Gemma stores ``1 + w`` in its norms.
+    :param required: keys below ``{gguf_arch}.`` the validator insists on, beyond
+        :data:`REQUIRED_KEYS`.
+    :param config_defaults: config keys HF leaves to the model class's defaults.
+    :param read_config: ``read_config(kv, config)`` completes the config.json the
+        reader rebuilds from the GGUF keys with what those keys cannot say.
+    :param read_back: GGUFs of ``gguf_arch`` read back as this ``model_type``; exactly
+        one registered entry per ``gguf_arch`` may say so. :meth:`alias` clears it.
+    """
+
+    model_type: str
+    gguf_arch: str
+    hf_class: str
     names: dict[str, str]
     hparams: tuple = COMMON_HPARAMS
-    permute_qk: bool = False                # llama.cpp's "normal" rope wants q/k rows interleaved
-    norm_offset: float = 0.0                # Gemma stores 1 + w
-    required: tuple[str, ...] = ()          # extra keys the reader/validator insists on
+    permute_qk: bool = False
+    norm_offset: float = 0.0
+    required: tuple[str, ...] = ()
     config_defaults: dict[str, Any] = field(default_factory=dict)
+    read_config: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+    read_back: bool = True
+
+    def alias(self, model_type: str, hf_class: str | None = None) -> "Arch":
+        """This architecture under another HF ``model_type``: written the same way, while
+        its GGUFs keep reading back as this one (mistral is llama's alias)."""
+        return dataclasses.replace(self, model_type=model_type,
+                                   hf_class=hf_class or self.hf_class, read_back=False)
 
 
-ARCHS: dict[str, Arch] = {a.hf: a for a in (
-    Arch("llama", "llama", "LlamaForCausalLM", BASE_NAMES, permute_qk=True),
-    Arch("mistral", "llama", "MistralForCausalLM", BASE_NAMES, permute_qk=True),
+_GEMMA_DEFAULTS = {"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
+LLAMA = Arch("llama", "llama", "LlamaForCausalLM", BASE_NAMES, permute_qk=True)
+GEMMA2 = Arch("gemma2", "gemma2", "Gemma2ForCausalLM", {**BASE_NAMES, **SANDWICH_NORM_NAMES},
+              COMMON_HPARAMS + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
+              required=("attention.sliding_window",), config_defaults=_GEMMA_DEFAULTS,
+              read_config=_gemma_query_scale(46))
+# The architectures conv-gguf registers itself (through the same hook as anyone else).
+# Mistral is stored as llama, and reads back as llama: both compute the same function.
+BUILTIN_ARCHS: Mapping[str, Arch] = MappingProxyType({a.model_type: a for a in (
+    LLAMA,
+    LLAMA.alias("mistral", "MistralForCausalLM"),
     Arch("qwen2", "qwen2", "Qwen2ForCausalLM", BASE_NAMES),
     Arch("qwen3", "qwen3", "Qwen3ForCausalLM", {**BASE_NAMES, **QK_NORM_NAMES}),
     Arch("gemma", "gemma", "GemmaForCausalLM", BASE_NAMES, norm_offset=1.0,
-         config_defaults={"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}),
-    Arch("gemma2", "gemma2", "Gemma2ForCausalLM", {**BASE_NAMES, **SANDWICH_NORM_NAMES},
-         COMMON_HPARAMS + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
-         required=("attention.sliding_window",),
-         config_defaults={"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}),
-    Arch("gemma3_text", "gemma3", "Gemma3ForCausalLM",
-         {**BASE_NAMES, **SANDWICH_NORM_NAMES, **QK_NORM_NAMES},
-         COMMON_HPARAMS + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
-         required=("attention.sliding_window",),
-         config_defaults={"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}),
+         config_defaults=_GEMMA_DEFAULTS),
+    GEMMA2,
+    dataclasses.replace(GEMMA2, model_type="gemma3_text", gguf_arch="gemma3",
+                        hf_class="Gemma3ForCausalLM",
+                        names={**BASE_NAMES, **SANDWICH_NORM_NAMES, **QK_NORM_NAMES},
+                        read_config=_gemma3_config),
     Arch("phi3", "phi3", "Phi3ForCausalLM", {**BASE_NAMES, **PHI3_NAMES},
-         COMMON_HPARAMS + SLIDING_HPARAMS + PHI3_HPARAMS),
-)}
-# GGUF architecture -> the HF model_type the reader rebuilds (mistral reads back as llama:
-# llama.cpp stores both the same way and they compute the same function).
-BY_GGUF = {"llama": ARCHS["llama"], "qwen2": ARCHS["qwen2"], "qwen3": ARCHS["qwen3"],
-           "gemma": ARCHS["gemma"], "gemma2": ARCHS["gemma2"], "gemma3": ARCHS["gemma3_text"],
-           "phi3": ARCHS["phi3"]}
+         COMMON_HPARAMS + SLIDING_HPARAMS + PHI3_HPARAMS, read_config=_phi3_config),
+)})
 REQUIRED_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
                  "attention.head_count", "attention.layer_norm_rms_epsilon")
-
-
-def arch_for(model_type: str, source: str = "") -> Arch:
-    """The table entry for an HF model_type, or a one-line error listing what is known."""
-    try:
-        return ARCHS[model_type]
-    except KeyError:
-        raise ConvcoreError(
-            f"{source or 'model'}: architecture {model_type!r} is not supported by the gguf "
-            f"writer (supported: {', '.join(ARCHS)})") from None
 
 
 def _compile(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:
@@ -199,7 +246,7 @@ def map_name(arch: Arch, hf_name: str) -> str | None:
 def unmap_name(arch: Arch, gguf_name: str) -> str | None:
     """HF name of a GGUF tensor (the inverse of :func:`map_name`)."""
     inverse = {gg: hf for hf, gg in arch.names.items()}
-    return map_name(Arch(arch.hf, arch.gguf, arch.hf_class, inverse), gguf_name)
+    return map_name(dataclasses.replace(arch, names=inverse), gguf_name)
 
 
 # weight transforms ------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import gguf
 
 from convcore import ConvcoreError
 
-from . import archs
+from . import arch_table, archs
+from .shards import shard_paths
 
 # value type -> fixed size in bytes (strings and arrays are variable)
 FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -164,8 +165,6 @@ def read_header(path: Path) -> Header:
 
 def validate(path: Path) -> list[str]:
     """One-line problems with a GGUF file (and its split siblings); empty when valid."""
-    from .reader import shard_paths
-
     problems: list[str] = []
     try:
         paths = shard_paths(Path(path))
@@ -183,14 +182,15 @@ def validate(path: Path) -> list[str]:
     arch = first.get("general.architecture")
     if not isinstance(arch, str):
         return [f"{path}: no general.architecture key"]
-    if arch in archs.BY_GGUF:
-        spec = archs.BY_GGUF[arch]
+    known = arch_table.read_back()
+    if arch in known:
+        spec = known[arch]
         for key in archs.REQUIRED_KEYS + spec.required:
             if f"{arch}.{key}" not in first:
                 problems.append(f"{path}: missing key {arch}.{key}")
     names = [t.name for h in headers for t in h.tensors]
     blocks = first.get(f"{arch}.block_count")
-    if names and arch in archs.BY_GGUF and isinstance(blocks, int):
+    if names and arch in known and isinstance(blocks, int):
         if "token_embd.weight" not in names:
             problems.append(f"{path}: no token_embd.weight tensor")
         stray = [n for n in names if n.startswith("blk.") and int(n.split(".")[1]) >= blocks]

@@ -2,8 +2,6 @@
 tensors dequantized on demand, tokenizer turned back into HF files."""
 from __future__ import annotations
 
-import glob
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,30 +11,12 @@ import numpy as np
 
 from convcore import ConvcoreError, Model, TensorRef
 
-from . import archs, checks
+from . import arch_table, archs, checks
+from .shards import shard_paths
 
 T = gguf.GGMLQuantizationType
 FLOAT_VIEWS = {T.F32: ("f32", np.float32), T.F16: ("f16", np.float16),
                T.BF16: ("bf16", ml_dtypes.bfloat16)}
-SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<n>\d{5})\.gguf$")
-
-
-def shard_paths(path: Path) -> list[Path]:
-    """``path`` alone, or every shard of a split GGUF when ``path`` is one of them."""
-    if not path.exists():
-        # a split written for ``model.gguf`` is ``model-00001-of-0000N.gguf`` and siblings
-        firsts = sorted(path.parent.glob(f"{glob.escape(path.stem)}-00001-of-?????.gguf"))
-        if firsts:
-            path = firsts[0]
-    m = SHARD.match(path.name)
-    if not m:
-        return [path]
-    n = int(m.group("n"))
-    paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise ConvcoreError(f"{path}: split GGUF is missing shard {missing[0]}")
-    return paths
 
 
 def _open(paths: list[Path]) -> tuple[dict[str, Any], list[tuple[gguf.ReaderTensor, gguf.GGUFReader, Path]]]:
@@ -57,8 +37,8 @@ def _open(paths: list[Path]) -> tuple[dict[str, Any], list[tuple[gguf.ReaderTens
 
 def rebuild_config(kv: dict[str, Any], spec: archs.Arch, tied: bool) -> dict[str, Any]:
     """An HF config.json dict from the GGUF hyper-parameters."""
-    a = spec.gguf
-    config: dict[str, Any] = {"architectures": [spec.hf_class], "model_type": spec.hf,
+    a = spec.gguf_arch
+    config: dict[str, Any] = {"architectures": [spec.hf_class], "model_type": spec.model_type,
                               "dtype": "float32", **spec.config_defaults}
     for key, _, _, hf_key in spec.hparams:
         if hf_key and f"{a}.{key}" in kv:
@@ -72,25 +52,12 @@ def rebuild_config(kv: dict[str, Any], spec: archs.Arch, tied: bool) -> dict[str
     scaling = None
     if kv.get(f"{a}.rope.scaling.type") == "linear" and f"{a}.rope.scaling.factor" in kv:
         scaling = {"rope_type": "linear", "factor": float(kv[f"{a}.rope.scaling.factor"])}
-    if spec.hf == "gemma3_text":
-        # llama.cpp hard-codes the local (sliding) rope base of Gemma 3 to 10000
-        config["rope_parameters"] = {
-            "full_attention": {"rope_type": "default", "rope_theta": theta, **(scaling or {})},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
-    else:
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
-        rot = kv.get(f"{a}.rope.dimension_count")
-        if rot and config.get("head_dim") and rot != config["head_dim"]:
-            config["rope_parameters"]["partial_rotary_factor"] = rot / config["head_dim"]
-    if spec.hf in ("gemma2", "gemma3_text"):
-        # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the
-        # 27B models (which it recognises by their layer count)
-        big = config.get("num_hidden_layers") in ({"gemma2": 46, "gemma3_text": 62}[spec.hf],)
-        config["query_pre_attn_scalar"] = (config["hidden_size"] // heads if big
-                                           else config["head_dim"])
-    if spec.hf == "phi3":
-        config.setdefault("sliding_window", None)
-        config["pad_token_id"] = None
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
+    rot = kv.get(f"{a}.rope.dimension_count")
+    if rot and config.get("head_dim") and rot != config["head_dim"]:
+        config["rope_parameters"]["partial_rotary_factor"] = rot / config["head_dim"]
+    if spec.read_config is not None:
+        spec.read_config(kv, config)
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
         if f"tokenizer.ggml.{key}" in kv:
@@ -132,10 +99,11 @@ def load_gguf(path: Path) -> Model:
         raise ConvcoreError(f"{path}: a gguf model is a file")
     kv, tensors = _open(shard_paths(path))
     arch_name = kv.get("general.architecture")
-    if arch_name not in archs.BY_GGUF:
+    known = arch_table.read_back()
+    if arch_name not in known:
         raise ConvcoreError(f"{path}: GGUF architecture {arch_name!r} cannot be read back to HF "
-                            f"(supported: {', '.join(archs.BY_GGUF)})")
-    spec = archs.BY_GGUF[arch_name]
+                            f"(supported: {', '.join(known)})")
+    spec = known[arch_name]
     names = {t.name for t, _, _ in tensors}
     tied = "output.weight" not in names
     config = rebuild_config(kv, spec, tied)
@@ -160,5 +128,5 @@ def load_gguf(path: Path) -> Model:
     metadata = {k.removeprefix("general."): v for k, v in kv.items()
                 if k.startswith("general.") and isinstance(v, (str, int, float, bool))}
     metadata["source"] = str(path)
-    return Model(arch=spec.hf, config=config, tensors=refs, tokenizer=tokenizer,
+    return Model(arch=spec.model_type, config=config, tensors=refs, tokenizer=tokenizer,
                  metadata=metadata, source=str(path), format="gguf")

@@ -1,39 +1,62 @@
-"""Logits from llama-cpp-python (the ``[infer]`` extra)."""
+"""The gguf format's runtime: llama.cpp through llama-cpp-python (the ``[infer]``
+extra), loaded once, with llama.cpp's own KV cache."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
-from convcore import ConvcoreError
+from convcore import ConvcoreError, Session
 
 from .checks import read_header
 
 GGML_TYPE_F32 = 0
 
 
-def logits(path: Path, token_ids: list[int]) -> np.ndarray:
-    """float32 logits (len(token_ids), vocab) from llama.cpp, KV cache in f32 so the only
-    rounding is the model's own."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ConvcoreError("gguf inference needs llama-cpp-python "
-                            "(pip install 'conv-gguf[infer]')") from None
-    read_header(Path(path))   # a bad file gives one line, not a crash inside llama.cpp
-    if not token_ids:
-        raise ConvcoreError("gguf inference needs at least one token")
-    try:
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=max(64, len(token_ids)),
-                              n_batch=max(64, len(token_ids)), verbose=False,
-                              type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-    except ValueError as exc:
-        raise ConvcoreError(f"{path}: llama.cpp cannot load it ({exc})") from None
-    n_vocab = llm.n_vocab()
-    bad = [t for t in token_ids if not 0 <= t < n_vocab]
-    if bad:
-        raise ConvcoreError(f"token id {bad[0]} is outside the vocabulary of {n_vocab}")
-    llm.eval(list(token_ids))
-    out = np.array(llm.scores[:len(token_ids)], dtype=np.float32)
-    llm.close()
-    return out
+class LlamaCppSession(Session):
+    """A GGUF file loaded with ``llama_cpp.Llama``. The KV cache is f32 so the only
+    rounding in the logits is the model's own."""
+
+    def __init__(self, path: Path, options: dict[str, Any]):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ConvcoreError("gguf inference needs llama-cpp-python "
+                                "(pip install 'conv-gguf[infer]')") from None
+        read_header(Path(path))   # a bad file gives one line, not a crash inside llama.cpp
+        n_ctx = max(64, int(options.get("n_ctx") or 512))
+        kwargs: dict[str, Any] = dict(logits_all=True, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                                      verbose=False, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+        if options.get("threads"):
+            kwargs["n_threads"] = int(options["threads"])
+        try:
+            self.llm = llama_cpp.Llama(str(path), **kwargs)
+        except ValueError as exc:
+            raise ConvcoreError(f"{path}: llama.cpp cannot load it ({exc})") from None
+        self.n_ctx = n_ctx
+        self.vocab_size = self.llm.n_vocab()
+        self.stop_ids = tuple(t for t in (self.llm.token_eos(),) if t is not None and t >= 0)
+
+    def _eval(self, ids: list[int]) -> np.ndarray:
+        start = self.llm.n_tokens
+        if start + len(ids) > self.n_ctx:
+            raise ConvcoreError(f"{start + len(ids)} tokens exceed the session's context of "
+                                f"{self.n_ctx}")
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[start:start + len(ids)], dtype=np.float32)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = self.check_ids(token_ids)
+        self.llm.reset()
+        return self._eval(ids)
+
+    def decode(self, token_ids: Sequence[int]) -> np.ndarray:
+        if self.llm.n_tokens == 0:
+            raise ConvcoreError("decode() before logits(): nothing to continue")
+        return self._eval(self.check_ids(token_ids))
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()

@@ -28,6 +28,10 @@ PRE_TOKENIZERS = {
     "gpt-2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
 }
 
+# SentencePiece vocabularies have no pre-tokenizer; llama.cpp's converter still records
+# "default" for them, and tools that read the key expect it present.
+SPM_PRE = "default"
+
 
 @dataclass
 class Vocab:
@@ -38,7 +42,7 @@ class Vocab:
     types: list[int]
     scores: list[float] | None = None
     merges: list[str] | None = None
-    pre: str | None = None
+    pre: str | None = None                       # tokenizer.ggml.pre
     special: dict[str, int] = field(default_factory=dict)   # bos/eos/unk/pad/... -> id
     add_bos: bool | None = None
     add_eos: bool | None = None
@@ -138,7 +142,7 @@ def _spm_vocab(model_bytes: bytes, tok_json: Any) -> Vocab:
             tokens.append(f"[PAD{len(tokens)}]"); scores.append(-1000.0); types.append(int(TT.UNUSED))
         tokens.append(added["content"]); scores.append(-1000.0)
         types.append(int(TT.CONTROL if added.get("special") else TT.USER_DEFINED))
-    return Vocab("llama", tokens, types, scores=scores,
+    return Vocab("llama", tokens, types, scores=scores, pre=SPM_PRE,
                  add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix))
 
 
@@ -174,7 +178,7 @@ def _spm_from_json(tok_json: dict[str, Any]) -> Vocab:
             types.append(int(TT.NORMAL))
     pre = json.dumps(tok_json.get("pre_tokenizer"))
     prefix = '"prepend_scheme": "never"' not in pre and '"add_prefix_space": false' not in pre
-    return Vocab("llama", tokens, types, scores=scores, add_space_prefix=prefix)
+    return Vocab("llama", tokens, types, scores=scores, pre=SPM_PRE, add_space_prefix=prefix)
 
 
 def _split_regexes(pre: Any) -> list[str]:

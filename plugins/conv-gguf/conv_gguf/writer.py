@@ -18,7 +18,7 @@ import numpy as np
 import convcore
 from convcore import ConvcoreError, Model, TensorRef, cast
 
-from . import archs, mixes, vocab as vocab_mod
+from . import arch_table, archs, mixes, vocab as vocab_mod
 
 T = gguf.GGMLQuantizationType
 NUMPY_OF = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
@@ -54,18 +54,6 @@ def flag(options: dict[str, Any], key: str) -> bool:
     return bool(value)
 
 
-def parse_size(value: Any) -> int:
-    """Bytes from an int or a string like "2G", "500M" (powers of 1000, as llama.cpp)."""
-    if value in (None, "", 0):
-        return 0
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)B?\s*", str(value), re.I)
-    if not m:
-        raise ConvcoreError(f"split_max_size: expected bytes like 2000000000 or '2G', got {value!r}")
-    return int(m.group(1)) * 1000 ** " KMGT".index(m.group(2).upper() or " ")
-
-
 def _order_key(item: tuple[int, str]) -> tuple:
     index, name = item
     m = re.match(r"blk\.(\d+)\.", name)
@@ -91,7 +79,7 @@ def float_type(model: Model, options: dict[str, Any]) -> T:
 
 def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planned], list[str]]:
     """(arch, tensors to write in order, fallback notes)."""
-    spec = archs.arch_for(model.arch, model.source)
+    spec = arch_table.arch_for(model.arch, model.source)
     config = {**spec.config_defaults, **model.config}
     tied = bool(config.get("tie_word_embeddings", False))
     kind = archs.rope_type(config)
@@ -105,7 +93,7 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planne
         name = archs.map_name(spec, ref.name)
         if name is None:
             raise ConvcoreError(f"{ref.source or model.source}: tensor {ref.name!r} has no GGUF "
-                                f"name for architecture {spec.hf}")
+                                f"name for architecture {spec.model_type}")
         named.append((i, name, ref))
     named.sort(key=lambda t: _order_key((t[0], t[1])))
     if flag(options, "vocab_only"):
@@ -224,7 +212,7 @@ def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, option
     vocab = vocab_mod.read_vocab(model.tokenizer, config)
     warnings: list[str] = []
     name = str(meta.pop("name", None) or model.metadata.get("name")
-               or Path(model.source.rstrip("/")).name or spec.hf)
+               or Path(model.source.rstrip("/")).name or spec.model_type)
     if PHI3_NAME.search(name) and vocab is not None and not PHI3_TOKENS <= set(vocab.tokens):
         # llama.cpp sets strip flags on these tokens for any model whose name says phi-3,
         # and fails to load when one is missing from the vocabulary.
@@ -236,7 +224,7 @@ def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, option
     for key, fn, kind, _ in spec.hparams:
         value = fn(config)
         if value is not None:
-            _add_value(writer, f"{spec.gguf}.{key}", value, kind)
+            _add_value(writer, f"{spec.gguf_arch}.{key}", value, kind)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)   # as llama.cpp's converter
     for key, value in meta.items():
@@ -261,7 +249,7 @@ def write_gguf(model: Model, path: Path, options: dict[str, Any],
         file_type = int({T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
                          T.BF16: gguf.LlamaFileType.MOSTLY_BF16}[float_type(model, options)])
     max_tensors = int(options.get("split_max_tensors") or 0)
-    max_size = parse_size(options.get("split_max_size"))
+    max_size = convcore.parse_size(options.get("split_max_size") or 0)
     if flag(options, "dry_run"):
         shard, count, size = 1, 0, 0
         for item in planned:
@@ -279,7 +267,7 @@ def write_gguf(model: Model, path: Path, options: dict[str, Any],
     for note in notes:
         warn(note)
     path = Path(path)
-    writer = gguf.GGUFWriter(path, spec.gguf, split_max_tensors=max_tensors,
+    writer = gguf.GGUFWriter(path, spec.gguf_arch, split_max_tensors=max_tensors,
                              split_max_size=max_size)
     try:
         for w in add_metadata(writer, model, spec, options, file_type):

@@ -1,7 +1,6 @@
 """Helpers shared by conv-gguf's test modules (imported by path: see conftest.py)."""
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,3 @@ def llama_tokenize(path: Path, text: str = TEXT) -> list[int]:
     ids = llm.tokenize(text.encode(), add_bos=True, special=True)  # parse <s> etc. as HF does
     llm.close()
     return ids
-
-
-def llama_quantize(src: Path, dst: Path, ftype: str, pure: bool = False) -> Path:
-    """llama.cpp's own quantization (llama-quantize through llama-cpp-python)."""
-    import gguf
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(gguf.LlamaFileType[f"MOSTLY_{ftype.upper()}"])
-    params.nthread = 2
-    params.pure = pure
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed with {rc}"
-    return dst

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import convcore
-from gguf_testlib import ARCHS, llama_quantize, llama_tokenize, rel_err
+from convcore.testing.llamacpp import llama_quantize
+from gguf_testlib import ARCHS, llama_tokenize, rel_err
 
 T = gguf.GGMLQuantizationType
 pytestmark = pytest.mark.llamacpp

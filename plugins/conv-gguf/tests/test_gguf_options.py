@@ -48,8 +48,28 @@ def test_gguf_vocab_only_and_metadata(tiny_model_factory, tmp_path):
     assert "<|im_start|>" in kv["tokenizer.chat_template"]
     assert kv["tokenizer.ggml.eos_token_id"] == 1023 and kv["tokenizer.ggml.add_bos_token"] is False
     assert len(kv["tokenizer.ggml.merges"]) > 500
+
+
+@pytest.mark.llamacpp
+def test_gguf_vocab_only_tokenizes_like_transformers(tiny_model_factory, tmp_path):
+    src = tiny_model_factory("qwen2")
+    path = convcore.convert(src, tmp_path / "vocab.gguf", to="gguf", options={"vocab_only": True})
     from transformers import AutoTokenizer
     assert llama_tokenize(path) == AutoTokenizer.from_pretrained(str(src))(TEXT)["input_ids"]
+
+
+@pytest.mark.parametrize("arch,json_only", [("llama", False), ("gemma", False), ("llama", True)])
+def test_gguf_spm_vocab_records_default_pre_tokenizer(arch, json_only, tiny_model_factory, tmp_path):
+    """SentencePiece vocabularies (from tokenizer.model, or a tokenizer.json converted from
+    one) get tokenizer.ggml.pre = "default", as llama.cpp's converter writes."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_factory(arch), src)
+    if json_only:
+        (src / "tokenizer.model").unlink()
+    path = convcore.convert(src, tmp_path / "spm.gguf", to="gguf", options={"vocab_only": True})
+    kv = _kv(path)
+    assert kv["tokenizer.ggml.model"] == "llama"
+    assert kv["tokenizer.ggml.pre"] == "default"
 
 
 def test_gguf_map_names(tiny_model_factory):
@@ -61,6 +81,7 @@ def test_gguf_map_names(tiny_model_factory):
     assert set(names) == set(model.tensors)
 
 
+@pytest.mark.llamacpp
 def test_gguf_unknown_pre_tokenizer_picks_closest(tiny_model_factory, tmp_path, capfd):
     src = tmp_path / "src"
     shutil.copytree(tiny_model_factory("qwen2"), src)
@@ -75,6 +96,7 @@ def test_gguf_unknown_pre_tokenizer_picks_closest(tiny_model_factory, tmp_path, 
         convcore.convert(tiny_model_factory("qwen2"), tmp_path / "ok.gguf", to="gguf"), "hello world 42")
 
 
+@pytest.mark.llamacpp
 def test_gguf_row_fallback_reported(tiny_model_factory, tmp_path, capfd):
     """A row length that is no multiple of 32 cannot be q8_0: it falls back to f16,
     the fallback is reported, and llama.cpp runs the file."""
@@ -89,6 +111,7 @@ def test_gguf_row_fallback_reported(tiny_model_factory, tmp_path, capfd):
     assert logits.shape == (3, 1024) and np.isfinite(logits).all()
 
 
+@pytest.mark.llamacpp
 def test_gguf_cli_run_split_and_inspect(tiny_model_factory, tmp_path, run_cli):
     dst = tmp_path / "cli.gguf"
     result = run_cli("run", tiny_model_factory("gemma"), "-o", dst, "--to", "gguf", "--quant", "q8_0",
@@ -134,6 +157,7 @@ def test_gguf_row_slices_do_not_change_bytes(quant, tiny_model_factory, tmp_path
     assert whole.read_bytes() == sliced.read_bytes()
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_gguf_spm_from_tokenizer_json_only(arch, tiny_model_factory, tmp_path):
     """A SentencePiece-converted fast tokenizer without tokenizer.model still becomes a

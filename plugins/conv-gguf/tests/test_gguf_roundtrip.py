@@ -60,12 +60,13 @@ def test_gguf_requantize_gguf_to_gguf(converted, tmp_path, hf_reference):
     assert a == b
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("quant", ["q4_k_m", "q2_k", "q5_0"])
 def test_gguf_reads_llama_quantize_output(quant, converted, hf_reference, tmp_path):
     """A GGUF llama-quantize made (k-quants included) reads back through gguf-py's
     dequantization; transformers on the result computes what llama.cpp computes on
     the quantized file (up to llama.cpp's 8-bit activations in quantized matmuls)."""
-    from gguf_testlib import llama_quantize
+    from convcore.testing.llamacpp import llama_quantize
     path = llama_quantize(converted("llama", "f32"), tmp_path / f"{quant}.gguf", quant)
     back = convcore.convert(path, tmp_path / "hf", to="hf")
     ids, _ = hf_reference("llama")

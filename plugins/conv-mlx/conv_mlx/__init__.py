@@ -9,6 +9,10 @@ Writer options (``-O KEY=VALUE``): ``quant_overrides`` (``"lm_head:int8-g64,embe
 per-module schemes, recorded per module in config.json), ``embed_bits`` / ``lm_head_bits``
 (keep embeddings / lm_head at more bits), ``quant_recipe`` (mlx-lm's ``mixed_2_6``,
 ``mixed_3_4``, ``mixed_3_6``, ``mixed_4_6``), ``split_max_size`` (shard size in bytes).
+
+Other packages add architectures through the hook ``conv_mlx_register_archs``
+(:mod:`conv_mlx.hookspecs`) with :class:`ArchRules`; the built-in ones in
+:data:`BUILTIN_ARCHS` are registered the same way.
 """
 from __future__ import annotations
 
@@ -18,14 +22,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from convcore import ConvcoreError, Format, Model, hookimpl
+from convcore import ConvcoreError, Format, Model, Option, hookimpl
 
-from .layout import SCHEMES
+from .archs import BUILTIN_ARCHS, ArchRules
+from .layout import RECIPES, SCHEMES, SHARD_BYTES
 from .reader import load_mlx
 from .validate import validate_mlx
 from .writer import write_mlx
 
-__all__ = ["detect", "load_mlx", "validate_mlx", "write_mlx"]
+__all__ = ["ArchRules", "BUILTIN_ARCHS", "detect", "load_mlx", "validate_mlx", "write_mlx"]
 
 
 def _safetensors_format(file: Path) -> str:
@@ -58,10 +63,37 @@ def detect(path: Path) -> int:
     return 0
 
 
+# the writer's options (-O KEY=VALUE, --split-max-size, --dry-run)
+OPTIONS = (
+    Option("split_max_size", "size", SHARD_BYTES, "largest safetensors shard (mlx-lm: 5 GiB)"),
+    Option("quant_overrides", "str", None,
+           "per-module schemes, e.g. lm_head:int8-g64,embed_tokens:f16"),
+    Option("embed_bits", "int", None, "bits for the embedding (its group: --quant's)"),
+    Option("lm_head_bits", "int", None, "bits for lm_head (its group: --quant's)"),
+    Option("quant_recipe", "choice", None, "one of mlx-lm's mixed recipes", choices=tuple(RECIPES)),
+    Option("dry_run", "bool", False, "print each tensor's name, type and shape; write nothing"),
+)
+
+
 @hookimpl
 def convcore_register_formats(register: Callable[..., None]) -> None:
     register(Format(name="mlx", description="MLX / mlx-lm model directory (affine int2-int8 groups)",
-                    directory=True, schemes=SCHEMES, detect=detect))
+                    directory=True, schemes=SCHEMES, detect=detect,
+                    outputs=("config.json", "model.safetensors", "model-*-of-*.safetensors",
+                             "model.safetensors.index.json"), options=OPTIONS,
+                    scheme_package="quant-rowwise"))
+
+
+@hookimpl
+def convcore_add_hookspecs(pluginmanager: Any) -> None:
+    from . import hookspecs
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+@hookimpl
+def conv_mlx_register_archs(register: Callable[..., None]) -> None:
+    for rules in BUILTIN_ARCHS.values():
+        register(rules)
 
 
 @hookimpl
@@ -87,23 +119,8 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
 
 
 @hookimpl
-def convcore_infer(path: Path, fmt: str, token_ids: list[int]) -> np.ndarray | None:
+def convcore_open_session(path: Path, fmt: str, options: dict[str, Any]) -> Any:
     if fmt != "mlx":
         return None
-    try:
-        import mlx.core as mx
-        from mlx_lm import load
-    except ImportError:
-        raise ConvcoreError("mlx inference needs mlx and mlx-lm (pip install 'conv-mlx[infer]')") from None
-    try:
-        model, _ = load(str(path))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConvcoreError(f"{path}: mlx-lm cannot load it: {first}") from None
-    try:
-        logits = model(mx.array([list(token_ids)]))[0].astype(mx.float32)
-        mx.eval(logits)
-    except (IndexError, ValueError, RuntimeError) as exc:  # mlx-lm's own limits, e.g. too few layers
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConvcoreError(f"{path}: mlx-lm forward pass failed: {type(exc).__name__}: {first}") from None
-    return np.array(logits, dtype=np.float32)
+    from .runtime import MlxSession
+    return MlxSession(Path(path), options)

@@ -1,5 +1,6 @@
-"""What an MLX directory holds, as data: per-architecture tensor rules, affine scheme
-names, packed shapes, and the per-module quantization choices mlx-lm records.
+"""What an MLX directory holds, as data: tensor order and the tensors mlx-lm drops (by
+the per-architecture rules in :mod:`conv_mlx.archs`), affine scheme names, packed shapes,
+and the per-module quantization choices mlx-lm records.
 
 mlx-lm keeps Hugging Face tensor names for the llama family; its ``sanitize()`` only
 drops tensors (precomputed rotary frequencies, a tied ``lm_head``), so the reader has
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from convcore import ConvcoreError
+
+from .archs import ArchRules
 
 GROUP_SIZES = (32, 64, 128)
 BITS = (2, 3, 4, 5, 6, 8)
@@ -27,50 +29,8 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # which is the order it fills shards in.
 ATTN_ORDER = ("q_proj", "qkv_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 MLP_ORDER = ("gate_proj", "gate_up_proj", "down_proj", "up_proj")
-NORMS = ("input_layernorm", "post_attention_layernorm")
 PARAM_ORDER = ("weight", "scales", "biases", "bias")
-
-
-@dataclass(frozen=True)
-class ArchRules:
-    """How mlx-lm's model class for an architecture treats HF tensors.
-
-    :param tie_default: ``tie_word_embeddings`` when config.json leaves it out (mlx-lm's
-        ModelArgs default; None: the key is required).
-    :param lm_head: ``"if_untied"`` keeps ``lm_head.weight`` unless embeddings are tied,
-        ``"never"`` always drops it (the model reuses the embedding), ``"if_present"``
-        keeps whatever the checkpoint has.
-    """
-
-    tie_default: bool | None
-    lm_head: str = "if_untied"
-    norms: tuple[str, ...] = NORMS
-
-
-# mlx_lm/models/<arch>.py as of mlx-lm 0.32 (mistral is served by llama.py).
-ARCHS: dict[str, ArchRules] = {
-    "llama": ArchRules(tie_default=True),
-    "mistral": ArchRules(tie_default=True),
-    "qwen2": ArchRules(tie_default=True),
-    "qwen3": ArchRules(tie_default=None),
-    "gemma": ArchRules(tie_default=True, lm_head="never"),
-    "gemma2": ArchRules(tie_default=True, lm_head="never",
-                        norms=("input_layernorm", "pre_feedforward_layernorm",
-                               "post_feedforward_layernorm", "post_attention_layernorm")),
-    "gemma3_text": ArchRules(tie_default=True, lm_head="if_present",
-                             norms=NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm")),
-    "phi3": ArchRules(tie_default=False),
-}
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def rules_for(arch: str) -> ArchRules:
-    try:
-        return ARCHS[arch]
-    except KeyError:
-        raise ConvcoreError(
-            f"mlx writer: architecture {arch!r} is not supported "
-            f"(supported: {', '.join(ARCHS)})") from None
 
 
 def dropped(name: str, config: dict[str, Any], rules: ArchRules) -> bool:

@@ -17,12 +17,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from convcore import (
     FLOAT_DTYPES, ConvcoreError, Model, PlannedTensor, TensorRef, cast, dtype_name, get_registry,
-    numpy_dtype, quantize, write_sharded, write_tokenizer_files,
+    numpy_dtype, parse_size, quantize, write_sharded, write_tokenizer_files,
 )
 
+from .archs import rules_for
 from .layout import (
     DTYPE_NAMES, SHARD_BYTES, TORCH_DTYPES, dropped, module_choice, order_key, packed_shapes,
-    parse_scheme, quantizable, rules_for,
+    parse_scheme, quantizable,
 )
 
 
@@ -109,7 +110,7 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
         if t.name in last_part:
             progress(last_part[t.name])
 
-    max_shard = int(options.get("split_max_size") or SHARD_BYTES)
+    max_shard = parse_size(options.get("split_max_size") or SHARD_BYTES)
     if options.get("dry_run"):
         for t in planned:
             print(f"{t.name} {t.dtype}{list(t.shape)}")

@@ -31,6 +31,7 @@ def test_mlx_f32_round_trip_is_bit_exact(tmp_path, tiny_model_factory, affine_re
     assert cfg["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
 
 
+@pytest.mark.mlx
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_mlx_int4_to_hf_gives_mx_dequantize(tmp_path, tiny_model_factory, affine_registry, dtype):
     import mlx.core as mx
@@ -58,6 +59,7 @@ def test_mlx_int4_to_hf_gives_mx_dequantize(tmp_path, tiny_model_factory, affine
     assert "quantization" not in config(back)
 
 
+@pytest.mark.mlx
 def test_mlx_dir_written_by_mlx_lm_reads_back(tmp_path, tiny_model_factory, affine_registry):
     from mlx_helpers import mlx_lm_convert
 

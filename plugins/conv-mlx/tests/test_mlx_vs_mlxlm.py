@@ -11,6 +11,7 @@ import convcore
 from mlx_helpers import ARCHS, assert_same_tensors, config, mlx_lm_convert, mlx_logits, tiny
 
 pytest.importorskip("mlx_lm")
+pytestmark = pytest.mark.mlx
 
 # setting -> (our convert() kwargs, mlx_lm.convert kwargs)
 SETTINGS = {

@@ -1,0 +1,51 @@
+"""The gguf runtime session: llama.cpp loaded once, continuing from its KV cache."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import convcore
+
+pytestmark = pytest.mark.llamacpp
+pytest.importorskip("llama_cpp")
+
+
+def test_session_continues_from_its_cache_as_a_full_run(converted):
+    """Logits of a prefix then one token at a time equal the logits of the whole
+    sequence (same runtime, f32 KV cache), and greedy generation follows them."""
+    path = converted("llama", "f32")
+    ids = [1, 20, 30, 40, 5, 66, 7, 300]
+    with convcore.get_registry().open_session(path, options={"n_ctx": 64}) as s:
+        full = s.logits(ids)
+        head = s.logits(ids[:3])
+        tail = np.concatenate([s.decode([t]) for t in ids[3:]])
+        assert s.vocab_size == full.shape[1] == 1024 and s.stop_ids == (2,)
+        generated = list(s.generate(ids, max_tokens=10))
+        with pytest.raises(convcore.ConvcoreError, match="outside the vocabulary of 1024"):
+            s.logits([1, 5000])
+    np.testing.assert_allclose(np.concatenate([head, tail]), full, atol=1e-4, rtol=0)
+    # greedy by hand: one full run per step, no cache
+    expected, seq = [], list(ids)
+    for _ in range(10):
+        with convcore.get_registry().open_session(path, options={"n_ctx": 64}) as s:
+            expected.append(int(np.argmax(s.logits(seq)[-1])))
+        seq.append(expected[-1])
+    assert generated == expected
+
+
+def test_session_refuses_more_than_its_context(converted):
+    path = converted("llama", "f32")
+    with convcore.get_registry().open_session(path, options={"n_ctx": 64}) as s:
+        s.logits(list(range(1, 60)))
+        with pytest.raises(convcore.ConvcoreError, match="exceed the session's context of 64"):
+            s.decode(list(range(1, 10)))
+
+
+def test_infer_cli_generates_with_one_load(run_cli, converted):
+    path = converted("llama", "q8_0")
+    r = run_cli("infer", path, "--tokens", "1,20,30,40", "--max-tokens", "8", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    ids = [int(t) for t in r.stdout.strip().split(",")]
+    assert len(ids) == 8
+    with convcore.get_registry().open_session(path) as s:
+        assert list(s.generate([1, 20, 30, 40], 8)) == ids
