@@ -1,0 +1,120 @@
+"""Packaging as users install it: each distribution built as a wheel and installed into a
+fresh venv one at a time, and each step behaves as the README says.
+
+Third-party dependencies come from the package index (pip's cache makes reruns quick);
+our own distributions only from the wheels built here, pinned to their versions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DISTS = {"convcore": ROOT, "quant-rowwise": ROOT / "plugins" / "quant-rowwise",
+         "conv-gguf": ROOT / "plugins" / "conv-gguf", "conv-mlx": ROOT / "plugins" / "conv-mlx"}
+
+pytestmark = pytest.mark.slow
+
+
+def version_of(project: Path) -> str:
+    return tomllib.loads((project / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory) -> Path:
+    """Wheels of our distributions, built from copies so no build/ lands in the repo."""
+    house = tmp_path_factory.mktemp("wheels")
+    work = tmp_path_factory.mktemp("wheel-src")
+    for name, project in DISTS.items():
+        copy = work / name
+        ignore = shutil.ignore_patterns(".venv", "build", "dist", "*.egg-info", "__pycache__",
+                                        "tests", ".git", "plugins", "bench", "demo-out", ".bench")
+        shutil.copytree(project, copy, ignore=ignore)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(house), str(copy)],
+                       check=True, capture_output=True, text=True)
+    return house
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory, wheelhouse):
+    """A fresh venv and ``install(dist)`` / ``run(*args)`` helpers bound to it."""
+    home = tmp_path_factory.mktemp("venv")
+    venv.EnvBuilder(with_pip=True).create(home)
+    python = home / "bin" / "python"
+    pins = home / "pins.txt"
+    pins.write_text("".join(f"{n}=={version_of(p)}\n" for n, p in DISTS.items())
+                    + "torch==2.13.0\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CONVCORE_", "PYTHON", "VIRTUAL_ENV"))}
+    env["PATH"] = f"{home / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+
+    def install(dist: str) -> None:
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--find-links",
+                            str(wheelhouse), "-c", str(pins), dist],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def run(*args, check=True) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(home / "bin" / "convcore"), *map(str, args)],
+                           capture_output=True, text=True, env=env)
+        if check:
+            assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    def py(code: str) -> str:
+        r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    return install, run, py
+
+
+def formats(run) -> dict:
+    return {f["format"]: f for f in json.loads(run("formats", "--json").stdout)}
+
+
+def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
+    install, run, py = fresh
+    spm = tiny_model_factory("llama")     # SentencePiece
+    bpe = tiny_model_factory("qwen2")     # byte-level BPE
+
+    # 1. the core alone: only hf, and a missing format says so in one line
+    install("convcore")
+    assert list(formats(run)) == ["hf"]
+    r = run("run", spm, "-o", tmp_path / "x.gguf", "--to", "gguf", check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: unknown format 'gguf' (known: hf); no installed plugin provides it")
+    run("run", spm, "-o", tmp_path / "f16", "--to", "hf", "--dtype", "f16", "-q")
+
+    # 2. conv-gguf alone brings what its formats list: every gguf type converts, from
+    #    both tokenizer kinds (sentencepiece/protobuf and the k-quant kernels included)
+    install("conv-gguf")
+    gguf_types = formats(run)["gguf"]["schemes"]
+    assert "q4_k_m" in gguf_types and "npz" in formats(run)  # quant-rowwise came along
+    run("run", spm, "-o", tmp_path / "spm-q4_k_m.gguf", "--to", "gguf", "--quant", "q4_k_m", "-q")
+    run("run", bpe, "-o", tmp_path / "bpe-q4_k_m.gguf", "--to", "gguf", "--quant", "q4_k_m", "-q")
+    out = tmp_path / "all"
+    py("import convcore, sys\n"
+       f"for t in {gguf_types!r}:\n"
+       f"    convcore.convert({str(spm)!r}, {str(out)!r} + '-' + t + '.gguf', to='gguf', quant=t)\n")
+    assert sorted(p.name for p in tmp_path.glob("all-*.gguf")) == sorted(
+        f"all-{t}.gguf" for t in gguf_types)
+    # the runtime is an extra: its absence is one line naming it
+    r = run("infer", tmp_path / "spm-q4_k_m.gguf", "--tokens", "1,2,3", check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "pip install 'conv-gguf[infer]'" in r.stderr
+
+    # 3. conv-mlx: its affine schemes work from the install alone
+    install("conv-mlx")
+    assert "int4-g64" in formats(run)["mlx"]["schemes"]
+    run("run", spm, "-o", tmp_path / "mlx4", "--to", "mlx", "--quant", "int4-g64", "-q")
+    run("validate", tmp_path / "mlx4")
