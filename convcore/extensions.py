@@ -1,7 +1,7 @@
 """Registration hooks plugins add for each other (through ``convcore_add_hookspecs``).
 
-A plugin that lets others extend it (conv-gguf's architectures, conv-mlx's) adds a hook
-such as ``conv_gguf_register_archs(register)`` and reads what every plugin passed to
+A plugin that lets others extend it (say, a format plugin's architecture table) adds a
+hook such as ``myformat_register_archs(register)`` and reads what every plugin passed to
 ``register`` with :func:`collect_registrations`. The result is kept per registry object,
 so a registry built later (other plugins, other allow-lists) never sees a stale table.
 """
@@ -41,7 +41,7 @@ def collect_registrations(hook_name: str, key: Callable[[Any], str], what: str, 
     Errors are one line: a key registered twice names both plugins; an object that is not
     a ``kind`` names the plugin; a hook that raises names the plugin and the error.
 
-    :param hook_name: the hook, e.g. ``"conv_gguf_register_archs"``.
+    :param hook_name: the hook, e.g. ``"myformat_register_archs"``.
     :param key: the name an item is registered under, e.g. ``lambda a: a.model_type``.
     :param what: what an item is, for messages (``"gguf architecture"``).
     :param kind: the class every registered item must be an instance of.

@@ -29,7 +29,7 @@ def convcore_add_hookspecs(pluginmanager: Any) -> None:
     every implementation has a spec. Call ``pluginmanager.add_hookspecs(module)`` with a
     module of ``@convcore.hookspec`` functions; other plugins then implement them with
     ``@convcore.hookimpl`` and you call them through ``convcore.get_registry().hook``.
-    conv-gguf's ``conv_gguf_register_archs`` is such a hook.
+    A format plugin's table of architectures is the typical use.
 
     :param pluginmanager: the registry's ``pluggy.PluginManager``.
     :return: nothing.

@@ -56,7 +56,7 @@ class Format:
         and the flags ``--split-max-size``, ``--split-max-tensors``, ``--vocab-only``,
         ``--dry-run``); anything else is refused before work starts.
     :param scheme_package: the distribution that implements the schemes it lists, named
-        in the error when one of them is not installed (e.g. ``"quant-rowwise"``).
+        in the error when one of them is not installed (e.g. ``"my-kernels"``).
     """
 
     name: str
@@ -266,7 +266,7 @@ class Registry:
     @property
     def hook(self) -> Any:
         """The plugin manager's hook relay, for hooks plugins add themselves
-        (``registry.hook.conv_gguf_register_archs(register=...)``)."""
+        (``registry.hook.myformat_register_archs(register=...)``)."""
         return self.pm.hook
 
     # lookups --------------------------------------------------------------------
@@ -307,7 +307,8 @@ class Registry:
         if self.skipped:
             shown = ", ".join(f"{dist} (by {why})" for dist, why in self.skipped.values())
             return f"installed plugins not loaded: {shown}"
-        return "no installed plugin provides it; install the plugin for it and check convcore plugins"
+        return ("no installed plugin provides it (the user guide lists the plugin "
+                "distributions; convcore plugins shows what is installed)")
 
     def detect(self, path: Path) -> str:
         """Name of the readable format that claims ``path`` most strongly."""

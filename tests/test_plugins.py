@@ -69,3 +69,23 @@ def test_third_party_format_round_trips_through_the_cli(run_cli, plugin_env, tin
         want = convcore.cast(ref.load(), "bf16")
         got = out[name].load()
         assert got.dtype == want.dtype and np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_the_core_names_no_plugin():
+    """The core knows plugins only through what they register: no file under convcore/
+    names a plugin distribution or its module (hints come from installed data)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    names = set()
+    for project in root.glob("plugins/*/pyproject.toml"):
+        meta = tomllib.loads(project.read_text())["project"]
+        names.add(meta["name"])
+        names.update(meta.get("entry-points", {}).get("convcore", {}).values())
+    assert {"conv-gguf", "quant-rowwise", "conv_gguf"} <= names
+    offenders = [f"{path.relative_to(root)}: {name}"
+                 for path in sorted((root / "convcore").rglob("*"))
+                 if path.is_file() and path.suffix in (".py", ".tmpl", ".txt", ".md")
+                 for name in sorted(names) if name in path.read_text(errors="replace")]
+    assert offenders == []

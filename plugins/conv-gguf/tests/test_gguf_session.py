@@ -49,3 +49,20 @@ def test_infer_cli_generates_with_one_load(run_cli, converted):
     assert len(ids) == 8
     with convcore.get_registry().open_session(path) as s:
         assert list(s.generate([1, 20, 30, 40], 8)) == ids
+
+
+def test_compare_pairs_tensors_and_shows_gguf_names(run_cli, converted, tiny_model_factory):
+    """``compare --tensors`` runs both models in their runtimes and pairs weights by HF
+    name, showing each under its GGUF name (from ``convcore_map_names``)."""
+    import json
+
+    src = tiny_model_factory("llama")
+    r = run_cli("compare", src, converted("llama", "q8_0"), "--tensors", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["candidate_names"]["model.layers.0.mlp.down_proj.weight"] == "blk.0.ffn_down.weight"
+    assert report["tensors"]["model.norm.weight"] == 0.0          # norms stay f32
+    assert 0 < report["tensors"]["model.layers.0.mlp.down_proj.weight"] < 0.01   # q8_0
+    assert report["top1_agreement"] > 0.8 and report["kl_ref_cand"] < 0.01
+    text = run_cli("compare", src, converted("llama", "q8_0"), "--tensors").stdout
+    assert "model.layers.0.mlp.down_proj.weight (blk.0.ffn_down.weight): " in text
