@@ -42,10 +42,11 @@ def _matches(name: str, is_dir: bool, patterns: Iterable[str]) -> bool:
     return False
 
 
-def foreign_entries(path: Path, outputs: Iterable[str]) -> list[str]:
+def foreign_entries(path: Path, outputs: Iterable[str], companions: bool = True) -> list[str]:
     """Entries of directory ``path`` that no writer with these ``outputs`` produces
-    (directories end in ``/``), sorted; empty when ``--force`` may replace ``path``."""
-    patterns = tuple(outputs) + COMPANION_OUTPUTS
+    (directories end in ``/``), sorted; empty when ``--force`` may replace ``path``.
+    ``companions``: HF-style companion files count as produced too."""
+    patterns = tuple(outputs) + (COMPANION_OUTPUTS if companions else ())
     foreign = []
     for entry in sorted(path.iterdir(), key=lambda p: p.name):
         is_dir = entry.is_dir() and not entry.is_symlink()
@@ -99,6 +100,8 @@ def check_replaceable(path: Path, fmt: "Format") -> None:
             raise ConvcoreError(f"{path}: holds files convcore did not write ({shown}); "
                                 "choose another path")
     elif path.is_dir():
+        if fmt.outputs and not foreign_entries(path, fmt.outputs, companions=False):
+            return  # a file format's split output, written as a directory of parts
         ext = fmt.extensions[0] if fmt.extensions else f".{fmt.name}"
         raise ConvcoreError(f"{path}: is a directory; a {fmt.name} output is a file, so give a "
                             f"file path such as {path / ('model' + ext)}")

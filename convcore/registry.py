@@ -51,7 +51,9 @@ class Format:
         ``("config.json", "model*.safetensors", "model.safetensors.index.json")``. With
         ``--force`` an existing directory is replaced only when each entry matches one of
         these or a companion file (tokenizer, model card, ...); undeclared means nothing
-        but companion files may be replaced.
+        but companion files may be replaced. A file format that writes split outputs as
+        a directory of parts declares the parts' names here (``("part-*.parquet",)``), so
+        such a directory may be replaced too.
     :param options: the :class:`convcore.Option` s its writer accepts (``-O KEY=VALUE``
         and the flags ``--split-max-size``, ``--split-max-tensors``, ``--vocab-only``,
         ``--dry-run``); anything else is refused before work starts.

@@ -79,10 +79,12 @@ def _schemes() -> list[convcore.Scheme]:
     for bits in ROW_BITS:
         out.append(convcore.Scheme(
             name=f"int{bits}-row", block_size=1, bits=float(bits), family="row",
-            quantize=lambda a, o=None, b=bits: _kernels("rows").quantize_asym(b, a),
+            quantize=lambda a, o=None, b=bits: _kernels("rows").quantize_asym(
+                b, a, (o or {}).get("search", "mse")),
             dequantize=lambda d, s, b=bits: _kernels("rows").dequantize_asym(b, d, s),
             layout=_asym_layout(bits),
-            description=f"{bits}-bit asymmetric, scale and zero point per row"))
+            description=f"{bits}-bit asymmetric, scale and zero point per row (least squares; "
+                        "option search=minmax for min/max)"))
     for name, per_tensor in (("int8-row-sym", False), ("int8-tensor", True)):
         out.append(convcore.Scheme(
             name=name, block_size=1, bits=8.0, family="row",

@@ -1,8 +1,10 @@
 """Per-row schemes for the APL NPZ and Parquet V2 layouts.
 
-- ``int{1,2,4,8}-row``: asymmetric per output row. scale = (max - min) / (2**b - 1)
-  (1 when the row is constant), integer zero point zp = clip(rint(-min / scale), 0, 2**b - 1),
-  q = clip(rint(x / scale) + zp, 0, 2**b - 1), x ~ (q - zp) * scale.
+- ``int{1,2,4,8}-row``: asymmetric per output row, x ~ (q - zp) * scale with
+  q in [0, 2**b - 1]. By default scale and zero point minimise the row's squared error
+  (:mod:`.row_search`; zp is then a float). With ``search="minmax"``: scale =
+  (max - min) / (2**b - 1) (1 when the row is constant), integer zero point
+  zp = clip(rint(-min / scale), 0, 2**b - 1), q = clip(rint(x / scale) + zp, 0, 2**b - 1).
 - ``int8-row-sym``: scale = max|x| / 127 per row (1 for an all-zero row),
   q = clip(rint(x / scale), -127, 127) as int8, x ~ q * scale.
 - ``int8-tensor``: the same with one scale for the whole tensor.
@@ -20,6 +22,7 @@ from numba import njit, prange
 
 
 from ._input import as_rows, f32_slices, faulted_empty
+from .row_search import F_LO, LLOYD_ROUNDS, N_WINDOWS, asym_mse
 
 ASYM_BITS = (1, 2, 4, 8)
 
@@ -108,7 +111,15 @@ def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return out
 
 
-def quantize_asym(bits: int, array: np.ndarray) -> dict[str, np.ndarray]:
+SEARCHES = ("mse", "minmax")
+
+
+def quantize_asym(bits: int, array: np.ndarray, search: str = "mse") -> dict[str, np.ndarray]:
+    """Asymmetric per-row codes. ``search="mse"`` (the default) picks each row's scale and
+    zero point by least squares (:mod:`.row_search`; the zero point is then a float);
+    ``"minmax"`` is the plain formula in the module docstring."""
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r} (expected one of {', '.join(SEARCHES)})")
     rows = as_rows(array, 1)
     qmax = (1 << bits) - 1
     codes = faulted_empty(rows.shape, np.uint8)
@@ -117,7 +128,11 @@ def quantize_asym(bits: int, array: np.ndarray) -> dict[str, np.ndarray]:
     bad = np.zeros(1, np.uint8)
     for start, part in f32_slices(rows):
         n = len(part)
-        _asym(part, qmax, codes[start:start + n], scales[start:start + n], zps[start:start + n], bad)
+        out = (codes[start:start + n], scales[start:start + n], zps[start:start + n], bad)
+        if search == "mse":
+            asym_mse(part, float(qmax), F_LO[bits], N_WINDOWS[bits], LLOYD_ROUNDS, *out)
+        else:
+            _asym(part, qmax, *out)
     if bad[0]:
         raise ValueError("NaN or Inf in input")
     return {"q": pack(codes, bits), "scales": scales, "zero_points": zps}
