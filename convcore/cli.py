@@ -143,19 +143,28 @@ def formats(name: str | None, as_json: bool) -> None:
                 click.echo(f"    {o['name']}={kind}{default}  {o['help']}")
 
 
+def size_on_disk(path: Path) -> int:
+    """Bytes of the file, or of every file under the directory (links followed, as a
+    hub cache snapshot's files are links into its blobs)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def summarise(model: Model) -> dict[str, Any]:
     by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
     for ref in model.tensors.values():
         row = by_dtype[ref.stored or ref.dtype]
         row["tensors"] += 1
         row["params"] += ref.numel
-        row["bytes"] += ref.nbytes
+        row["bytes"] += ref.file_nbytes
     cfg = model.config
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
     return {
         "path": model.source, "format": model.format, "arch": model.arch,
         "params": model.num_params, "tensors": len(model.tensors),
+        "size_bytes": size_on_disk(Path(model.source)) if model.source else None,
         "tensors_by_dtype": dict(by_dtype),
         "config": {k: cfg[k] for k in keys if k in cfg},
         "tokenizer_files": sorted(model.tokenizer),
@@ -177,11 +186,12 @@ def inspect(path: Path, fmt: str | None, as_json: bool, list_tensors: bool) -> N
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
+    size = f", {info['size_bytes'] / 1e6:.1f} MB on disk" if info["size_bytes"] is not None else ""
     click.echo(f"{info['path']}: {info['format']} {info['arch']}, "
-               f"{info['params'] / 1e6:.2f}M params in {info['tensors']} tensors")
+               f"{info['params'] / 1e6:.2f}M params in {info['tensors']} tensors{size}")
     for dtype, row in sorted(info["tensors_by_dtype"].items()):
-        click.echo(f"  {dtype:<6} {row['tensors']:>5} tensors {row['params']:>14,} params "
-                   f"{row['bytes'] / 1e6:>10.1f} MB")
+        click.echo(f"  {dtype:<8} {row['tensors']:>5} tensors {row['params']:>14,} params "
+                   f"{row['bytes'] / 1e6:>10.2f} MB stored")
     for k, v in info["config"].items():
         click.echo(f"  {k}: {v}")
     if info["tokenizer_files"]:
@@ -228,9 +238,10 @@ def tokenizer_for(path: Path, fmt: str | None) -> Any:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-text tokens.")
 @click.option("--logits", "logits_out", type=click.Path(path_type=Path), help="Save logits (.npy).")
 @click.option("--threads", type=int, help="Threads for the runtime (default: its own).")
+@click.option("--verbose", is_flag=True, help="Let the runtime's own log through.")
 @click.option("--format", "fmt", metavar="FMT", help="Format (detected when omitted).")
 def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, ignore_eos: bool,
-          logits_out: Path | None, threads: int | None, fmt: str | None) -> None:
+          logits_out: Path | None, threads: int | None, verbose: bool, fmt: str | None) -> None:
     """Run PATH in its format's own runtime, loaded once: print the top next tokens, or
     generate greedily with the runtime's KV cache."""
     if (prompt is None) == (tokens is None):
@@ -240,7 +251,7 @@ def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, i
     if not ids:
         raise ConvcoreError("no tokens to run")
     registry = get_registry()
-    options: dict[str, Any] = {"n_ctx": len(ids) + max_tokens}
+    options: dict[str, Any] = {"n_ctx": len(ids) + max_tokens, "verbose": verbose}
     if threads:
         options["threads"] = threads
     with registry.open_session(path, fmt, options) as session:

@@ -155,7 +155,8 @@ def convcore_open_session(path: Path, fmt: str, options: dict[str, Any]) -> Sess
     :param path: model file or directory.
     :param fmt: its format; return None if not yours.
     :param options: runtime hints, may be empty: ``n_ctx`` (how many tokens the session
-        must hold), ``threads``. Ignore keys you don't use.
+        must hold), ``threads``, ``verbose`` (let the runtime's own log through; quiet
+        otherwise). Ignore keys you don't use.
     :return: a :class:`convcore.Session`, or None if not relevant.
     """
 

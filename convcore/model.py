@@ -99,6 +99,7 @@ class TensorRef:
     loader: Callable[[], np.ndarray] = field(repr=False)
     source: str = ""  # the file the data lives in, for error messages
     stored: str = ""  # the type in the file when load() converts it (e.g. "q4_k", "int4-g64")
+    stored_nbytes: int = 0  # bytes in the file when they differ from shape x dtype (packed)
 
     @property
     def numel(self) -> int:
@@ -106,7 +107,13 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the array :meth:`load` returns."""
         return self.numel * numpy_dtype(self.dtype).itemsize
+
+    @property
+    def file_nbytes(self) -> int:
+        """Bytes the tensor takes where it is stored (packed size for quantized ones)."""
+        return self.stored_nbytes or self.nbytes
 
     def load(self) -> np.ndarray:
         """Read the tensor: an array of ``shape`` and ``dtype`` (bf16 stays bf16)."""
@@ -121,7 +128,7 @@ class TensorRef:
     def with_loader(self, loader: Callable[[], np.ndarray], **changes: Any) -> "TensorRef":
         """A copy with another loader (and optionally another name/shape/dtype)."""
         fields = dict(name=self.name, shape=self.shape, dtype=self.dtype, source=self.source,
-                      stored=self.stored)
+                      stored=self.stored, stored_nbytes=self.stored_nbytes)
         fields.update(changes)
         return TensorRef(loader=loader, **fields)
 

@@ -122,7 +122,8 @@ def load_gguf(path: Path) -> Model:
         if fn is not None and spec.norm_offset and t.name.endswith("norm.weight"):
             dtype = "f32" if gtype == T.F32 else dtype
         refs[hf] = TensorRef(hf, shape, dtype, _loader(p, t, shape, fn), source=str(p),
-                             stored="" if gtype in FLOAT_VIEWS else gtype.name.lower())
+                             stored="" if gtype in FLOAT_VIEWS else gtype.name.lower(),
+                             stored_nbytes=int(t.n_bytes))
     from .hf_tokenizer import tokenizer_files
     tokenizer = tokenizer_files(kv)
     metadata = {k.removeprefix("general."): v for k, v in kv.items()

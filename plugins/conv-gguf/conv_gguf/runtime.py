@@ -12,6 +12,23 @@ from convcore import ConvcoreError, Session
 from .checks import read_header
 
 GGML_TYPE_F32 = 0
+_QUIET: Any = None   # the ctypes callback must outlive every call that may log
+
+
+def _route_logs(llama_cpp: Any, verbose: bool) -> None:
+    """llama.cpp logs through a process-wide callback; llama-cpp-python's own lets some
+    warnings through even with ``verbose=False`` (``llama_kv_cache_iswa: ...``), so
+    install one that drops everything unless the user asked for ``--verbose``."""
+    global _QUIET
+    import ctypes
+
+    if verbose:
+        from llama_cpp import _logger
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        return
+    if _QUIET is None:
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
 
 
 class LlamaCppSession(Session):
@@ -25,9 +42,11 @@ class LlamaCppSession(Session):
             raise ConvcoreError("gguf inference needs llama-cpp-python "
                                 "(pip install 'conv-gguf[infer]')") from None
         read_header(Path(path))   # a bad file gives one line, not a crash inside llama.cpp
+        verbose = bool(options.get("verbose"))
+        _route_logs(llama_cpp, verbose)
         n_ctx = max(64, int(options.get("n_ctx") or 512))
         kwargs: dict[str, Any] = dict(logits_all=True, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                                      verbose=False, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+                                      verbose=verbose, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
         if options.get("threads"):
             kwargs["n_threads"] = int(options["threads"])
         try:

@@ -66,3 +66,25 @@ def test_compare_pairs_tensors_and_shows_gguf_names(run_cli, converted, tiny_mod
     assert report["top1_agreement"] > 0.8 and report["kl_ref_cand"] < 0.01
     text = run_cli("compare", src, converted("llama", "q8_0"), "--tensors").stdout
     assert "model.layers.0.mlp.down_proj.weight (blk.0.ffn_down.weight): " in text
+
+
+def test_infer_is_quiet_unless_verbose(run_cli, tiny_model_factory, tmp_path):
+    """llama.cpp's own log (here gemma2's sliding-window cache notice) stays off stderr."""
+    path = convcore.convert(tiny_model_factory("gemma2"), tmp_path / "g2.gguf", to="gguf",
+                            quant="q8_0")
+    quiet = run_cli("infer", path, "--tokens", "1,2,3")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    loud = run_cli("infer", path, "--tokens", "1,2,3", "--verbose")
+    assert loud.returncode == 0 and "llama" in loud.stderr
+
+
+def test_inspect_reports_stored_bytes_and_file_size(run_cli, converted):
+    import json
+
+    path = converted("llama", "q8_0")
+    info = json.loads(run_cli("inspect", path, "--json").stdout)
+    assert info["size_bytes"] == path.stat().st_size
+    q8 = info["tensors_by_dtype"]["q8_0"]
+    assert q8["bytes"] == q8["params"] // 32 * 34   # ggml's q8_0 block: 34 bytes per 32
+    total = sum(row["bytes"] for row in info["tensors_by_dtype"].values())
+    assert 0.9 * info["size_bytes"] < total <= info["size_bytes"]

@@ -108,7 +108,8 @@ def load_mlx(path: Path) -> Model:
         tensors[name] = TensorRef(name, shape, scales.dtype,
                                   _dequantizer(registry, ref, scales, raw[f"{stem}.biases"], bits, group,
                                                shape),
-                                  source=ref.source)
+                                  source=ref.source, stored=f"int{bits}-g{group}",
+                                  stored_nbytes=ref.nbytes + scales.nbytes + raw[f"{stem}.biases"].nbytes)
     for name, ref in raw.items():
         if name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" not in raw:
             raise ConvcoreError(f"{ref.source}: {name} has no {name.rsplit('.', 1)[0]}.weight")

@@ -27,3 +27,14 @@ def test_session_continues_from_its_cache_as_a_full_run(tiny_model_factory, tmp_
             expected.append(int(np.argmax(s.logits(seq)[-1])))
             seq.append(expected[-1])
     assert generated == expected
+
+
+def test_inspect_reports_packed_bytes(run_cli, tiny_model_factory, tmp_path):
+    import json
+
+    out = convcore.convert(tiny_model_factory("llama"), tmp_path / "m4", to="mlx", quant="int4-g64")
+    info = json.loads(run_cli("inspect", out, "--json").stdout)
+    row = info["tensors_by_dtype"]["int4-g64"]
+    # 4-bit codes plus an f32 scale and bias per group of 64: 4 + 64/64 bits per weight
+    assert row["bytes"] == row["params"] * 4 // 8 + row["params"] // 64 * 2 * 4
+    assert sum(r["bytes"] for r in info["tensors_by_dtype"].values()) < info["size_bytes"]

@@ -180,7 +180,7 @@ def convcore_load(path: Path, fmt: str, options: dict[str, Any]) -> Model | None
     npz, manifest = _read_manifest(Path(path))
     try:
         with zipfile.ZipFile(npz) as zf:
-            present = {n.removesuffix(".npy") for n in zf.namelist()}
+            present = {i.filename.removesuffix(".npy"): i.compress_size for i in zf.infolist()}
     except zipfile.BadZipFile as exc:
         raise ConvcoreError(f"{npz}: not a valid npz ({exc})") from None
     tensors: dict[str, TensorRef] = {}
@@ -195,7 +195,9 @@ def convcore_load(path: Path, fmt: str, options: dict[str, Any]) -> Model | None
             dtype = "f32"
         tensors[entry["name"]] = TensorRef(entry["name"], tuple(entry["shape"]), dtype,
                                            _member_loader(npz, members, entry), source=str(npz),
-                                           stored=entry.get("scheme", "") if quantized else "")
+                                           stored=entry.get("scheme", "") if quantized else "",
+                                           stored_nbytes=sum(present[m] for m in members.values()
+                                                             if m is not None))
     config_path = Path(path) / "config.json"
     config = convcore.read_json(config_path) if config_path.is_file() else {"model_type": manifest["model"].get("arch", "unknown")}
     return Model(arch=convcore.arch_of(config), config=config, tensors=tensors,
