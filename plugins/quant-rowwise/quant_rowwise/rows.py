@@ -130,7 +130,7 @@ def quantize_asym(bits: int, array: np.ndarray, search: str = "mse") -> dict[str
         n = len(part)
         out = (codes[start:start + n], scales[start:start + n], zps[start:start + n], bad)
         if search == "mse":
-            asym_mse(part, float(qmax), F_LO[bits], N_WINDOWS[bits], LLOYD_ROUNDS, *out)
+            asym_mse(part, float(qmax), F_LO[bits], N_WINDOWS[bits], LLOYD_ROUNDS[bits], *out)
         else:
             _asym(part, qmax, *out)
     if bad[0]:
