@@ -12,23 +12,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+from .tiny_tokenizers import BUILD_VERSION, CORPUS, FAMILIES, VOCAB_SIZE, build_tokenizer, family
 
-# arch -> (config class, model class, config overrides, tokenizer kind)
+# arch -> (config class, model class, config overrides, tokenizer family; see tiny_tokenizers)
 ARCHS: dict[str, tuple[str, str, dict[str, Any], str]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, "spm"),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}, "spm"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}, "bpe"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": False}, "bpe"),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"hidden_activation": "gelu_pytorch_tanh"}, "spm"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, "llama"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}, "llama"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}, "qwen2"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": False}, "qwen2"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"hidden_activation": "gelu_pytorch_tanh"}, "gemma"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                {"sliding_window": 64, "final_logit_softcapping": 30.0,
-                "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 64}, "spm"),
+                "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 64}, "gemma"),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                    {"sliding_window": 64, "query_pre_attn_scalar": 64}, "spm"),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}, "spm"),
+                    {"sliding_window": 64, "query_pre_attn_scalar": 64}, "gemma"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}, "llama"),
 }
-TOKENIZER_VOCAB = 1024
+TOKENIZER_VOCAB = VOCAB_SIZE
 
 
 def cache_dir() -> Path:
@@ -37,71 +37,14 @@ def cache_dir() -> Path:
     return root
 
 
-def train_spm(directory: Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
-    """Train a Llama-style SentencePiece BPE model (byte fallback) on the corpus;
-    returns ``directory/tokenizer.model``."""
-    import sentencepiece as spm
-
-    directory.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        input=str(CORPUS), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
-        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2, seed_sentencepiece_size=100000,
-    )
-    (directory / "tokenizer.vocab").unlink(missing_ok=True)
-    return directory / "tokenizer.model"
-
-
 def spm_tokenizer(directory: Path, vocab_size: int = TOKENIZER_VOCAB) -> Any:
-    """A transformers Llama tokenizer (fast) over a freshly trained SentencePiece model;
-    ``directory`` ends up holding tokenizer.model, tokenizer.json and tokenizer_config.json."""
-    from transformers import AutoTokenizer
-
-    model_file = train_spm(directory, vocab_size)
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-    }))
-    tok = AutoTokenizer.from_pretrained(str(directory))
-    tok.save_pretrained(str(directory))
-    assert model_file.exists()
-    return tok
-
-
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    """A Llama-2 style SentencePiece tokenizer written into ``directory`` (bench/ uses it)."""
+    return build_tokenizer(directory, "llama", vocab_size)
 
 
 def bpe_tokenizer(directory: Path, vocab_size: int = TOKENIZER_VOCAB) -> Any:
-    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer, trained on the corpus."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    directory.mkdir(parents=True, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(CORPUS)], trainer)
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        bos_token=None, unk_token=None)
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    fast.save_pretrained(str(directory))
-    cfg = json.loads((directory / "tokenizer_config.json").read_text())
-    cfg["tokenizer_class"] = "Qwen2Tokenizer"
-    (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-    return fast
+    """A Qwen2 style byte-level BPE tokenizer written into ``directory``."""
+    return build_tokenizer(directory, "qwen2", vocab_size)
 
 
 def make_tiny_model(
@@ -125,19 +68,19 @@ def make_tiny_model(
 ) -> Path:
     """Build a tiny ``arch`` model with random weights and a real tokenizer at ``path``.
 
-    ``dtype`` is f32, f16 or bf16; ``max_shard_size`` shards the safetensors; ``bin``
-    writes ``pytorch_model.bin`` instead. Returns ``path``.
+    ``dtype`` is f32, f16 or bf16; ``tokenizer`` names a tokenizer family of
+    ``tiny_tokenizers.FAMILIES`` (default: the arch's own); ``max_shard_size`` shards the
+    safetensors; ``bin`` writes ``pytorch_model.bin`` instead. Returns ``path``.
     """
     import torch
     import transformers
 
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(ARCHS)}")
-    config_cls, model_cls, overrides, tok_kind = ARCHS[arch]
+    config_cls, model_cls, overrides, tok_family = ARCHS[arch]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok_kind = tokenizer or tok_kind
-    tok = spm_tokenizer(path) if tok_kind == "spm" else bpe_tokenizer(path)
+    tok = build_tokenizer(path, tokenizer or tok_family)
     vocab = len(tok)
     kwargs: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
@@ -178,8 +121,13 @@ def tiny_model(arch: str = "llama", **kwargs: Any) -> Path:
     """A cached tiny model (built once per argument set under the convcore cache dir)."""
     import transformers
 
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(ARCHS)}")
+    # the tokenizer family's settings are part of the key: changing them rebuilds
+    tok = FAMILIES[family(kwargs.get("tokenizer") or ARCHS[arch][3])]
     key = json.dumps({"arch": arch, "transformers": transformers.__version__,
-                      "corpus": CORPUS.stat().st_size, "v": 2, **kwargs}, sort_keys=True)
+                      "corpus": CORPUS.stat().st_size, "v": 3, "tokenizer_settings": tok,
+                      "tokenizer_build": BUILD_VERSION, **kwargs}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "tiny-models" / f"{arch}-{digest}"
     if not (path / "config.json").exists():

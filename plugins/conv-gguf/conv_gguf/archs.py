@@ -177,6 +177,10 @@ class Arch:
         reader rebuilds from the GGUF keys with what those keys cannot say.
     :param read_back: GGUFs of ``gguf_arch`` read back as this ``model_type``; exactly
         one registered entry per ``gguf_arch`` may say so. :meth:`alias` clears it.
+    :param tokenizer_class: the family's transformers tokenizer class (what its
+        checkpoints' tokenizer_config.json names), written by the reader when that class
+        tokenizes the GGUF's vocabulary as llama.cpp does (see ``hf_tokenizer.py``);
+        None: the generic ``PreTrainedTokenizerFast``, which follows tokenizer.json.
     """
 
     model_type: str
@@ -190,6 +194,7 @@ class Arch:
     config_defaults: dict[str, Any] = field(default_factory=dict)
     read_config: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
     read_back: bool = True
+    tokenizer_class: str | None = None
 
     def alias(self, model_type: str, hf_class: str | None = None) -> "Arch":
         """This architecture under another HF ``model_type``: written the same way, while
@@ -199,27 +204,30 @@ class Arch:
 
 
 _GEMMA_DEFAULTS = {"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
-LLAMA = Arch("llama", "llama", "LlamaForCausalLM", BASE_NAMES, permute_qk=True)
+LLAMA = Arch("llama", "llama", "LlamaForCausalLM", BASE_NAMES, permute_qk=True,
+             tokenizer_class="LlamaTokenizer")
 GEMMA2 = Arch("gemma2", "gemma2", "Gemma2ForCausalLM", {**BASE_NAMES, **SANDWICH_NORM_NAMES},
               COMMON_HPARAMS + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
               required=("attention.sliding_window",), config_defaults=_GEMMA_DEFAULTS,
-              read_config=_gemma_query_scale(46))
+              read_config=_gemma_query_scale(46), tokenizer_class="GemmaTokenizer")
 # The architectures conv-gguf registers itself (through the same hook as anyone else).
 # Mistral is stored as llama, and reads back as llama: both compute the same function.
 BUILTIN_ARCHS: Mapping[str, Arch] = MappingProxyType({a.model_type: a for a in (
     LLAMA,
     LLAMA.alias("mistral", "MistralForCausalLM"),
-    Arch("qwen2", "qwen2", "Qwen2ForCausalLM", BASE_NAMES),
-    Arch("qwen3", "qwen3", "Qwen3ForCausalLM", {**BASE_NAMES, **QK_NORM_NAMES}),
+    Arch("qwen2", "qwen2", "Qwen2ForCausalLM", BASE_NAMES, tokenizer_class="Qwen2Tokenizer"),
+    Arch("qwen3", "qwen3", "Qwen3ForCausalLM", {**BASE_NAMES, **QK_NORM_NAMES},
+         tokenizer_class="Qwen2Tokenizer"),
     Arch("gemma", "gemma", "GemmaForCausalLM", BASE_NAMES, norm_offset=1.0,
-         config_defaults=_GEMMA_DEFAULTS),
+         config_defaults=_GEMMA_DEFAULTS, tokenizer_class="GemmaTokenizer"),
     GEMMA2,
     dataclasses.replace(GEMMA2, model_type="gemma3_text", gguf_arch="gemma3",
                         hf_class="Gemma3ForCausalLM",
                         names={**BASE_NAMES, **SANDWICH_NORM_NAMES, **QK_NORM_NAMES},
                         read_config=_gemma3_config),
     Arch("phi3", "phi3", "Phi3ForCausalLM", {**BASE_NAMES, **PHI3_NAMES},
-         COMMON_HPARAMS + SLIDING_HPARAMS + PHI3_HPARAMS, read_config=_phi3_config),
+         COMMON_HPARAMS + SLIDING_HPARAMS + PHI3_HPARAMS, read_config=_phi3_config,
+         tokenizer_class="LlamaTokenizer"),
 )})
 REQUIRED_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
                  "attention.head_count", "attention.layer_norm_rms_epsilon")

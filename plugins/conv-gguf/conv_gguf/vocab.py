@@ -90,23 +90,25 @@ def read_vocab(files: dict[str, bytes], config: dict[str, Any]) -> Vocab | None:
         elif key in ("bos", "eos") and isinstance(config.get(f"{key}_token_id"), int) \
                 and text is None and f"{key}_token" not in tok_cfg:
             vocab.special[key] = config[f"{key}_token_id"]
-    template = _post_template(tok_json)
-    if "add_bos_token" in tok_cfg:
-        vocab.add_bos = bool(tok_cfg["add_bos_token"])
-    elif template is not None:
-        vocab.add_bos = template[:1] == [_token_text(tok_cfg.get("bos_token"))]
-    else:
-        vocab.add_bos = vocab.model == "llama"   # SentencePiece models add BOS unless told
-    if "add_eos_token" in tok_cfg:
-        vocab.add_eos = bool(tok_cfg["add_eos_token"])
-    elif template is not None:
-        vocab.add_eos = template[-1:] == [_token_text(tok_cfg.get("eos_token"))]
+    vocab.add_bos, vocab.add_eos = _adds_bos_eos(tok_json, tok_cfg, vocab.model)
     template = tok_cfg.get("chat_template")
     if "chat_template.jinja" in files:
         template = files["chat_template.jinja"].decode("utf-8")
     if isinstance(template, str):
         vocab.chat_template = template
     return vocab
+
+
+def _adds_bos_eos(tok_json: Any, tok_cfg: dict[str, Any], model: str) -> tuple[bool, bool | None]:
+    """Whether transformers adds BOS / EOS: with a tokenizer.json, transformers 5 takes
+    them from its post-processor alone (none there: neither) and ignores
+    tokenizer_config.json's add_*_token; without one, from those flags."""
+    if tok_json is not None:
+        template = _post_template(tok_json) or ["$A"]
+        return template[0] != "$A", template[-1] != "$A"
+    add_eos = bool(tok_cfg["add_eos_token"]) if "add_eos_token" in tok_cfg else None
+    # SentencePiece models add BOS unless told otherwise
+    return bool(tok_cfg.get("add_bos_token", model == "llama")), add_eos
 
 
 def _post_template(tok_json: Any) -> list[str] | None:
@@ -176,9 +178,28 @@ def _spm_from_json(tok_json: dict[str, Any]) -> Vocab:
             types.append(int(TT.BYTE))
         else:
             types.append(int(TT.NORMAL))
-    pre = json.dumps(tok_json.get("pre_tokenizer"))
-    prefix = '"prepend_scheme": "never"' not in pre and '"add_prefix_space": false' not in pre
-    return Vocab("llama", tokens, types, scores=scores, pre=SPM_PRE, add_space_prefix=prefix)
+    return Vocab("llama", tokens, types, scores=scores, pre=SPM_PRE,
+                 add_space_prefix=_json_space_prefix(tok_json))
+
+
+def _parts(step: Any) -> list[dict[str, Any]]:
+    """A normalizer or pre-tokenizer of tokenizer.json as a flat list of its steps."""
+    if not isinstance(step, dict):
+        return []
+    inner = step.get("normalizers") or step.get("pretokenizers") or []
+    return [p for s in inner for p in _parts(s)] if step.get("type") == "Sequence" else [step]
+
+
+def _json_space_prefix(tok_json: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json adds the dummy-prefix space: a Prepend
+    normalizer (Llama 2, Phi-3) or a prepending Metaspace; Gemma's has neither."""
+    for step in _parts(tok_json.get("normalizer")) + _parts(tok_json.get("pre_tokenizer")):
+        if step.get("type") == "Prepend":
+            return True
+        if step.get("type") == "Metaspace":
+            default = "always" if step.get("add_prefix_space", True) else "never"
+            return step.get("prepend_scheme", default) != "never"
+    return False
 
 
 def _split_regexes(pre: Any) -> list[str]:
