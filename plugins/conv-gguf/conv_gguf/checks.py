@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from convcore import ConvcoreError
 
@@ -69,7 +70,11 @@ class _Cursor:
             raise ConvcoreError(f"{self.path}: {what} is not UTF-8") from None
 
 
-def _value(cur: _Cursor, vtype: int, key: str) -> object:
+NUMPY_OF = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+            10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+def _value(cur: _Cursor, vtype: int, key: str, keep_arrays: bool = False) -> object:
     if vtype in FIXED:
         raw = cur.take(FIXED[vtype], f"value of {key!r}")
         fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -85,13 +90,20 @@ def _value(cur: _Cursor, vtype: int, key: str) -> object:
             if count * FIXED[sub] > left:
                 raise ConvcoreError(f"{cur.path}: key {key!r} claims {count} array items, "
                                     f"more than the {left} bytes left")
-            cur.take(count * FIXED[sub], f"array {key!r}")
+            raw = cur.take(count * FIXED[sub], f"array {key!r}")
+            if keep_arrays:
+                return np.frombuffer(raw, dtype=NUMPY_OF[sub]).tolist()
         elif sub == STRING:
             if count * 8 > left:
                 raise ConvcoreError(f"{cur.path}: key {key!r} claims {count} strings, "
                                     f"more than the {left} bytes left")
-            for _ in range(count):
-                cur.take(cur.u64(f"string in {key!r}"), f"string in {key!r}")
+            items = [cur.take(cur.u64(f"string in {key!r}"), f"string in {key!r}")
+                     for _ in range(count)]
+            if keep_arrays:
+                try:
+                    return [item.decode("utf-8") for item in items]
+                except UnicodeDecodeError:
+                    raise ConvcoreError(f"{cur.path}: a string in {key!r} is not UTF-8") from None
         else:
             raise ConvcoreError(f"{cur.path}: key {key!r} has arrays of type {sub}, "
                                 "which GGUF does not define")
@@ -99,8 +111,9 @@ def _value(cur: _Cursor, vtype: int, key: str) -> object:
     raise ConvcoreError(f"{cur.path}: key {key!r} has value type {vtype}, which GGUF does not define")
 
 
-def read_header(path: Path) -> Header:
-    """Parse and bounds-check the header of one GGUF file (tensor data is not read)."""
+def read_header(path: Path, keep_arrays: bool = False) -> Header:
+    """Parse and bounds-check the header of one GGUF file (tensor data is not read).
+    Array values are kept (as lists) with ``keep_arrays``, else only their lengths."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -127,7 +140,7 @@ def read_header(path: Path) -> Header:
     for i in range(n_kv):
         key = cur.string(f"key #{i}")
         vtype = cur.u32(f"type of {key!r}")
-        kv[key] = _value(cur, vtype, key)
+        kv[key] = _value(cur, vtype, key, keep_arrays)
     tensors = []
     for i in range(n_tensors):
         name = cur.string(f"tensor name #{i}")

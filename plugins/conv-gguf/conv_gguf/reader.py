@@ -2,6 +2,7 @@
 tensors dequantized on demand, tokenizer turned back into HF files."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import gguf
 import ml_dtypes
 import numpy as np
 
+import convcore
 from convcore import ConvcoreError, Model, TensorRef
 
 from . import arch_table, archs, checks
@@ -19,19 +21,28 @@ FLOAT_VIEWS = {T.F32: ("f32", np.float32), T.F16: ("f16", np.float16),
                T.BF16: ("bf16", ml_dtypes.bfloat16)}
 
 
-def _open(paths: list[Path]) -> tuple[dict[str, Any], list[tuple[gguf.ReaderTensor, gguf.GGUFReader, Path]]]:
+@dataclass(frozen=True)
+class _Tensor:
+    """A tensor's place in a GGUF file, from our own bounds-checked header walk (gguf-py's
+    reader takes seconds to build its per-field views of a 32k-token vocabulary)."""
+
+    name: str
+    tensor_type: int
+    shape: tuple[int, ...]      # ggml order, as gguf-py gives it
+    data_offset: int            # from the start of the file
+    n_bytes: int
+
+
+def _open(paths: list[Path]) -> tuple[dict[str, Any], list[tuple[_Tensor, None, Path]]]:
     kv: dict[str, Any] = {}
     tensors = []
     for p in paths:
-        checks.read_header(p)   # bounds first: gguf-py trusts the header
-        try:
-            reader = gguf.GGUFReader(p, "r")
-        except Exception as exc:  # gguf-py raises ValueError and friends on bad files
-            raise ConvcoreError(f"{p}: cannot parse GGUF ({exc})") from None
-        for key, field in reader.fields.items():
-            if not key.startswith("GGUF.") and key not in kv:
-                kv[key] = field.contents()
-        tensors.extend((t, reader, p) for t in reader.tensors)
+        header = checks.read_header(p, keep_arrays=True)
+        for key, value in header.kv.items():
+            kv.setdefault(key, value)
+        tensors.extend((_Tensor(t.name, t.gtype, tuple(reversed(t.shape)),
+                                header.data_start + t.offset, t.nbytes), None, p)
+                       for t in header.tensors)
     return kv, tensors
 
 
@@ -68,9 +79,19 @@ def rebuild_config(kv: dict[str, Any], spec: archs.Arch, tied: bool) -> dict[str
     return config
 
 
-def _loader(path: Path, t: gguf.ReaderTensor, shape: tuple[int, ...], fn):
+def _dequantizer(registry: Any, gtype: Any):
+    """``dequantize(blocks, shape) -> f32``: the registered scheme of that name where one
+    is installed (compiled kernels, equal to gguf-py bit for bit), else gguf-py's numpy."""
+    scheme = registry.schemes.get(gtype.name.lower())
+    if scheme is not None:
+        return lambda blocks, shape: scheme.dequantize({"blocks": blocks}, shape)
+    return lambda blocks, shape: gguf.quants.dequantize(blocks, gtype).astype(np.float32, copy=False)
+
+
+def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
     gtype = T(t.tensor_type)
     offset, nbytes = int(t.data_offset), int(t.n_bytes)
+    dequantize = None if gtype in FLOAT_VIEWS else _dequantizer(registry, gtype)
 
     def load() -> np.ndarray:
         # a fresh map per read: its pages go with the array, so resident memory stays
@@ -81,8 +102,7 @@ def _loader(path: Path, t: gguf.ReaderTensor, shape: tuple[int, ...], fn):
             array = raw.view(FLOAT_VIEWS[gtype][1]).reshape(shape)
         else:
             block, size = gguf.GGML_QUANT_SIZES[gtype]
-            rows = raw.reshape(*shape[:-1], shape[-1] // block * size)
-            array = gguf.quants.dequantize(rows, gtype).astype(np.float32, copy=False)
+            array = dequantize(raw.reshape(*shape[:-1], shape[-1] // block * size), shape)
         if fn is not None:
             array = fn(array)
             if gtype in FLOAT_VIEWS and array.dtype != FLOAT_VIEWS[gtype][1]:
@@ -108,7 +128,8 @@ def load_gguf(path: Path) -> Model:
     tied = "output.weight" not in names
     config = rebuild_config(kv, spec, tied)
     refs: dict[str, TensorRef] = {}
-    for t, reader, p in tensors:
+    registry = convcore.get_registry()   # captured: tensors may be read from worker threads
+    for t, _, p in tensors:
         hf = archs.unmap_name(spec, t.name)
         if hf is None:
             raise ConvcoreError(f"{p}: tensor {t.name!r} has no HF name for architecture {arch_name}")
@@ -116,16 +137,16 @@ def load_gguf(path: Path) -> Model:
         if gtype not in FLOAT_VIEWS and gtype not in gguf.quants._type_traits:  # noqa: SLF001
             raise ConvcoreError(f"{p}: tensor {t.name!r} has type {gtype.name}, which gguf "
                                 "cannot dequantize")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = tuple(int(d) for d in reversed(t.shape))
         dtype = FLOAT_VIEWS[gtype][0] if gtype in FLOAT_VIEWS else "f32"
         fn = archs.transform(spec, config, t.name, inverse=True)
         if fn is not None and spec.norm_offset and t.name.endswith("norm.weight"):
             dtype = "f32" if gtype == T.F32 else dtype
-        refs[hf] = TensorRef(hf, shape, dtype, _loader(p, t, shape, fn), source=str(p),
+        refs[hf] = TensorRef(hf, shape, dtype, _loader(p, t, shape, fn, registry), source=str(p),
                              stored="" if gtype in FLOAT_VIEWS else gtype.name.lower(),
                              stored_nbytes=int(t.n_bytes))
     from .hf_tokenizer import tokenizer_files
-    tokenizer = tokenizer_files(kv)
+    tokenizer = tokenizer_files(kv, spec.tokenizer_class)
     metadata = {k.removeprefix("general."): v for k, v in kv.items()
                 if k.startswith("general.") and isinstance(v, (str, int, float, bool))}
     metadata["source"] = str(path)

@@ -85,3 +85,29 @@ def test_gguf_conformance(quant, tiny_llama, tmp_path):
     if quant == "q8_0":
         ref = convcore.load(out).tensors["model.layers.0.mlp.up_proj.weight"]
         assert ref.stored == "q8_0" and ref.dtype == "f32"
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m",
+                                   "q4_k_m", "q5_k_m", "q6_k"])
+def test_reader_dequantizes_as_gguf_py_bit_for_bit(converted, quant):
+    """The reader's header walk gives gguf-py's keys, and its compiled dequantizers (the
+    registered schemes) give exactly gguf-py's floats for every block type."""
+    import gguf
+
+    from conv_gguf import checks, reader
+
+    path = converted("llama", quant)
+    theirs = gguf.GGUFReader(path)
+    kv = checks.read_header(path, keep_arrays=True).kv
+    assert kv == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    registry = convcore.get_registry()
+    seen = set()
+    for t in theirs.tensors:
+        gtype = gguf.GGMLQuantizationType(t.tensor_type)
+        if gtype.name in ("F32", "F16", "BF16"):
+            continue
+        seen.add(gtype.name)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        ours = reader._dequantizer(registry, gtype)(np.asarray(t.data), shape)
+        np.testing.assert_array_equal(ours, gguf.quants.dequantize(t.data, gtype).reshape(shape))
+    assert seen
