@@ -202,3 +202,16 @@ def test_gguf_infer_prompt_same_greedy_text(arch, converted, rebuilt, tiny_model
         assert result.returncode == 0, result.stderr
         texts.append(result.stdout)
     assert texts[0] and texts[0] == texts[1] == texts[2], texts
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", sorted(LLAMA_TOKENIZER_DIVERGES - {"specials"}) + ["mixed"])
+def test_llama_gguf_tokenizes_as_sentencepiece_on_the_source(name, converted, tiny_model_factory,
+                                                             cpp_ids):
+    """Where transformers' LlamaTokenizer departs from SentencePiece, the source's own
+    SentencePiece model is the reference: llama.cpp on our GGUF agrees with it."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_model_factory("llama") / "tokenizer.model"))
+    text = TEXTS[name]
+    assert cpp_ids(converted("llama", "f32"))(text) == [sp.bos_id(), *sp.encode(text)]
