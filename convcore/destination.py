@@ -100,8 +100,12 @@ def check_replaceable(path: Path, fmt: "Format") -> None:
             raise ConvcoreError(f"{path}: holds files convcore did not write ({shown}); "
                                 "choose another path")
     elif path.is_dir():
-        if fmt.outputs and not foreign_entries(path, fmt.outputs, companions=False):
-            return  # a file format's split output, written as a directory of parts
+        foreign = foreign_entries(path, fmt.outputs, companions=False) if fmt.outputs else []
+        if fmt.outputs and len(foreign) < len(list(path.iterdir())):
+            if not foreign:
+                return  # a file format's split output, written as a directory of parts
+            raise ConvcoreError(f"{path}: holds files convcore did not write "
+                                f"({', '.join(foreign[:8])}); choose another path")
         ext = fmt.extensions[0] if fmt.extensions else f".{fmt.name}"
         raise ConvcoreError(f"{path}: is a directory; a {fmt.name} output is a file, so give a "
                             f"file path such as {path / ('model' + ext)}")

@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTS = {"convcore": ROOT, "quant-rowwise": ROOT / "plugins" / "quant-rowwise",
-         "conv-gguf": ROOT / "plugins" / "conv-gguf", "conv-mlx": ROOT / "plugins" / "conv-mlx"}
+         "conv-gguf": ROOT / "plugins" / "conv-gguf", "conv-mlx": ROOT / "plugins" / "conv-mlx",
+         "conv-parquet": ROOT / "plugins" / "conv-parquet"}
 
 pytestmark = pytest.mark.slow
 
@@ -118,3 +119,13 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
     assert "int4-g64" in formats(run)["mlx"]["schemes"]
     run("run", spm, "-o", tmp_path / "mlx4", "--to", "mlx", "--quant", "int4-g64", "-q")
     run("validate", tmp_path / "mlx4")
+
+    # 4. conv-parquet: V2 int8-row from the install alone (pyarrow from the index), and back
+    install("conv-parquet")
+    assert "int8-row" in formats(run)["parquet"]["schemes"]
+    run("run", spm, "-o", tmp_path / "q.parquet", "--to", "parquet", "--quant", "int8-row", "-q")
+    run("validate", tmp_path / "q.parquet")
+    run("run", tmp_path / "q.parquet", "-o", tmp_path / "q-hf", "--to", "hf", "-q")
+    assert (tmp_path / "q-hf" / "config.json").is_file()
+    assert (tmp_path / "q-hf" / "tokenizer.model").read_bytes() == (spm / "tokenizer.model").read_bytes()
+    assert "WeightLoader" in py("import conv_parquet; print(conv_parquet.WeightLoader.__name__)")

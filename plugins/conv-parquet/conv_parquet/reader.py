@@ -1,0 +1,331 @@
+"""Parquet weight file (or part directory) -> an index of rows, lazy tensors, a Model.
+
+Opening reads each part's footer and the small columns (names, shapes, dtypes, quant
+parameters) of every row; tensor bytes are read one row group at a time, with the
+footer already parsed, so a tensor costs one column-chunk read. Sizes declared in the
+file are checked against the bytes actually read before anything is allocated from them.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from convcore import (
+    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, numpy_dtype, read_json,
+    read_tokenizer_files,
+)
+
+from . import kv as kvmeta
+from .schema import (
+    MAGIC, NOT_QUANTIZED, checked_shape, code_array, dtype_from_column, offset_array,
+    packed_nbytes, quant_params, restore_scales, schema_version,
+)
+
+DEQUANT_CHUNK = 1 << 22  # elements a scheme dequantizes at once (16 MB of float32)
+SMALL_COLUMNS = ("layer_name", "shape", "dtype", "num_params")
+SMALL_QUANT_COLUMNS = ("quant_type", "quant_axis", "group_size")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One tensor's row: what the small columns say and where its bytes are."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # canonical; for a quantized row the type it was quantized from
+    quant: str  # "" when stored as is
+    axis: int | None
+    group: int | None
+    part: int
+    row_group: int
+    index: int  # within the row group
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def part_files(path: Path) -> list[Path]:
+    """The file itself, or a directory's ``*.parquet`` files by name (hidden and ``_``
+    files skipped, as Spark and pyarrow.dataset do)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConvcoreError(f"{path}: no such file or directory")
+    files = sorted(p for p in path.iterdir()
+                   if p.suffix == ".parquet" and p.is_file() and not p.name.startswith((".", "_")))
+    if not files:
+        raise ConvcoreError(f"{path}: a directory without *.parquet files")
+    return files
+
+
+def _check_ends(file: Path) -> None:
+    """A one-line error for a file that is not Parquet or lost its end (the footer, which
+    says where everything is, is written last)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(4)
+            f.seek(max(size - 4, 0))
+            tail = f.read(4)
+    except OSError as exc:
+        raise ConvcoreError(f"{file}: cannot read ({exc.strerror or exc})") from None
+    if head != MAGIC:
+        raise ConvcoreError(f"{file}: not a Parquet file (it does not start with PAR1)")
+    if size < 12 or tail != MAGIC:
+        raise ConvcoreError(f"{file}: truncated: no Parquet footer at its end ({size} bytes)")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class WeightTable:
+    """An opened weight file. ``problems``: collect one-line problems in it instead of
+    raising at the first (validation)."""
+
+    def __init__(self, path: Path, problems: list[str] | None = None):
+        self.path = Path(path)
+        self.problems = problems
+        self.files = part_files(self.path)
+        self.footers: list[pq.FileMetaData] = []
+        self.kv: dict[str, str] = {}
+        self.version = 0
+        for file in self.files:
+            _check_ends(file)
+            try:
+                footer = pq.read_metadata(file)
+            except (pa.ArrowException, OSError) as exc:
+                raise ConvcoreError(f"{file}: not a readable Parquet file ({_first_line(exc)})") from None
+            version = schema_version(footer.schema.to_arrow_schema(), str(file))
+            if self.version and version != self.version:
+                raise ConvcoreError(f"{file}: schema V{version}, but {self.files[0].name} is V{self.version}")
+            self.version = version
+            self.footers.append(footer)
+            for key, value in kvmeta.as_text(footer.metadata).items():
+                self.kv.setdefault(key, value)
+        self._check_parts()
+        self.rows: dict[str, Row] = {}
+        for part in range(len(self.files)):
+            self._index(part)
+
+    def bad(self, message: str) -> None:
+        if self.problems is None:
+            raise ConvcoreError(message)
+        self.problems.append(message)
+
+    def _check_parts(self) -> None:
+        declared = {}
+        for file, footer in zip(self.files, self.footers):
+            part = kvmeta.part_of(kvmeta.as_text(footer.metadata), str(file))
+            if part is not None:
+                declared[part[0]] = (part[1], file)
+        if not declared:
+            return
+        count = next(iter(declared.values()))[0]
+        missing = [i for i in range(count) if i not in declared]
+        if missing or len(declared) != len(self.files) or any(c != count for c, _ in declared.values()):
+            self.bad(f"{self.path}: holds {len(self.files)} part files, but they say there are {count}"
+                     + (f" (part {missing[0]} missing)" if missing else ""))
+
+    def _index(self, part: int) -> None:
+        file, footer = self.files[part], self.footers[part]
+        columns = list(SMALL_COLUMNS) + (list(SMALL_QUANT_COLUMNS) if self.version == 2 else [])
+        try:
+            with pq.ParquetFile(file, metadata=footer) as pf:
+                table = pf.read(columns=columns, use_threads=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise ConvcoreError(f"{file}: cannot read its columns ({_first_line(exc)})") from None
+        values = {c: table.column(c).to_pylist() for c in columns}
+        row_group, start = 0, 0
+        for i, name in enumerate(values["layer_name"]):
+            while i - start >= footer.row_group(row_group).num_rows:
+                start += footer.row_group(row_group).num_rows
+                row_group += 1
+            where = f"{file}: row {i}" + (f" ({name!r})" if name else "")
+            try:
+                entry = self._row(values, i, name, where, part, row_group, i - start)
+            except ConvcoreError as exc:
+                self.bad(str(exc))
+                continue
+            if entry.name in self.rows:
+                first = self.rows[entry.name]
+                self.bad(f"{file}: tensor name {entry.name!r} appears twice (also row group "
+                         f"{first.row_group} of {self.files[first.part].name})")
+                continue
+            self.rows[entry.name] = entry
+
+    def _row(self, values: dict[str, list], i: int, name: Any, where: str, part: int,
+             row_group: int, index: int) -> Row:
+        if not name:
+            raise ConvcoreError(f"{where}: empty layer_name")
+        shape = checked_shape(values["shape"][i], where)
+        dtype = dtype_from_column(values["dtype"][i], where)
+        if values["num_params"][i] != math.prod(shape):
+            raise ConvcoreError(f"{where}: num_params {values['num_params'][i]} but shape "
+                                f"{list(shape)} has {math.prod(shape)}")
+        quant, axis, group = "", None, None
+        if self.version == 2:
+            quant = values["quant_type"][i] or ""
+            quant = "" if quant == NOT_QUANTIZED else quant
+            axis, group = values["quant_axis"][i], values["group_size"][i]
+            if quant and dtype not in ("f32", "f16", "bf16"):
+                raise ConvcoreError(f"{where}: quant_type {quant} from dtype {dtype}; expected a float type")
+        return Row(str(name), shape, dtype, quant, axis, group, part, row_group, index)
+
+    # reading ----------------------------------------------------------------------
+    def where(self, row: Row) -> str:
+        return f"{self.files[row.part]}: tensor {row.name!r}"
+
+    def read(self, row: Row, columns: tuple[str, ...]) -> dict[str, pa.Buffer | None]:
+        """The values of ``columns`` in ``row``: one row group's column chunks. Without
+        pre-buffering or threads: for one large chunk they only add work."""
+        try:
+            with pq.ParquetFile(self.files[row.part], metadata=self.footers[row.part],
+                                pre_buffer=False) as pf:
+                table = pf.read_row_group(row.row_group, columns=list(columns), use_threads=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise ConvcoreError(f"{self.where(row)}: cannot read row group {row.row_group} "
+                                f"({_first_line(exc)})") from None
+        return {c: _value(table.column(c), row.index) for c in columns}
+
+    def stored_nbytes(self, row: Row) -> int:
+        """A quantized row's packed bytes (0: as shape x dtype, or the scheme is missing)."""
+        try:
+            return packed_nbytes(get_registry().scheme(row.quant), row.shape, row.dtype) if row.quant else 0
+        except ConvcoreError:
+            return 0
+
+    def out_dtype(self, row: Row) -> str:
+        """The type ``load`` hands back: the stored type, or for a quantized row the type
+        of its scheme's scales (f32 per row; the source type for affine groups), which
+        holds the dequantized values exactly."""
+        if not row.quant:
+            return row.dtype
+        try:
+            return get_registry().scheme(row.quant).layout(row.shape, row.dtype)["scales"][0]
+        except ConvcoreError:
+            return "f32"  # the scheme is not installed: load() says so
+
+    def payload(self, row: Row, registry: Any = None) -> tuple[Any, dict[str, np.ndarray]]:
+        """(scheme or None, arrays) of ``row`` with every size checked: the tensor itself,
+        or the scheme's payload in its layout."""
+        where = self.where(row)
+        if not row.quant:
+            raw = self.read(row, ("data",))["data"]
+            want = row.numel * numpy_dtype(row.dtype).itemsize
+            _check_size(raw, want, where, "data", f"shape {list(row.shape)} of {row.dtype}")
+            array = np.frombuffer(raw, numpy_dtype(row.dtype)).reshape(row.shape)
+            return None, {"data": array.byteswap() if sys.byteorder == "big" else array}
+        spec = (registry or get_registry()).scheme(row.quant)
+        layout = spec.layout(row.shape, row.dtype)
+        axis, group, n_scales = quant_params(spec, row.shape, row.dtype)
+        if (row.axis, row.group) != (axis, group):
+            raise ConvcoreError(f"{where}: quant_axis {row.axis} / group_size {row.group}, but "
+                                f"{row.quant} on shape {list(row.shape)} has {axis} / {group}")
+        values = self.read(row, ("data", "scales", "zero_points"))
+        code, offset = code_array(layout), offset_array(layout)
+        code_dtype, code_shape = layout[code]
+        _check_size(values["data"], math.prod(code_shape) * numpy_dtype(code_dtype).itemsize, where,
+                    "data", f"{row.quant} codes of shape {list(row.shape)}")
+        scale_dtype, scale_shape = layout["scales"]
+        fit = f"quant_axis {axis}, group_size {group} on shape {list(row.shape)}"
+        _check_size(values["scales"], 4 * n_scales, where, "scales", fit)
+        payload = {code: np.frombuffer(values["data"], numpy_dtype(code_dtype)).reshape(code_shape),
+                   "scales": restore_scales(values["scales"], scale_dtype, scale_shape)}
+        if offset:
+            _check_size(values["zero_points"], 4 * n_scales, where, "zero_points", fit)
+            payload[offset] = restore_scales(values["zero_points"], layout[offset][0], layout[offset][1])
+        elif values["zero_points"] is not None and values["zero_points"].size:
+            raise ConvcoreError(f"{where}: zero_points given, but {row.quant} is symmetric")
+        return spec, payload
+
+    def tensor(self, row: Row) -> np.ndarray:
+        """The tensor of ``row``, dequantized when quantized (exactly as the scheme does)."""
+        spec, payload = self.payload(row)
+        if spec is None:
+            return payload["data"]
+        try:
+            return dequantize_rows(spec, payload, row.shape, self.out_dtype(row))
+        except ValueError as exc:
+            raise ConvcoreError(f"{self.where(row)}: {row.quant}: {exc}") from None
+
+
+def dequantize_rows(spec: Any, payload: dict[str, np.ndarray], shape: tuple[int, ...],
+                    dtype: str) -> np.ndarray:
+    """``spec.dequantize(payload, shape)`` as ``dtype``, a slice of rows at a time: every
+    scheme the format stores computes each row on its own, so the result is the same
+    bit for bit, while the scheme's float32 temporaries stay the size of a slice."""
+    n = shape[-1] if shape else 1
+    rows = math.prod(shape) // n if n else 0
+    step = max(1, DEQUANT_CHUNK // max(n, 1))
+    if rows <= step:
+        return cast(np.asarray(spec.dequantize(payload, shape), np.float32).reshape(shape), dtype)
+    # arrays with a row each (codes, per-row scales) are sliced; others (one scale) are shared
+    by_row = {k: (a.reshape(rows, -1) if _lead(a) == rows else None) for k, a in payload.items()}
+    out = np.empty((rows, n), numpy_dtype(dtype))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        part = {k: (payload[k] if r is None else r[start:stop]) for k, r in by_row.items()}
+        out[start:stop] = cast(np.asarray(spec.dequantize(part, (stop - start, n)), np.float32)
+                               .reshape(stop - start, n), dtype)
+    return out.reshape(shape)
+
+
+def _lead(array: np.ndarray) -> int:
+    """How many rows ``array`` spans: the product of all axes but the last (a 1-D array:
+    its length)."""
+    return math.prod(array.shape[:-1]) if array.ndim > 1 else (array.shape[0] if array.ndim else 0)
+
+
+def _value(column: pa.ChunkedArray, index: int) -> pa.Buffer | None:
+    """Value ``index`` of a binary column as a slice of the column's own buffer: a
+    scalar's ``as_buffer()`` copies the value, which for a tensor is its whole size."""
+    for chunk in column.chunks:
+        if index >= len(chunk):
+            index -= len(chunk)
+            continue
+        if chunk.is_null().to_pylist()[index] if chunk.null_count else False:
+            return None
+        if not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
+            return chunk[index].as_buffer()  # view types: rare, small files from other tools
+        width = np.int32 if pa.types.is_binary(chunk.type) else np.int64
+        offsets = np.frombuffer(chunk.buffers()[1], width)[chunk.offset + index:chunk.offset + index + 2]
+        return chunk.buffers()[2].slice(int(offsets[0]), int(offsets[1] - offsets[0]))
+    raise IndexError(index)
+
+
+def _check_size(raw: pa.Buffer | None, want: int, where: str, column: str, what: str) -> None:
+    if raw is None:
+        raise ConvcoreError(f"{where}: {column} is null; {what} needs {want} bytes")
+    if raw.size != want:
+        raise ConvcoreError(f"{where}: {column} holds {raw.size} bytes; {what} needs {want}")
+
+
+def load_parquet(path: Path) -> Model:
+    """Describe the weight file (or part directory) ``path`` as a lazy HF-named model. A
+    file without config in its metadata (as other tools write it) takes config.json and
+    tokenizer files from beside it when there are any."""
+    table = WeightTable(path)
+    config, tokenizer, metadata = kvmeta.decode(table.kv, str(path))
+    if config is None and (path.parent / "config.json").is_file():
+        config = read_json(path.parent / "config.json")
+        tokenizer = read_tokenizer_files(path.parent)
+        if (path.parent / "generation_config.json").is_file():
+            metadata["generation_config"] = read_json(path.parent / "generation_config.json")
+    config = config if isinstance(config, dict) else {}
+    tensors = {}
+    for name, row in table.rows.items():
+        tensors[name] = TensorRef(name, row.shape, table.out_dtype(row),
+                                  (lambda r=row: table.tensor(r)), source=str(table.files[row.part]),
+                                  stored=row.quant, stored_nbytes=table.stored_nbytes(row))
+    arch = table.kv.get("convcore.arch") or (arch_of(config) if config else "unknown")
+    metadata["source"] = str(path)
+    return Model(arch=arch, config=config, tensors=tensors, tokenizer=tokenizer, metadata=metadata,
+                 source=str(path), format="parquet")
