@@ -30,6 +30,12 @@ if have npz; then
   convcore run "$OUT/tiny-llama" -o "$OUT/tiny-npz" --to npz --quant int8-row -q
   convcore validate "$OUT/tiny-npz"
 fi
+if have parquet; then
+  echo "== hf -> parquet int8-row (a table duckdb or polars can query), and back"
+  convcore run "$OUT/tiny-llama" -o "$OUT/tiny-int8.parquet" --to parquet --quant int8-row -q
+  convcore inspect "$OUT/tiny-int8.parquet"
+  convcore run "$OUT/tiny-int8.parquet" -o "$OUT/tiny-from-parquet" --to hf -q
+fi
 echo "== plugins"
 convcore plugins
 echo "demo done: outputs in $OUT/"
