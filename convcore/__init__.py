@@ -14,7 +14,7 @@ from .pipeline import convert, load, ordered_map, quantize
 from .registry import Format, Registry, Scheme, get_registry, using
 from .runtime import Session
 from .safetensors_io import (
-    PlannedTensor, StreamingWriter, index_shards, open_tensors, read_header, write_sharded,
+    PlannedTensor, StreamingWriter, index_shards, open_tensors, plan_shards, read_header, write_sharded,
 )
 
 __version__ = "0.1.0"
@@ -23,6 +23,6 @@ __all__ = [
     "DTYPES", "FLOAT_DTYPES", "ConvcoreError", "Format", "Model", "PlannedTensor",
     "QuantizedTensor", "Registrations", "Registry", "Scheme", "Session", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
     "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "hookspec", "load", "numpy_dtype",
-    "open_tensors", "Option", "ordered_map", "parse_size", "quantize", "read_header", "read_json",
+    "open_tensors", "Option", "ordered_map", "parse_size", "plan_shards", "quantize", "read_header", "read_json",
     "read_tokenizer_files", "using", "write_sharded", "write_tokenizer_files",
 ]

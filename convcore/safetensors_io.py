@@ -213,9 +213,9 @@ class PlannedTensor:
         return math.prod(self.shape) * numpy_dtype(self.dtype).itemsize
 
 
-def plan_shards(tensors: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
-    """Group tensors in order into shards of at most ``max_shard_size`` bytes each
-    (a single larger tensor gets a shard of its own)."""
+def plan_shards(tensors: list[Any], max_shard_size: int) -> list[list[Any]]:
+    """Group tensors (anything with ``nbytes``) in order into shards of at most
+    ``max_shard_size`` bytes each (a single larger tensor gets a shard of its own)."""
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for t in tensors:

@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from convcore import (
-    FLOAT_DTYPES, ConvcoreError, Model, TensorRef, cast, get_registry, numpy_dtype, quantize,
+    FLOAT_DTYPES, ConvcoreError, Model, TensorRef, cast, get_registry, numpy_dtype, plan_shards,
+    quantize,
 )
 
 from . import kv as kvmeta
@@ -67,21 +68,6 @@ def plan(model: Model, quant: str | None, dtype: str | None) -> list[Planned]:
 def _too_large(name: str, nbytes: int) -> ConvcoreError:
     return ConvcoreError(f"tensor {name!r} is {nbytes} bytes; a Parquet value holds at most "
                          "2 GiB: quantize it (--quant) or store a narrower --dtype")
-
-
-def split(planned: list[Planned], max_bytes: int | None) -> list[list[Planned]]:
-    """Parts of at most ``max_bytes`` (uncompressed; a larger tensor gets a part of its own)."""
-    if not max_bytes:
-        return [planned]
-    parts: list[list[Planned]] = [[]]
-    size = 0
-    for p in planned:
-        if parts[-1] and size + p.nbytes > max_bytes:
-            parts.append([])
-            size = 0
-        parts[-1].append(p)
-        size += p.nbytes
-    return parts
 
 
 def _binary(array: np.ndarray | None, name: str) -> pa.Array:
@@ -150,7 +136,8 @@ def write_parquet(model: Model, path: Path, options: dict[str, Any],
     version = 2 if quant else 1
     planned = plan(model, quant, dtype)
     max_bytes = options.get("split_max_size")
-    parts = split(planned, max_bytes)
+    # parts of at most max_bytes uncompressed (a larger tensor gets a part of its own)
+    parts = plan_shards(planned, max_bytes) if max_bytes else [planned]
     if options.get("dry_run"):
         for i, part in enumerate(parts):
             for p in part:
