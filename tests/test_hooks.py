@@ -229,3 +229,11 @@ def test_ordered_map_keeps_order_bound_and_registry():
     assert [r for r, _ in out] == [i * i for i in range(20)]
     assert all(seen) and len(seen) == 20
     assert len({t for _, t in out}) > 1  # really ran on several threads
+
+
+def test_hf_infer_is_quiet_unless_verbose(run_cli, tiny_llama):
+    """The runtime's own progress output (transformers' weight-loading bar) stays off
+    stderr; stdout is the answer."""
+    r = run_cli("infer", tiny_llama, "--tokens", "1,2,3", "--max-tokens", "3", "--ignore-eos")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert len(r.stdout.strip().split(",")) == 3

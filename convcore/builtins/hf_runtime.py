@@ -22,6 +22,10 @@ class TransformersSession(Session):
             raise ConvcoreError("hf inference needs transformers and torch "
                                 "(pip install 'convcore[torch]')") from None
         self._torch = torch
+        if not options.get("verbose"):
+            # transformers draws a weight-loading bar on stderr; runtimes stay quiet
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
         if options.get("threads"):
             torch.set_num_threads(int(options["threads"]))
         try:
