@@ -1,0 +1,200 @@
+"""ONNX directory -> :class:`convcore.Model` with HF names.
+
+Only ``model.onnx``'s protobuf is parsed at load (weights stay in the external data
+file, memory-mapped on demand). The ``convcore.tensors`` metadata both writers leave
+says where each HF tensor lives: an initializer, maybe transposed, maybe a row range of
+a fused matrix, maybe MatMulNBits blocks (dequantized on load). A graph without it
+(another tool's) is read by initializer names.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from convcore import (
+    ConvcoreError, Model, TensorRef, arch_of, get_registry, numpy_dtype, read_json, read_tokenizer_files,
+)
+
+from .graph import TYPE_NAMES
+
+DTYPE_OF = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16",
+            TensorProto.DOUBLE: "f64", TensorProto.UINT8: "u8", TensorProto.INT8: "i8",
+            TensorProto.INT32: "i32", TensorProto.INT64: "i64", TensorProto.INT16: "i16",
+            TensorProto.UINT16: "u16", TensorProto.UINT32: "u32", TensorProto.UINT64: "u64",
+            TensorProto.BOOL: "bool"}
+
+
+def model_file(path: Path) -> Path:
+    path = Path(path)
+    return path / "model.onnx" if path.is_dir() else path
+
+
+def parse_model(file: Path) -> onnx.ModelProto:
+    """The graph without external data, or a one-line error naming the file."""
+    if not file.is_file():
+        raise ConvcoreError(f"{file}: no such ONNX file")
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ConvcoreError(f"{file}: not a readable ONNX model "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'truncated?'})") from None
+    if not model.graph.node and not model.graph.initializer:
+        raise ConvcoreError(f"{file}: not a readable ONNX model (empty or truncated graph)")
+    return model
+
+
+class Initializers:
+    """Initializers by name, read lazily: inline ones from the proto, external ones through
+    a memory map of their file, after checking location, offset and length."""
+
+    def __init__(self, file: Path, model: onnx.ModelProto):
+        self.file = file
+        self.root = file.parent.resolve()
+        self.protos = {t.name: t for t in model.graph.initializer}
+        self._maps: dict[Path, np.memmap] = {}
+
+    def dtype(self, name: str) -> str:
+        t = self.protos[name]
+        if t.data_type not in DTYPE_OF:
+            raise ConvcoreError(f"{self.file}: initializer {name!r} has unsupported type {t.data_type}")
+        return DTYPE_OF[t.data_type]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.protos[name].dims)
+
+    def external(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, length) of an external initializer, checked; None when inline."""
+        t = self.protos[name]
+        if t.data_location != TensorProto.EXTERNAL:
+            return None
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        target = (self.root / location).resolve()
+        if not location or os.path.isabs(location) or not target.is_relative_to(self.root):
+            raise ConvcoreError(f"{self.file}: initializer {name!r}: external data location "
+                                f"{location!r} is outside the model directory")
+        if not target.is_file():
+            raise ConvcoreError(f"{self.file}: initializer {name!r}: external data file {location} is missing")
+        expected = int(np.prod(self.shape(name), dtype=np.int64)) * numpy_dtype(self.dtype(name)).itemsize
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info.get("length", expected) or expected)
+        if length != expected:
+            raise ConvcoreError(f"{self.file}: initializer {name!r}: external length {length} bytes, "
+                                f"its shape {list(self.shape(name))} needs {expected}")
+        size = target.stat().st_size
+        if offset + length > size:
+            raise ConvcoreError(f"{target}: too short: initializer {name!r} needs bytes up to "
+                                f"{offset + length}, the file has {size}")
+        return target, offset, length
+
+    def check_all(self) -> None:
+        for name in self.protos:
+            self.dtype(name)
+            self.external(name)
+
+    def read(self, name: str) -> np.ndarray:
+        dtype = numpy_dtype(self.dtype(name))
+        shape = self.shape(name)
+        ext = self.external(name)
+        if ext is None:
+            array = onnx.numpy_helper.to_array(self.protos[name])
+            return array.astype(dtype, copy=False).reshape(shape)
+        target, offset, length = ext
+        if target not in self._maps:
+            self._maps[target] = np.memmap(target, dtype=np.uint8, mode="r")
+        raw = self._maps[target][offset:offset + length]
+        return raw.view(dtype).reshape(shape)
+
+
+def _plain_loader(inits: Initializers, entry: dict[str, Any]) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        array = inits.read(entry["init"])
+        if entry.get("transpose"):
+            array = array.T
+        if "rows" in entry:
+            array = array[entry["rows"][0]:entry["rows"][1]]
+        return np.ascontiguousarray(array)
+    return load
+
+
+def _quant_loader(inits: Initializers, entry: dict[str, Any]) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        scheme = get_registry().schemes.get(entry["scheme"])
+        if scheme is None:
+            raise ConvcoreError(f"{inits.file}: scheme {entry['scheme']} is not installed "
+                                "(pip install quant-rowwise)")
+        data = {"q": np.asarray(inits.read(entry["init"])),
+                "scales": np.asarray(inits.read(entry["scales"]), dtype=np.float32)}
+        if entry.get("zero_points"):
+            data["zero_points"] = np.asarray(inits.read(entry["zero_points"]))
+        n, k = entry["shape"]
+        rows = entry.get("rows") or [0, n]
+        full = scheme.dequantize(data, (n, k))
+        return np.ascontiguousarray(full[rows[0]:rows[1]], dtype=np.float32)
+    return load
+
+
+def _ref(inits: Initializers, hf: str, entry: dict[str, Any]) -> TensorRef:
+    name = entry.get("init", "")
+    if name not in inits.protos:
+        raise ConvcoreError(f"{inits.file}: convcore.tensors names initializer {name!r} for {hf}, "
+                            "which the graph does not have")
+    if entry.get("scheme"):
+        for key in ("scales", "zero_points"):
+            if entry.get(key) and entry[key] not in inits.protos:
+                raise ConvcoreError(f"{inits.file}: {hf}: initializer {entry[key]!r} is missing")
+        n, k = entry["shape"]
+        rows = entry.get("rows") or [0, n]
+        shape = (rows[1] - rows[0], k)
+        packed = sum(int(np.prod(inits.shape(entry[p]))) * numpy_dtype(inits.dtype(entry[p])).itemsize
+                     for p in ("init", "scales", "zero_points") if entry.get(p))
+        return TensorRef(hf, shape, "f32", _quant_loader(inits, entry), source=str(inits.file),
+                         stored=entry["scheme"], stored_nbytes=packed * (rows[1] - rows[0]) // max(n, 1))
+    shape = inits.shape(name)
+    if entry.get("transpose"):
+        if len(shape) != 2:
+            raise ConvcoreError(f"{inits.file}: {hf}: initializer {name!r} is {list(shape)}, not a matrix")
+        shape = shape[::-1]
+    if "rows" in entry:
+        a, b = entry["rows"]
+        if not 0 <= a < b <= shape[0]:
+            raise ConvcoreError(f"{inits.file}: {hf}: rows {a}:{b} outside {name!r} {list(shape)}")
+        shape = (b - a, *shape[1:])
+    return TensorRef(hf, tuple(shape), inits.dtype(name), _plain_loader(inits, entry), source=str(inits.file))
+
+
+def load_onnx(path: Path) -> Model:
+    file = model_file(path)
+    root = file.parent
+    proto = parse_model(file)
+    inits = Initializers(file, proto)
+    inits.check_all()
+    meta = {p.key: p.value for p in proto.metadata_props}
+    config_file = root / "config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
+    tensors: dict[str, TensorRef] = {}
+    if "convcore.tensors" in meta:
+        try:
+            mapping = json.loads(meta["convcore.tensors"])
+        except ValueError:
+            raise ConvcoreError(f"{file}: convcore.tensors metadata is not JSON") from None
+        for hf, entry in mapping.items():
+            tensors[hf] = _ref(inits, hf, entry)
+    else:
+        for name, t in inits.protos.items():
+            if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16) and len(t.dims):
+                tensors[name] = _ref(inits, name, {"init": name})
+    metadata: dict[str, Any] = {"name": root.name}
+    if (root / "generation_config.json").is_file():
+        metadata["generation_config"] = read_json(root / "generation_config.json")
+    return Model(arch=arch_of(config) if config else "unknown", config=config, tensors=tensors,
+                 tokenizer=read_tokenizer_files(root), metadata=metadata, source=str(root), format="onnx")
+
+
+__all__ = ["Initializers", "load_onnx", "parse_model", "model_file", "TYPE_NAMES"]

@@ -1,0 +1,113 @@
+"""The onnx format's runtime: an ONNX Runtime session on ``model.onnx`` that keeps the
+present key/values of one sequence and feeds them back as the past (the ``[infer]``
+extra)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from convcore import ConvcoreError, Session
+
+from .reader import model_file
+
+PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _stop_ids(root: Path) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for name, keys in (("genai_config.json", ("model", "eos_token_id")),
+                       ("generation_config.json", ("eos_token_id",)), ("config.json", ("eos_token_id",))):
+        try:
+            value: Any = json.loads((root / name).read_text())
+            for key in keys:
+                value = value.get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value is None:
+            continue
+        ids.update(int(v) for v in (value if isinstance(value, list) else [value]))
+        if ids:
+            break
+    return tuple(sorted(ids))
+
+
+class OnnxSession(Session):
+    """A decoder graph (builder or export path) in onnxruntime; logits in float32."""
+
+    def __init__(self, path: Path, options: dict[str, Any]):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConvcoreError("onnx inference needs onnxruntime (pip install 'conv-onnx[infer]')") from None
+        self.file = model_file(Path(path))
+        so = ort.SessionOptions()
+        so.log_severity_level = 0 if options.get("verbose") else 3
+        if options.get("threads"):
+            so.intra_op_num_threads = int(options["threads"])
+        try:
+            self.sess = ort.InferenceSession(str(self.file), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ConvcoreError(f"{self.file}: onnxruntime cannot load it: {_first_line(exc)}") from None
+        inputs = {i.name: i for i in self.sess.get_inputs()}
+        if "input_ids" not in inputs or "logits" not in {o.name for o in self.sess.get_outputs()}:
+            raise ConvcoreError(f"{self.file}: not a decoder graph (needs input_ids in, logits out)")
+        self.past_names = sorted((n for n in inputs if PAST.match(n)),
+                                 key=lambda n: (int(PAST.match(n).group(1)), n))
+        self.past_shape: dict[str, list[Any]] = {n: inputs[n].shape for n in self.past_names}
+        self.kv_dtype = NUMPY.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
+        self.position_ids = "position_ids" in inputs
+        self.has_mask = "attention_mask" in inputs
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        logits = next(o for o in self.sess.get_outputs() if o.name == "logits")
+        last = logits.shape[-1]
+        self.vocab_size = int(last) if isinstance(last, int) else 0
+        self.stop_ids = _stop_ids(self.file.parent)
+        self._past: dict[str, np.ndarray] | None = None
+        self._length = 0
+
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name in self.past_names:
+            _, heads, _, dim = self.past_shape[name]
+            if not isinstance(heads, int) or not isinstance(dim, int):
+                raise ConvcoreError(f"{self.file}: {name} needs fixed head and head_dim axes")
+            out[name] = np.zeros((1, heads, 0, dim), self.kv_dtype)
+        return out
+
+    def _run(self, ids: list[int], past: dict[str, np.ndarray], start: int) -> np.ndarray:
+        feed: dict[str, np.ndarray] = {"input_ids": np.array([ids], np.int64), **past}
+        total = start + len(ids)
+        if self.has_mask:
+            feed["attention_mask"] = np.ones((1, total), np.int64)
+        if self.position_ids:
+            feed["position_ids"] = np.arange(start, total, dtype=np.int64)[None]
+        try:
+            results = self.sess.run(None, feed)
+        except Exception as exc:
+            raise ConvcoreError(f"{self.file}: onnxruntime run failed: {_first_line(exc)}") from None
+        named = dict(zip(self.outputs, results))
+        self._past = {n: named[n.replace("past_key_values", "present")] for n in self.past_names}
+        self._length = total
+        return np.asarray(named["logits"][0], dtype=np.float32)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = self.check_ids(token_ids)
+        return self._run(ids, self._empty_past(), 0)
+
+    def decode(self, token_ids: Sequence[int]) -> np.ndarray:
+        if self._past is None:
+            raise ConvcoreError("decode() before logits(): nothing to continue")
+        return self._run(self.check_ids(token_ids), self._past, self._length)
+
+    def close(self) -> None:
+        self._past = None
+        self.sess = None
