@@ -2,8 +2,10 @@
 
 Registers the schemes (GGUF blocks q8_0 q4_0 q4_1 q5_0 q5_1, k-quants q2_k..q6_k, MLX
 affine int{2,3,4,5,6,8}-g{32,64,128}, per-row int{1,2,4,8}-row, int8-row-sym,
-int8-tensor) and the ``npz`` format (APL layout). Format plugins use the schemes by name
-through ``convcore.quantize``; none imports this package.
+int8-tensor, ONNX Runtime MatMulNBits blocks int{4,8}-b{16,32,64,128,256} (symmetric)
+and int{4,8}-b{16,32,64,128,256}-asym (with zero points), byte-identical with
+onnxruntime's quantizer) and the ``npz`` format (APL layout). Format plugins use the
+schemes by name through ``convcore.quantize``; none imports this package.
 
 Registration is cheap: the kernel modules (and numba) are imported on a scheme's first
 use, so ``convcore`` commands that quantize nothing never pay for them.
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 LEGACY_SIZES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}
 AFFINE = [(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
 ROW_BITS = (1, 2, 4, 8)
+MATMULNBITS = [(b, k, sym) for b in (4, 8) for k in (16, 32, 64, 128, 256) for sym in (True, False)]
 
 
 def _kernels(module: str) -> Any:
@@ -59,6 +62,18 @@ def _sym_layout(per_tensor: bool) -> Callable[[tuple[int, ...], str], dict]:
                                  "scales": ("f32", (1 if per_tensor else _rows(shape),))}
 
 
+def _matmulnbits_layout(bits: int, block: int, sym: bool) -> Callable[[tuple[int, ...], str], dict]:
+    # ORT's MatMulNBits initializers: q [rows, n_blocks, block*bits/8], scales
+    # [rows, n_blocks] f32 whatever the input, zero points packed like the codes
+    def layout(shape: tuple[int, ...], dtype: str) -> dict:
+        rows, n_blocks = _rows(shape), -(-shape[-1] // block)
+        out = {"q": ("u8", (rows, n_blocks, block * bits // 8)), "scales": ("f32", (rows, n_blocks))}
+        if not sym:
+            out["zero_points"] = ("u8", (rows, -(-n_blocks * bits // 8)))
+        return out
+    return layout
+
+
 def _schemes() -> list[convcore.Scheme]:
     out = []
     for kind, size in LEGACY_SIZES.items():
@@ -92,6 +107,19 @@ def _schemes() -> list[convcore.Scheme]:
             dequantize=lambda d, s: _kernels("rows").dequantize_sym(d, s),
             layout=_sym_layout(per_tensor),
             description="int8 symmetric, " + ("one scale" if per_tensor else "scale per row")))
+    for bits, block, sym in MATMULNBITS:
+        # block_size 1: MatMulNBits pads a short last block, so any row length works
+        out.append(convcore.Scheme(
+            name=f"int{bits}-b{block}" + ("" if sym else "-asym"), block_size=1,
+            bits=bits + 32 / block + (0 if sym else bits / block), family="matmulnbits",
+            quantize=lambda a, o=None, b=bits, k=block, s=sym:
+                _kernels("matmulnbits").quantize(b, k, s, a),
+            dequantize=lambda d, sh, b=bits, k=block, s=sym:
+                _kernels("matmulnbits").dequantize(b, k, s, d, sh),
+            layout=_matmulnbits_layout(bits, block, sym),
+            description=f"ONNX Runtime MatMulNBits {bits}-bit in blocks of {block} along the row, "
+                        + (f"symmetric (zero point {1 << (bits - 1)})" if sym else "with zero points")
+                        + f", byte-identical with onnxruntime's quantize_matmul_{bits}bits"))
     return out
 
 

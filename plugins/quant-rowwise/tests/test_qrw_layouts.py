@@ -13,7 +13,7 @@ SCHEMES = sorted(s.name for s in convcore.get_registry().schemes.values()
 
 
 def test_every_scheme_is_registered():
-    assert len(SCHEMES) == 34
+    assert len(SCHEMES) == 54
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
