@@ -169,6 +169,30 @@ def _ref(inits: Initializers, hf: str, entry: dict[str, Any]) -> TensorRef:
     return TensorRef(hf, tuple(shape), inits.dtype(name), _plain_loader(inits, entry), source=str(inits.file))
 
 
+def config_problems(file: Path, tensors: dict[str, TensorRef], config: dict[str, Any]) -> list[str]:
+    """HF shapes of the mapped weights against config.json (embedding, attention, MLP)."""
+    problems = []
+    hidden = config.get("hidden_size")
+    heads = config.get("num_attention_heads")
+    if not hidden or not heads:
+        return problems
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    ffn = config.get("intermediate_size")
+    expect = {"embed_tokens.weight": (config.get("vocab_size"), hidden),
+              "self_attn.q_proj.weight": (heads * head_dim, hidden),
+              "self_attn.k_proj.weight": (kv * head_dim, hidden),
+              "self_attn.v_proj.weight": (kv * head_dim, hidden),
+              "self_attn.o_proj.weight": (hidden, heads * head_dim),
+              "mlp.gate_proj.weight": (ffn, hidden), "mlp.up_proj.weight": (ffn, hidden),
+              "mlp.down_proj.weight": (hidden, ffn)}
+    for name, ref in tensors.items():
+        for suffix, shape in expect.items():
+            if name.endswith(suffix) and None not in shape and tuple(ref.shape) != tuple(shape):
+                problems.append(f"{file}: {name} is {list(ref.shape)}, config.json says {list(shape)}")
+    return problems
+
+
 def load_onnx(path: Path) -> Model:
     file = model_file(path)
     root = file.parent
@@ -190,6 +214,9 @@ def load_onnx(path: Path) -> Model:
         for name, t in inits.protos.items():
             if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16) and len(t.dims):
                 tensors[name] = _ref(inits, name, {"init": name})
+    problems = config_problems(file, tensors, config)
+    if problems:
+        raise ConvcoreError(problems[0])
     metadata: dict[str, Any] = {"name": root.name}
     if (root / "generation_config.json").is_file():
         metadata["generation_config"] = read_json(root / "generation_config.json")

@@ -8,13 +8,12 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import onnx
 
 from convcore import ConvcoreError
 
-from .reader import Initializers, model_file, parse_model
+from .reader import Initializers, load_onnx, model_file, parse_model
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 
@@ -77,30 +76,6 @@ def _check_nbits(file: Path, proto: onnx.ModelProto, inits: Initializers) -> lis
     return problems
 
 
-def _check_config(file: Path, model: Any, config: dict) -> list[str]:
-    """HF shapes of the mapped weights against config.json (embedding, attention, MLP)."""
-    problems = []
-    hidden = config.get("hidden_size")
-    heads = config.get("num_attention_heads")
-    if not hidden or not heads:
-        return problems
-    kv = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
-    ffn = config.get("intermediate_size")
-    expect = {"embed_tokens.weight": (config.get("vocab_size"), hidden),
-              "self_attn.q_proj.weight": (heads * head_dim, hidden),
-              "self_attn.k_proj.weight": (kv * head_dim, hidden),
-              "self_attn.v_proj.weight": (kv * head_dim, hidden),
-              "self_attn.o_proj.weight": (hidden, heads * head_dim),
-              "mlp.gate_proj.weight": (ffn, hidden), "mlp.up_proj.weight": (ffn, hidden),
-              "mlp.down_proj.weight": (hidden, ffn)}
-    for name, ref in model.tensors.items():
-        for suffix, shape in expect.items():
-            if name.endswith(suffix) and None not in shape and tuple(ref.shape) != tuple(shape):
-                problems.append(f"{file}: {name} is {list(ref.shape)}, config.json says {list(shape)}")
-    return problems
-
-
 def validate_onnx(path: Path) -> list[str]:
     file = model_file(Path(path))
     root = file.parent
@@ -132,11 +107,8 @@ def validate_onnx(path: Path) -> list[str]:
         elif file.name == "model.onnx":
             problems.append(f"{root}: no genai_config.json (onnxruntime-genai needs it)")
     problems += _check_nbits(file, proto, inits)
-    if (root / "config.json").is_file():
-        try:
-            from .reader import load_onnx
-            model = load_onnx(file if file.name != "model.onnx" else root)
-            problems += _check_config(file, model, model.config)
-        except ConvcoreError as exc:
-            problems.append(str(exc))
+    try:
+        load_onnx(file if file.name != "model.onnx" else root)  # also checks shapes vs config.json
+    except ConvcoreError as exc:
+        problems.append(str(exc))
     return problems
