@@ -76,8 +76,14 @@ class OnnxSession(Session):
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         out = {}
+        try:  # symbolic axes (onnxruntime-genai's builder names head_dim kv_cache_dim)
+            dec = json.loads((self.file.parent / "genai_config.json").read_text())["model"]["decoder"]
+        except (OSError, ValueError, KeyError, TypeError):
+            dec = {}
         for name in self.past_names:
             _, heads, _, dim = self.past_shape[name]
+            heads = heads if isinstance(heads, int) else dec.get("num_key_value_heads")
+            dim = dim if isinstance(dim, int) else dec.get("head_size")
             if not isinstance(heads, int) or not isinstance(dim, int):
                 raise ConvcoreError(f"{self.file}: {name} needs fixed head and head_dim axes")
             out[name] = np.zeros((1, heads, 0, dim), self.kv_dtype)
