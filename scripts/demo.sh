@@ -36,6 +36,12 @@ if have parquet; then
   convcore inspect "$OUT/tiny-int8.parquet"
   convcore run "$OUT/tiny-int8.parquet" -o "$OUT/tiny-from-parquet" --to hf -q
 fi
+if have onnx; then
+  echo "== hf -> onnx int4-b32 (MatMulNBits), run in onnxruntime"
+  convcore run "$OUT/tiny-llama" -o "$OUT/tiny-onnx-int4" --to onnx --quant int4-b32 -q
+  convcore validate "$OUT/tiny-onnx-int4"
+  convcore compare "$OUT/tiny-llama" "$OUT/tiny-onnx-int4" 2>/dev/null
+fi
 echo "== plugins"
 convcore plugins
 echo "demo done: outputs in $OUT/"

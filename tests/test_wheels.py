@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DISTS = {"convcore": ROOT, "quant-rowwise": ROOT / "plugins" / "quant-rowwise",
          "conv-gguf": ROOT / "plugins" / "conv-gguf", "conv-mlx": ROOT / "plugins" / "conv-mlx",
-         "conv-parquet": ROOT / "plugins" / "conv-parquet"}
+         "conv-parquet": ROOT / "plugins" / "conv-parquet", "conv-onnx": ROOT / "plugins" / "conv-onnx"}
 
 pytestmark = pytest.mark.slow
 
@@ -129,3 +129,15 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
     assert (tmp_path / "q-hf" / "config.json").is_file()
     assert (tmp_path / "q-hf" / "tokenizer.model").read_bytes() == (spm / "tokenizer.model").read_bytes()
     assert "WeightLoader" in py("import conv_parquet; print(conv_parquet.WeightLoader.__name__)")
+
+    # 5. conv-onnx: the builder and MatMulNBits from the install alone (onnx from the index);
+    #    the runtime is the [infer] extra
+    install("conv-onnx")
+    assert "int4-b32" in formats(run)["onnx"]["schemes"]
+    run("run", spm, "-o", tmp_path / "onnx4", "--to", "onnx", "--quant", "int4-b32", "-q")
+    run("validate", tmp_path / "onnx4")
+    r = run("infer", tmp_path / "onnx4", "--tokens", "1,2,3", check=False)
+    assert r.returncode == 1 and "pip install 'conv-onnx[infer]'" in r.stderr
+    install("conv-onnx[infer]")
+    run("infer", tmp_path / "onnx4", "--tokens", "1,2,3", "--max-tokens", "3")
+    run("run", tmp_path / "onnx4", "-o", tmp_path / "onnx-hf", "--to", "hf", "-q")
