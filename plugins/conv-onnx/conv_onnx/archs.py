@@ -19,8 +19,6 @@ BUILDER_ARCHS = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma",
 }
-# onnxruntime-genai's model "type" for each (it picks a few behaviours by it)
-GENAI_TYPES = {"gemma3_text": "gemma3_text"}
 
 
 @dataclass

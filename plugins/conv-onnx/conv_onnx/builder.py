@@ -20,8 +20,9 @@ from convcore import (
 )
 
 from .archs import Decoder, decoder_for, layer_names
-from .genai import genai_config
+from .export_genai import genai_config_for
 from .graph import Graph, tensors_metadata
+from .kernels import transposed
 
 DATA_FILE = "model.onnx.data"
 
@@ -133,7 +134,8 @@ class Builder:
                              K=k, N=n, bits=bits, block_size=block, accuracy_level=self.accuracy)
         init = f"{prefix}.MatMul.weight"
         dtype = self.dtype
-        group = self.g.group(lambda: {init: np.ascontiguousarray(self._stack(hfs, dtype).T)}, tuple(hfs))
+        group = self.g.group(lambda: {init: transposed([self.model.tensors[h].load() for h in hfs], dtype)},
+                             tuple(hfs))
         for name, s in zip(hfs, shapes):
             self.g.tensors[name] = {"init": init, "transpose": True, "rows": [row, row + s[0]]}
             row += s[0]
@@ -314,6 +316,17 @@ def write_builder(model: Model, path: Path, options: dict[str, Any], progress: C
     config = dict(model.config)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_tokenizer_files(path, model)
-    gen = genai_config(model, b.d, b.context, dtype=b.dtype)
+    try:
+        gen = genai_config_for(
+            model.config, model.metadata.get("generation_config"),
+            inputs={"input_ids": "input_ids", "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+            outputs={"logits": "logits", "present_key_names": "present.%d.key",
+                     "present_value_names": "present.%d.value"},
+            share_buffer=True, head_size=b.d.head_dim, num_key_value_heads=b.d.kv_heads,
+            num_hidden_layers=b.d.layers)
+    except (ValueError, KeyError) as exc:
+        raise ConvcoreError(f"onnx: genai_config.json: {exc}") from None
+    gen["model"]["context_length"] = gen["search"]["max_length"] = b.context
     (path / "genai_config.json").write_text(json.dumps(gen, indent=4) + "\n")
     return path
