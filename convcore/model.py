@@ -71,7 +71,16 @@ def cast(array: np.ndarray, dtype: str) -> np.ndarray:
     if array.dtype == target:
         return array
     src = dtype_name(array.dtype)
-    if src in ("bf16", "f8_e4m3", "f8_e5m2") or dtype in ("bf16", "f8_e4m3", "f8_e5m2"):
+    if src == "bf16":
+        # bf16 is the top half of an f32: widening is a 16-bit shift (exact, and ~10x
+        # faster than ml_dtypes' element-wise astype)
+        if dtype != "f32":
+            # one rounding from the exact value: what going through f32 gives, without it
+            return array.astype(target)
+        wide = np.ascontiguousarray(array).view(np.uint16).astype(np.uint32)
+        wide <<= np.uint32(16)
+        return wide.view(np.float32)
+    if src in ("f8_e4m3", "f8_e5m2") or dtype in ("bf16", "f8_e4m3", "f8_e5m2"):
         # ml_dtypes casts exactly through f32 (bf16 and f8 fit in f32 without loss).
         return array.astype(np.float32).astype(target)
     return array.astype(target)
