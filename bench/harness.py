@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -97,13 +98,16 @@ def measure(label: str, cmd: list[str], env: dict | None = None, cwd: Path | Non
     """Run ``cmd`` in a child; its wall time and peak RSS (MB, from wait4)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
+    # stderr goes to a file, not a pipe: a chatty child (onnxruntime-genai's builder logs
+    # every node) would fill a pipe nobody reads until wait4 returns, and block forever
+    with tempfile.TemporaryFile() as errfile:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errfile)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        errfile.seek(0)
+        err = errfile.read().decode(errors="replace")
     code = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     proc.returncode = code
     if code != 0:
         print(f"[bench] {label} failed ({code}): {err.strip().splitlines()[-1:] }", file=sys.stderr)
