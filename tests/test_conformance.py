@@ -7,7 +7,7 @@ import convcore
 from convcore.testing.conformance import check_format
 
 # Formats with a lossless f32 path and the options that select it.
-LOSSLESS = {"hf": {}, "gguf": {"quant": "f32"}, "mlx": {"dtype": "f32"}}
+LOSSLESS = {"hf": {}, "gguf": {"quant": "f32"}, "mlx": {"dtype": "f32"}, "onnx": {"dtype": "f32"}}
 LOSSY = {"npz": {"quant": "int8-row"}}
 
 

@@ -307,7 +307,9 @@ def write_builder(model: Model, path: Path, options: dict[str, Any], progress: C
     for name in model.tensors:
         if name not in b.g.tensors:
             progress(name)  # e.g. rotary inv_freq buffers: the graph computes its own
-    meta = {"convcore.tensors": tensors_metadata(b.g.tensors), "convcore.path": "builder",
+    # in the source's order, so a reader hands the tensors on as the source had them
+    placed = {name: b.g.tensors[name] for name in model.tensors if name in b.g.tensors}
+    meta = {"convcore.tensors": tensors_metadata(placed), "convcore.path": "builder",
             "convcore.dtype": b.dtype}
     if b.scheme:
         meta["convcore.quant"] = b.scheme

@@ -217,7 +217,7 @@ def load_onnx(path: Path) -> Model:
     problems = config_problems(file, tensors, config)
     if problems:
         raise ConvcoreError(problems[0])
-    metadata: dict[str, Any] = {"name": root.name}
+    metadata: dict[str, Any] = {"source": str(root)}
     if (root / "generation_config.json").is_file():
         metadata["generation_config"] = read_json(root / "generation_config.json")
     return Model(arch=arch_of(config) if config else "unknown", config=config, tensors=tensors,

@@ -134,3 +134,18 @@ def test_cli_run_infer_validate(tmp_path: Path, run_cli) -> None:
     res = run_cli("run", str(out), "--to", "hf", "-o", str(tmp_path / "back"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "back" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_onnx_to_gguf_equals_hf_to_gguf(arch: str, tmp_path: Path) -> None:
+    """onnx -> gguf gives the very file hf -> gguf gives: names, config and tokenizer
+    come back whole from the ONNX directory (named as the source, for general.name)."""
+    if "gguf" not in convcore.get_registry().formats:
+        pytest.skip("conv-gguf is not installed")
+    src = source(arch)
+    onnx_dir = tmp_path / src.name
+    convcore.convert(src, onnx_dir, to="onnx")
+    direct, via = tmp_path / "direct.gguf", tmp_path / "via.gguf"
+    convcore.convert(src, direct, to="gguf", quant="f32")
+    convcore.convert(onnx_dir, via, to="gguf", quant="f32")
+    assert via.read_bytes() == direct.read_bytes()
