@@ -118,3 +118,20 @@ def test_broken_directory(case: str, good: Path, tmp_path: Path, run_cli) -> Non
             assert message in res.stdout + res.stderr
     assert not out.exists()
     assert tree_hash(tmp_path) == before
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("head_size", 32, "head_size 32 but past_key_values.0.key has 64"),
+    ("num_hidden_layers", 3, "num_hidden_layers 3, the graph has 2"),
+    ("num_key_value_heads", 4, "num_key_value_heads 4 but past_key_values.0.key has 2"),
+])
+def test_genai_config_disagreeing_with_graph(key: str, value: int, message: str, good: Path,
+                                             tmp_path: Path, run_cli) -> None:
+    import json
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    gen = json.loads((bad / "genai_config.json").read_text())
+    gen["model"]["decoder"][key] = value
+    (bad / "genai_config.json").write_text(json.dumps(gen))
+    res = run_cli("validate", bad)
+    assert res.returncode != 0 and message in res.stdout + res.stderr
