@@ -9,6 +9,7 @@ external-data location, offset and length of its bytes.
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -102,12 +103,25 @@ class Graph:
         """Produce every weight in order, append its bytes to ``data_path`` and return the
         initializers pointing at them. A group's arrays are dropped once all are written."""
         protos = []
-        with open(data_path, "wb") as f:
+        # groups in first-use order; the next one is produced on a worker thread while
+        # this one is written (casts, transposes and quantization release the GIL), so
+        # at most two groups' arrays are alive
+        order: list[Group] = []
+        for w in self.weights:
+            if not order or order[-1] is not w.group:
+                order.append(w.group)
+        ahead: dict[int, Future] = {}
+        with open(data_path, "wb") as f, ThreadPoolExecutor(max_workers=1) as pool:
             offset = 0
+            index = -1
             for w in self.weights:
                 g = w.group
                 if g.result is None:
-                    g.result = g.producer()
+                    index = next(i for i in range(index + 1, len(order)) if order[i] is g)
+                    future = ahead.pop(index, None)
+                    g.result = future.result() if future is not None else g.producer()
+                    if index + 1 < len(order) and order[index + 1].result is None:
+                        ahead[index + 1] = pool.submit(order[index + 1].producer)
                 array = g.result.pop(w.key)
                 if tuple(array.shape) != w.shape or array.dtype != numpy_dtype(w.dtype):
                     raise ConvcoreError(f"onnx: {w.name} came out {array.dtype}{list(array.shape)}, "

@@ -16,7 +16,7 @@ from convcore import cast, dtype_name, numpy_dtype
 TILE = 64
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _transpose_bits(src, out, col0):  # pragma: no cover - compiled
     """out[j, col0 + i] = src[i, j], bit for bit (u16 or u32 views)."""
     n, k = src.shape
@@ -31,7 +31,7 @@ def _transpose_bits(src, out, col0):  # pragma: no cover - compiled
                     out[j, col0 + i] = src[i, j]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _transpose_bf16_f32(src, out, col0):  # pragma: no cover - compiled
     """out[j, col0 + i] = f32 bits of bf16 src[i, j] (its 16 bits shifted up: exact)."""
     n, k = src.shape
