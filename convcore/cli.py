@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import numpy as np
 from .model import ConvcoreError, Model
 from .options import parse_size  # noqa: F401 - kept importable as convcore.cli.parse_size
 from .pipeline import convert
+from . import fidelity
+from .fidelity import CHECK_FAILED_EXIT
 from .registry import get_registry
 
 
@@ -67,12 +68,19 @@ def cli(debug: bool) -> None:
 @click.option("--force", is_flag=True,
               help="Replace DST when it is a previous output of this format (never other files).")
 @click.option("--no-validate", is_flag=True, help="Skip validating the output.")
-@click.option("--check", is_flag=True, help="Compare logits of source and output afterwards.")
+@click.option("--check", is_flag=True,
+              help=f"Compare the output with the source on the bundled text afterwards; exit "
+                   f"{CHECK_FAILED_EXIT} when beyond the scheme's tolerance.")
+@click.option("--check-kl", type=float, help="--check: largest mean KL allowed (default: the scheme's).")
+@click.option("--check-top1", type=float, help="--check: smallest top-1 agreement allowed.")
+@click.option("--check-tokens", type=int, default=1024, show_default=True,
+              help="--check: how many tokens of the text to run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dtype: str | None,
         metadata: tuple[str, ...], extra: tuple[str, ...], split_max_size: str | None,
         split_max_tensors: int | None, vocab_only: bool, dry_run: bool, jobs: int | None,
-        force: bool, no_validate: bool, check: bool, quiet: bool) -> None:
+        force: bool, no_validate: bool, check: bool, quiet: bool, check_kl: float | None = None,
+        check_top1: float | None = None, check_tokens: int = 1024) -> None:
     """Convert SRC to format --to at DST."""
     options: dict[str, Any] = parse_pairs(extra, "--option")
     # the format flags are options like any -O key, checked against the target's list
@@ -91,8 +99,22 @@ def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dty
         return
     click.echo(f"wrote {written}", err=True)
     if check:
-        report = compare_logits(src, written, from_, to, None)
-        click.echo(json.dumps(report, indent=2))
+        registry = get_registry()
+        tolerance = dict(fidelity.tolerance_for(registry, quant, dtype) or {})
+        if check_kl is not None:
+            tolerance["kl"] = check_kl
+        if check_top1 is not None:
+            tolerance["top1"] = check_top1
+        if not tolerance:
+            raise ConvcoreError(f"--check: no tolerance known for {quant or dtype or 'this output'}; "
+                                "give --check-kl and/or --check-top1")
+        report = compare_models(src, written, from_, to, text=None, ctx=None, limit=check_tokens)
+        click.echo(format_report(report, src, written), err=True)
+        broken = fidelity.beyond(report, tolerance)
+        if broken:
+            click.echo(f"error: --check: {written} is beyond tolerance: {'; '.join(broken)}", err=True)
+            raise SystemExit(CHECK_FAILED_EXIT)
+        click.echo(f"check passed: within {json.dumps(tolerance)}", err=True)
 
 
 @cli.command()
@@ -218,16 +240,7 @@ def tokenizer_for(path: Path, fmt: str | None) -> Any:
     model = get_registry().load(path, fmt)
     if not model.tokenizer:
         raise ConvcoreError(f"{path}: has no tokenizer; pass --tokens")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ConvcoreError("--prompt needs transformers (pip install transformers); "
-                            "or pass --tokens") from None
-    tmp = Path(tempfile.mkdtemp(prefix="convcore-tok-"))
-    for name, data in model.tokenizer.items():
-        (tmp / name).write_bytes(data)
-    (tmp / "config.json").write_text(json.dumps(model.config))
-    return AutoTokenizer.from_pretrained(str(tmp))
+    return fidelity.tokenizer_for(model)
 
 
 @cli.command()
@@ -272,69 +285,87 @@ def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, i
                                "top5_next": [int(t) for t in top]}))
 
 
-def compare_logits(ref: Path, cand: Path, ref_fmt: str | None, cand_fmt: str | None,
-                   tokens: list[int] | None) -> dict[str, Any]:
-    """Logits of REF and CANDIDATE in their own runtimes on the same ids."""
+def compare_models(ref: Path, cand: Path, ref_fmt: str | None, cand_fmt: str | None, *,
+                   text: Path | None, ctx: int | None, limit: int | None,
+                   tokens: list[int] | None = None) -> fidelity.Report:
+    """REF and CANDIDATE in their own runtimes on the same windows of token ids."""
     registry = get_registry()
-    if tokens is None:
-        vocab = int(registry.load(ref, ref_fmt).config.get("vocab_size", 100))
-        tokens = [int(t) for t in np.random.default_rng(0).integers(3, vocab, 16)]
-    logits = []
-    for path, fmt in ((ref, ref_fmt), (cand, cand_fmt)):
-        with registry.open_session(path, fmt, {"n_ctx": len(tokens)}) as session:
-            logits.append(session.logits(tokens).astype(np.float64))
-    a, b = logits
-    if a.shape != b.shape:
-        raise ConvcoreError(f"logit shapes differ: {list(a.shape)} vs {list(b.shape)}")
-    pa = np.exp(a - a.max(-1, keepdims=True))
-    pa /= pa.sum(-1, keepdims=True)
-    lb = b - b.max(-1, keepdims=True)
-    lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
-    la = np.log(pa)
-    return {
-        "tokens": len(tokens),
-        "max_abs_diff": float(np.abs(a - b).max()),
-        "rel_error": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)),
-        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
-        "kl_ref_cand": float((pa * (la - lb)).sum(-1).mean()),
-    }
+    ref_model = registry.load(ref, ref_fmt)
+    context = int(ref_model.config.get("max_position_embeddings") or fidelity.DEFAULT_CTX)
+    ctx = ctx or min(fidelity.DEFAULT_CTX, context)
+    if tokens is not None:
+        windows = [tokens[i:i + ctx] for i in range(0, len(tokens), ctx)]
+    else:
+        tok = fidelity.tokenizer_for(ref_model)
+        windows = fidelity.text_windows(tok, fidelity.read_text(text), ctx, limit)
+    longest = max(len(w) for w in windows)
+    with registry.open_session(ref, ref_fmt, {"n_ctx": longest}) as a, \
+            registry.open_session(cand, cand_fmt, {"n_ctx": longest}) as b:
+        return fidelity.compare_sessions(a, b, windows, ctx)
+
+
+def format_report(report: fidelity.Report, ref: Path, cand: Path) -> str:
+    r = report
+    rows = [("reference", str(ref)), ("candidate", str(cand)),
+            ("tokens", f"{r.tokens} in {r.windows} window(s) of <= {r.ctx}"),
+            ("perplexity", f"{r.ppl_ref:.4f} -> {r.ppl_cand:.4f}  (ΔPPL {r.delta_ppl:+.4f}, {r.delta_ppl_pct:+.3f}%)"),
+            ("KL(ref||cand)", f"mean {r.kl_mean:.3e}  p99 {r.kl_p99:.3e}  max {r.kl_max:.3e}"),
+            ("top-1 agreement", f"{100 * r.top1_agreement:.2f}%"),
+            ("max |Δlogit|", f"{r.max_abs_diff:.4g}  (relative RMS {r.rel_error:.3e})")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def tensor_errors(ref: Path, cand: Path) -> dict[str, Any]:
+    """Relative RMSE of every candidate weight against the reference's, by HF name, worst
+    first; the candidate format's own names beside them."""
+    registry = get_registry()
+    ma, mb = registry.load(ref), registry.load(cand)
+    native = registry.map_names(ma, mb.format) or {}
+    rows: dict[str, float | None] = {}
+    for name, ra in ma.tensors.items():
+        rb = mb.tensors.get(name)
+        if rb is None or rb.shape != ra.shape:
+            rows[name] = None
+            continue
+        x = ra.load().astype(np.float64)
+        y = rb.load().astype(np.float64)
+        rows[name] = float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30))
+    order = sorted(rows, key=lambda n: -1.0 if rows[n] is None else -rows[n])
+    return {"tensors": {n: rows[n] for n in order},
+            "candidate_names": {k: v for k, v in native.items() if k in ma.tensors}}
 
 
 @cli.command()
 @click.argument("ref", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
-@click.option("--tokens", help="Comma list of token ids (default: 16 fixed random ids).")
+@click.option("--text", type=click.Path(path_type=Path),
+              help="Text to run (default: the bundled English evaluation text).")
+@click.option("--tokens", help="Comma list of token ids instead of a text.")
+@click.option("--ctx", type=int, help="Window length in tokens (default: 512 or the model's context).")
+@click.option("--limit", type=int, help="Use at most this many tokens of the text.")
 @click.option("--tensors", "per_tensor", is_flag=True, help="Also compare weights tensor by tensor.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
-def compare(ref: Path, candidate: Path, tokens: str | None, per_tensor: bool, as_json: bool) -> None:
-    """Compare CANDIDATE against REF: logits in each format's runtime, optionally weights."""
-    report = compare_logits(ref, candidate, None, None, parse_tokens(tokens) if tokens else None)
+def compare(ref: Path, candidate: Path, text: Path | None, tokens: str | None, ctx: int | None,
+            limit: int | None, per_tensor: bool, as_json: bool) -> None:
+    """Compare CANDIDATE against REF, each in its own runtime: perplexity of both, ΔPPL,
+    KL(ref‖cand) mean and 99th percentile, top-1 agreement, largest logit difference;
+    with --tensors the relative RMSE of every weight."""
+    if text is not None and tokens is not None:
+        raise ConvcoreError("pass at most one of --text and --tokens")
+    report = compare_models(ref, candidate, None, None, text=text, ctx=ctx, limit=limit,
+                            tokens=parse_tokens(tokens) if tokens else None)
+    out: dict[str, Any] = report.as_dict()
     if per_tensor:
-        registry = get_registry()
-        ma, mb = registry.load(ref), registry.load(candidate)
-        rows = {}
-        # loaders restore HF names, so tensors pair by name; the candidate format's own
-        # names (blk.0.ffn_down.weight, ...) are shown beside them
-        native = registry.map_names(ma, mb.format)
-        if native:
-            report["candidate_names"] = {k: v for k, v in native.items() if k in ma.tensors}
-        for name, ra in ma.tensors.items():
-            rb = mb.tensors.get(name)
-            if rb is None or rb.shape != ra.shape:
-                rows[name] = None
-                continue
-            x = ra.load().astype(np.float64)
-            y = rb.load().astype(np.float64)
-            rows[name] = float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30))
-        report["tensors"] = rows
+        out.update(tensor_errors(ref, candidate))
     if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        for k, v in report.items():
-            if k not in ("tensors", "candidate_names"):
-                click.echo(f"{k}: {v}")
-        names = report.get("candidate_names", {})
-        for name, err in report.get("tensors", {}).items():
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(format_report(report, ref, candidate))
+    if per_tensor:
+        names = out["candidate_names"]
+        click.echo("weights (relative RMSE, worst first):")
+        for name, err in out["tensors"].items():
             shown = f"{name} ({names[name]})" if name in names else name
             click.echo(f"  {shown}: {'missing' if err is None else f'{err:.3e}'}")
 

@@ -101,6 +101,10 @@ class Scheme:
     :param block_size: the row length must be a multiple of this.
     :param bits: bits per weight, scales included (for size estimates).
     :param family: ``"gguf"``, ``"affine"``, ``"row"``, ... (informational).
+    :param tolerance: what ``convcore run --check`` holds an output quantized with this
+        scheme to, on the bundled evaluation text: ``{"kl": largest mean KL(source‖output)
+        in nats, "top1": smallest top-1 agreement}``; None: no default (the user gives
+        ``--check-kl`` / ``--check-top1``).
     """
 
     name: str
@@ -112,6 +116,7 @@ class Scheme:
     family: str = ""
     description: str = ""
     plugin: str = ""
+    tolerance: dict[str, float] | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass

@@ -12,6 +12,7 @@ use, so ``convcore`` commands that quantize nothing never pay for them.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from typing import Any, Callable
@@ -123,10 +124,33 @@ def _schemes() -> list[convcore.Scheme]:
     return out
 
 
+# What `convcore run --check` holds each scheme to on the bundled text, by the bits its
+# codes carry: mean KL(source||output) at most "kl" nats, top-1 agreement at least "top1".
+# Set from llama.cpp's published KL figures for 7-8B models with a margin of about 2x
+# (q8_0 ~0.001, q6_k ~0.005, q5_k_m ~0.01, q4_k_m ~0.03, q3_k_m ~0.09, q2_k ~0.3).
+TOLERANCE_BY_BITS = {8: {"kl": 0.01, "top1": 0.95}, 6: {"kl": 0.03, "top1": 0.92},
+                     5: {"kl": 0.06, "top1": 0.90}, 4: {"kl": 0.15, "top1": 0.85},
+                     3: {"kl": 0.40, "top1": 0.75}, 2: {"kl": 1.00, "top1": 0.60},
+                     1: {"kl": 2.50, "top1": 0.40}}
+
+
+def code_bits(name: str) -> int:
+    """The bits of a scheme's codes, from its name (q4_k_m -> 4, int8-row -> 8)."""
+    head = name.split("-")[0].split("_")[0]
+    return int(head.lstrip("qint"))
+
+
+def _with_tolerance(scheme: convcore.Scheme) -> convcore.Scheme:
+    tolerance = dict(TOLERANCE_BY_BITS[code_bits(scheme.name)])
+    if scheme.name == "int8-tensor":  # one scale for the whole tensor
+        tolerance = dict(TOLERANCE_BY_BITS[6])
+    return dataclasses.replace(scheme, tolerance=tolerance)
+
+
 @convcore.hookimpl
 def convcore_register_schemes(register: Callable[..., None]) -> None:
     for scheme in _schemes():
-        register(scheme)
+        register(_with_tolerance(scheme))
 
 
 @convcore.hookimpl
