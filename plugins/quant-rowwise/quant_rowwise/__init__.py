@@ -126,8 +126,10 @@ def _schemes() -> list[convcore.Scheme]:
 
 # What `convcore run --check` holds each scheme to on the bundled text, by the bits its
 # codes carry: mean KL(source||output) at most "kl" nats, top-1 agreement at least "top1".
-# Set from llama.cpp's published KL figures for 7-8B models with a margin of about 2x
-# (q8_0 ~0.001, q6_k ~0.005, q5_k_m ~0.01, q4_k_m ~0.03, q3_k_m ~0.09, q2_k ~0.3).
+# Chosen for trained models, a few times above the order of magnitude llama.cpp's
+# `perplexity --kl-divergence` reports for 7-8B models at each bit width. Random weights
+# have no redundancy to lose and drift much further (a tiny random llama at 4 bits: KL
+# ~0.3), so tests on them pass explicit --check-kl / --check-top1 limits.
 TOLERANCE_BY_BITS = {8: {"kl": 0.01, "top1": 0.95}, 6: {"kl": 0.03, "top1": 0.92},
                      5: {"kl": 0.06, "top1": 0.90}, 4: {"kl": 0.15, "top1": 0.85},
                      3: {"kl": 0.40, "top1": 0.75}, 2: {"kl": 1.00, "top1": 0.60},
