@@ -408,3 +408,38 @@ def test_exporter_failure_is_one_line_naming_the_arch(tmp_path, monkeypatch):
         export_onnx(convcore.load(tiny_model("llama")), tmp_path / "out", {}, lambda n: None)
     assert str(info.value) == "llama: torch.onnx.export failed: RuntimeError: Failed to export"
     assert not (tmp_path / "out").exists()  # nothing half-written left behind
+
+
+# through the CLI: an arch the builder does not know goes to the export path with a note --
+@pytest.mark.slow
+@pytest.mark.onnx
+def test_cli_encoder_goes_to_export_with_a_note_and_reads_back(bert_dirs, tmp_path, run_cli):
+    src = bert_dirs["bert"]
+    out = tmp_path / "bert-onnx"
+    res = run_cli("run", src, "--to", "onnx", "-o", out, "-q")
+    assert res.returncode == 0, res.stderr
+    assert "note: the onnx builder does not know 'bert'" in res.stderr
+    assert run_cli("validate", out).returncode == 0
+    back = tmp_path / "bert-hf"
+    assert run_cli("run", out, "--to", "hf", "-o", back, "-q").returncode == 0
+    a, b = convcore.load(src), convcore.load(back)
+    assert set(a.tensors) == set(b.tensors)
+    assert all(np.array_equal(a.tensors[n].load(), b.tensors[n].load()) for n in a.tensors)
+    res = run_cli("run", src, "--to", "onnx", "-o", tmp_path / "q", "--quant", "int4-b32")
+    assert res.returncode == 1 and "--quant works with the builder only" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.onnx
+def test_export_path_runs_in_the_session_with_position_ids(tmp_path):
+    src = tiny_model("qwen2")
+    out = tmp_path / "q"
+    convcore.convert(src, out, to="onnx", options={"path": "export"})
+    ids = [5, 9, 200, 31, 7, 64, 11]
+    ref = _hf_model(src)
+    import torch
+    with torch.no_grad():
+        want = ref(torch.tensor([ids + [42]])).logits[0].numpy()
+    with convcore.get_registry().open_session(out) as s:
+        first, step = s.logits(ids), s.decode([42])
+    assert np.abs(first - want[:-1]).max() <= 1e-4 and np.abs(step[0] - want[-1]).max() <= 1e-4
