@@ -25,10 +25,10 @@ COMPANION_OUTPUTS: tuple[str, ...] = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-    "generation_config.json", "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
-    "USE_POLICY.md", ".gitattributes",
+    "generation_config.json", "README*", "LICENSE*", "LICENCE*", "NOTICE*", "Notice*",
+    "USE_POLICY*", "CITATION*", ".gitattributes",
     "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-    "[0-9]_*/",
+    "data_config.json", "[0-9]_*/", "[0-9][0-9]_*/",
 )
 
 

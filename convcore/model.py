@@ -173,7 +173,11 @@ class Model:
 
     ``tensors`` is ordered and keyed by HF names (the canonical names); ``config`` is the
     HF ``config.json`` dict; ``tokenizer`` maps HF tokenizer file names to their bytes;
-    ``metadata`` holds name, license, source and anything ``--metadata`` adds.
+    ``metadata`` holds name, license, source and anything ``--metadata`` adds;
+    ``companions`` maps relative POSIX paths (``README.md``, ``1_Pooling/config.json``)
+    to the bytes of the files of the source directory that are neither weights, config
+    nor tokenizer files, carried over unchanged (see ``convcore.read_companions`` and
+    ``convcore.write_companions``).
     """
 
     arch: str
@@ -183,6 +187,9 @@ class Model:
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     format: str = ""
+    # files of the source directory that are neither weights, config nor tokenizer
+    # files, carried over unchanged: relative POSIX path -> bytes
+    companions: dict[str, bytes] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[TensorRef]:
         return iter(self.tensors.values())

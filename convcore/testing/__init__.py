@@ -3,9 +3,9 @@
 Installed as a pytest plugin (entry point ``pytest11``), so every test suite that has
 convcore installed gets the fixtures ``tiny_model_factory`` and ``tiny_llama``.
 """
-from .models import ARCHS, make_tiny_model, tiny_model
+from .models import ARCHS, make_tiny_encoder, make_tiny_model, tiny_encoder, tiny_model
 
-__all__ = ["ARCHS", "make_tiny_model", "tiny_model", "tree_digest"]
+__all__ = ["ARCHS", "make_tiny_encoder", "make_tiny_model", "tiny_encoder", "tiny_model", "tree_digest"]
 
 
 def tree_digest(path) -> str:

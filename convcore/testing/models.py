@@ -139,3 +139,171 @@ def tiny_model(arch: str = "llama", **kwargs: Any) -> Path:
         except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# sentence embeddings ---------------------------------------------------------------------
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, as BERT has them
+POOLINGS = ("mean", "cls", "max")
+# The sentence-transformers layout written below is the one its 2.x-5.x releases save and
+# hub checkpoints (all-MiniLM-L6-v2, bge, e5, ...) carry; newer releases still load it.
+ST_LAYOUT_VERSION = "3.0.1"
+ST_MAX_SEQ_LENGTH = 128
+
+
+def wordpiece_tokenizer(directory: Path, vocab_size: int = TOKENIZER_VOCAB) -> Any:
+    """A lowercasing BERT WordPiece tokenizer trained on the shipped corpus, written into
+    ``directory`` as BERT checkpoints carry it: ``vocab.txt``, ``tokenizer.json``,
+    ``tokenizer_config.json`` and ``special_tokens_map.json``. Returns the transformers
+    tokenizer loaded back from those files."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    trainer = BertWordPieceTokenizer(lowercase=True, clean_text=True, handle_chinese_chars=True,
+                                     strip_accents=None)
+    trainer.train([str(CORPUS)], vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                  special_tokens=list(BERT_SPECIALS), limit_alphabet=1000, wordpieces_prefix="##")
+    trainer.save_model(str(directory))  # vocab.txt, one token a line in id order
+    vocab = {tok: i for i, tok in enumerate(
+        (directory / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    for i, tok in enumerate(BERT_SPECIALS):
+        if vocab.get(tok) != i:
+            raise RuntimeError(f"wordpiece training put {tok} at {vocab.get(tok)}, not {i}")
+    fast = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512)
+    fast.save_pretrained(str(directory))
+    # save_pretrained records where it loaded from and how; checkpoints carry neither
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _sentence_transformers_files(path: Path, hidden: int, pooling: str, normalize: bool) -> None:
+    """modules.json, sentence_bert_config.json, config_sentence_transformers.json,
+    ``1_Pooling/config.json`` and a model card, as sentence-transformers saves a BERT
+    model with a Pooling (and Normalize) module."""
+    import torch
+    import transformers
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    (path / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": ST_MAX_SEQ_LENGTH, "do_lower_case": False}, indent=2))
+    (path / "config_sentence_transformers.json").write_text(json.dumps({
+        "__version__": {"sentence_transformers": ST_LAYOUT_VERSION,
+                        "transformers": transformers.__version__,
+                        "pytorch": torch.__version__.split("+")[0]},
+        "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
+    }, indent=2))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": hidden,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": pooling == "max",
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False,
+        "include_prompt": True,
+    }, indent=4))
+    steps = f"{pooling} pooling" + (", then L2 normalization" if normalize else "")
+    (path / "README.md").write_text(f"""---
+library_name: sentence-transformers
+pipeline_tag: sentence-similarity
+tags:
+- sentence-transformers
+- feature-extraction
+- sentence-similarity
+- convcore-test-fixture
+---
+
+# tiny-encoder
+
+A tiny BERT sentence-embedding model built by `convcore.testing.make_tiny_encoder` for
+tests: random weights, a WordPiece vocabulary trained on a small bundled text. It maps
+sentences to a {hidden}-dimensional vector ({steps}); the vectors mean nothing.
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("path/to/this/directory")
+embeddings = model.encode(["first sentence", "second sentence"])
+```
+""")
+
+
+def make_tiny_encoder(
+    path: str | os.PathLike,
+    *,
+    hidden: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    ffn: int = 512,
+    seed: int = 0,
+    pooling: str = "mean",
+    normalize: bool = True,
+    dtype: str = "f32",
+) -> Path:
+    """Build a tiny BERT sentence-embedding model at ``path``, laid out as a
+    sentence-transformers checkpoint on the hub: a ``BertModel`` (safetensors) with random
+    weights, a WordPiece tokenizer (``vocab.txt`` and ``tokenizer.json``), the
+    sentence-transformers module files with ``pooling`` ("mean", "cls" or "max") and an
+    optional Normalize module, and a model card. Loads with ``SentenceTransformer(path)``.
+    Returns ``path``.
+    """
+    import torch
+    import transformers
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = wordpiece_tokenizer(path)
+    config = transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=512,
+        type_vocab_size=2, pad_token_id=0, architectures=["BertModel"])
+    torch.manual_seed(seed)
+    model = transformers.BertModel(config)
+    with torch.no_grad():
+        # LayerNorm weights start at 1 and biases at 0: randomise them (as make_tiny_model
+        # does) so a converter that drops or mixes one up is caught
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model = model.to(torch_dtype)
+    model.config.dtype = torch_dtype
+    model.save_pretrained(str(path))
+    _sentence_transformers_files(path, hidden, pooling, normalize)
+    return path
+
+
+def tiny_encoder(**kwargs: Any) -> Path:
+    """A cached tiny sentence-embedding model (:func:`make_tiny_encoder`'s arguments),
+    built once per argument set under the convcore cache dir."""
+    import transformers
+
+    key = json.dumps({"arch": "bert-encoder", "transformers": transformers.__version__,
+                      "corpus": CORPUS.stat().st_size, "v": 1, **kwargs}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_dir() / "tiny-models" / f"encoder-{digest}"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_tiny_encoder(tmp, **kwargs)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from convcore import (
     ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, open_tensors,
-    read_json, read_tokenizer_files,
+    read_companions, read_json, read_tokenizer_files,
 )
 
 from .layout import BITS, GROUP_SIZES, scheme_name
@@ -118,7 +118,7 @@ def load_mlx(path: Path) -> Model:
         metadata["generation_config"] = read_json(path / "generation_config.json")
     return Model(arch=arch_of(config), config=hf_config(config), tensors=tensors,
                  tokenizer=read_tokenizer_files(path), metadata=metadata, source=str(path),
-                 format="mlx")
+                 format="mlx", companions=read_companions(path))
 
 
 def _dequantizer(registry: Any, weight: TensorRef, scales: TensorRef, biases: TensorRef, bits: int, group: int,

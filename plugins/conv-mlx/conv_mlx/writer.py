@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from convcore import (
     FLOAT_DTYPES, ConvcoreError, Model, PlannedTensor, TensorRef, cast, dtype_name, get_registry,
-    numpy_dtype, parse_size, quantize, write_sharded, write_tokenizer_files,
+    numpy_dtype, parse_size, quantize, write_companions, write_sharded, write_tokenizer_files,
 )
 
 from .archs import rules_for
@@ -124,6 +124,7 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
     index_path.write_text(json.dumps(index, indent=4))
     write_config(path, model, block, output_dtype(model, options))
     write_tokenizer_files(path, model)
+    write_companions(path, model)
     return path
 
 

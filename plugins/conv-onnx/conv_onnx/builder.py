@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 from convcore import (
-    ConvcoreError, Model, cast, get_registry, quantize, write_tokenizer_files,
+    ConvcoreError, Model, cast, get_registry, quantize, write_companions, write_tokenizer_files,
 )
 
 from .archs import Decoder, decoder_for, layer_names
@@ -318,6 +318,7 @@ def write_builder(model: Model, path: Path, options: dict[str, Any], progress: C
     config = dict(model.config)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_tokenizer_files(path, model)
+    write_companions(path, model)
     try:
         gen = genai_config_for(
             model.config, model.metadata.get("generation_config"),

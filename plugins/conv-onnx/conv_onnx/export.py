@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from convcore import ConvcoreError, Model, get_registry, numpy_dtype, write_tokenizer_files
+from convcore import ConvcoreError, Model, get_registry, numpy_dtype, write_companions, write_tokenizer_files
 
 from .export_genai import genai_config_for
 from .export_graph import (
@@ -87,6 +87,7 @@ def _export_into(model: Model, path: Path, dtype: str, opset: int | None,
         progress(name)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_tokenizer_files(path, model)
+    write_companions(path, model)
     if exporter.causal:
         genai = genai_config_for(
             config, model.metadata.get("generation_config"),

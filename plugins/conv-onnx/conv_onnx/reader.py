@@ -18,7 +18,8 @@ import onnx
 from onnx import TensorProto
 
 from convcore import (
-    ConvcoreError, Model, TensorRef, arch_of, get_registry, numpy_dtype, read_json, read_tokenizer_files,
+    ConvcoreError, Model, TensorRef, arch_of, get_registry, numpy_dtype, read_companions, read_json,
+    read_tokenizer_files,
 )
 
 from .graph import TYPE_NAMES
@@ -221,7 +222,10 @@ def load_onnx(path: Path) -> Model:
     if (root / "generation_config.json").is_file():
         metadata["generation_config"] = read_json(root / "generation_config.json")
     return Model(arch=arch_of(config) if config else "unknown", config=config, tensors=tensors,
-                 tokenizer=read_tokenizer_files(root), metadata=metadata, source=str(root), format="onnx")
+                 tokenizer=read_tokenizer_files(root), metadata=metadata, source=str(root), format="onnx",
+                 companions=read_companions(root, exclude=(
+                     "model.onnx", "model.onnx.data", "genai_config.json", "*.onnx", "*.onnx_data",
+                     "*.data")))
 
 
 __all__ = ["Initializers", "load_onnx", "parse_model", "model_file", "TYPE_NAMES"]
