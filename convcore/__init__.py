@@ -2,7 +2,9 @@
 
 The public surface plugin authors and users rely on. Plugins import from here only.
 """
-from .builtins.hf import read_json, read_tokenizer_files, write_tokenizer_files
+from .builtins.hf import (
+    read_companions, read_json, read_tokenizer_files, write_companions, write_tokenizer_files,
+)
 from .extensions import Registrations, collect_registrations
 from .hookspecs import hookimpl, hookspec
 from .model import (
@@ -11,6 +13,7 @@ from .model import (
 )
 from .options import Option, parse_size
 from .pipeline import convert, load, ordered_map, quantize
+from .pooling import Pooling, is_encoder, pool, read_pooling
 from .registry import Format, Registry, Scheme, get_registry, using
 from .runtime import Session
 from .safetensors_io import (
@@ -24,5 +27,6 @@ __all__ = [
     "QuantizedTensor", "Registrations", "Registry", "Scheme", "Session", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
     "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "hookspec", "load", "numpy_dtype",
     "open_tensors", "Option", "ordered_map", "parse_size", "plan_shards", "quantize", "read_header", "read_json",
-    "read_tokenizer_files", "using", "write_sharded", "write_tokenizer_files",
+    "read_companions", "read_tokenizer_files", "write_companions", "using", "write_sharded", "write_tokenizer_files",
+    "Pooling", "is_encoder", "pool", "read_pooling",
 ]

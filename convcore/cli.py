@@ -20,6 +20,7 @@ from .options import parse_size  # noqa: F401 - kept importable as convcore.cli.
 from .pipeline import convert
 from . import fidelity
 from .fidelity import CHECK_FAILED_EXIT
+from .pooling import is_encoder
 from .registry import get_registry
 
 
@@ -250,11 +251,14 @@ def tokenizer_for(path: Path, fmt: str | None) -> Any:
 @click.option("--max-tokens", type=int, default=0, help="Greedy-generate this many tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-text tokens.")
 @click.option("--logits", "logits_out", type=click.Path(path_type=Path), help="Save logits (.npy).")
+@click.option("--embedding", "embedding_out", type=click.Path(path_type=Path),
+              help="Encoders: save the sentence embedding (.npy).")
 @click.option("--threads", type=int, help="Threads for the runtime (default: its own).")
 @click.option("--verbose", is_flag=True, help="Let the runtime's own log through.")
 @click.option("--format", "fmt", metavar="FMT", help="Format (detected when omitted).")
 def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, ignore_eos: bool,
-          logits_out: Path | None, threads: int | None, verbose: bool, fmt: str | None) -> None:
+          logits_out: Path | None, embedding_out: Path | None, threads: int | None, verbose: bool,
+          fmt: str | None) -> None:
     """Run PATH in its format's own runtime, loaded once: print the top next tokens, or
     generate greedily with the runtime's KV cache."""
     if (prompt is None) == (tokens is None):
@@ -268,6 +272,17 @@ def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, i
     if threads:
         options["threads"] = threads
     with registry.open_session(path, fmt, options) as session:
+        if session.kind == "encoder":
+            if max_tokens:
+                raise ConvcoreError(f"{path}: an embedding model (encoder) does not generate; "
+                                    "drop --max-tokens")
+            embedding = np.asarray(session.embed(ids), dtype=np.float32)
+            if embedding_out:
+                np.save(embedding_out, embedding)
+            click.echo(json.dumps({"kind": "encoder", "tokens": ids, "dim": int(embedding.shape[0]),
+                                   "norm": float(np.linalg.norm(embedding)),
+                                   "embedding_head": [round(float(v), 6) for v in embedding[:8]]}))
+            return
         logits = session.logits(ids)
         if logits_out:
             np.save(logits_out, logits)
@@ -353,6 +368,24 @@ def compare(ref: Path, candidate: Path, text: Path | None, tokens: str | None, c
     with --tensors the relative RMSE of every weight."""
     if text is not None and tokens is not None:
         raise ConvcoreError("pass at most one of --text and --tokens")
+    registry = get_registry()
+    ref_model = registry.load(ref)
+    if is_encoder(ref_model.config):
+        sentences = ([parse_tokens(tokens)] if tokens else fidelity.text_sentences(
+            fidelity.tokenizer_for(ref_model), fidelity.read_text(text)))
+        with registry.open_session(ref) as a, registry.open_session(candidate) as b:
+            enc = fidelity.compare_encoders(a, b, sentences)
+        if per_tensor:
+            enc.update(tensor_errors(ref, candidate))
+        if as_json:
+            click.echo(json.dumps(enc, indent=2))
+            return
+        hidden = enc["hidden_max_abs_diff"]
+        click.echo(f"reference        {ref}\ncandidate        {candidate}\n"
+                   f"sentences        {enc['sentences']}\n"
+                   f"embedding cosine mean {enc['cosine_mean']:.6f}  min {enc['cosine_min']:.6f}\n"
+                   f"max |Δhidden|    {'n/a (a runtime without hidden states)' if hidden is None else f'{hidden:.4g}'}")
+        return
     report = compare_models(ref, candidate, None, None, text=text, ctx=ctx, limit=limit,
                             tokens=parse_tokens(tokens) if tokens else None)
     out: dict[str, Any] = report.as_dict()
@@ -368,6 +401,61 @@ def compare(ref: Path, candidate: Path, text: Path | None, tokens: str | None, c
         for name, err in out["tensors"].items():
             shown = f"{name} ({names[name]})" if name in names else name
             click.echo(f"  {shown}: {'missing' if err is None else f'{err:.3e}'}")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--to", "to", required=True, metavar="FMT", help="Target format.")
+@click.option("--from", "from_", metavar="FMT", help="Source format (detected when omitted).")
+@click.option("--quant", metavar="A,B,C", help="Comma list of types to try (adds to --all).")
+@click.option("--all", "use_all", is_flag=True,
+              help="Every scheme the target format lists (f32/f16/bf16 only when in --quant).")
+@click.option("--text", type=click.Path(path_type=Path),
+              help="Text to measure on (default: the bundled English evaluation text).")
+@click.option("--ctx", type=int, help="Window length in tokens (default: 512 or the model's context).")
+@click.option("--limit", type=int, help="Use at most this many tokens of the text.")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path),
+              help="Directory for the results (default: ./sweep-<src name>-<fmt>).")
+@click.option("--max-kl", type=float, default=0.05, show_default=True,
+              help="KL budget: recommend the smallest type with mean KL at most this.")
+@click.option("--max-size", metavar="SIZE",
+              help="Size budget (e.g. 600M, 2G): recommend the lowest-KL type within it.")
+@click.option("--gen-tokens", type=int, default=32, show_default=True,
+              help="Tokens to generate when timing each runtime.")
+@click.option("--keep/--no-keep", default=True, show_default=True,
+              help="Keep the converted outputs under DIR/outputs (or delete each once measured).")
+@click.option("--force", is_flag=True, help="Replace a previous sweep in DIR (never other files).")
+@click.option("--json", "as_json", is_flag=True, help="Print sweep.json instead of the summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def sweep(src: Path, to: str, from_: str | None, quant: str | None, use_all: bool,
+          text: Path | None, ctx: int | None, limit: int | None, out_dir: Path | None,
+          max_kl: float, max_size: str | None, gen_tokens: int, keep: bool, force: bool,
+          as_json: bool, quiet: bool) -> None:
+    """Convert SRC to each quantization type of --quant (or --all) and measure each:
+    size, perplexity and ΔPPL, KL against SRC, generation speed. Writes sweep.json,
+    sweep.md and a size/KL plot (sweep.png, sweep.svg) into DIR and recommends the
+    smallest type within --max-kl and the best within --max-size. Exit 1 when every
+    type failed."""
+    from . import sweep as sweeping
+    from .options import parse_size as size
+
+    quants = sweeping.parse_quants(quant, to, use_all)
+    result = sweeping.sweep(src, to, quants, out_dir, text=text, ctx=ctx, limit=limit,
+                            gen_tokens=gen_tokens, keep=keep, max_kl=max_kl,
+                            max_size=size(max_size) if max_size else None, from_=from_,
+                            force=force, progress=not quiet)
+    files = result.pop("files")
+    plot_error = result.pop("plot_error", None)
+    if as_json:
+        click.echo(json.dumps(sweeping.finite(result), indent=2))
+    else:
+        click.echo(sweeping.summary(result))
+    if plot_error:
+        click.echo(f"note: {plot_error}", err=True)
+    click.echo(f"wrote {', '.join(files)}", err=True)
+    if not any(j["error"] is None for j in result["jobs"]):
+        click.echo("error: every type failed", err=True)
+        raise SystemExit(1)
 
 
 @cli.command("new-plugin")

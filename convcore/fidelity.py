@@ -231,3 +231,33 @@ def beyond(report: Report, tolerance: dict[str, float]) -> list[str]:
     if "top1" in tolerance and report.top1_agreement < tolerance["top1"]:
         out.append(f"top-1 agreement {report.top1_agreement:.3f} < {tolerance['top1']:g}")
     return out
+
+
+def text_sentences(tokenizer: Any, text: str, count: int = 16, max_tokens: int = 128) -> list[list[int]]:
+    """Token ids (with the tokenizer's own special tokens, as an encoder is fed) of the
+    first ``count`` sentences or paragraphs of ``text``."""
+    import re
+    pieces = [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n\s*\n", text) if len(p.strip()) > 3]
+    if not pieces:
+        raise ConvcoreError("the text has no sentences")
+    return [[int(t) for t in tokenizer(p, truncation=True, max_length=max_tokens).input_ids]
+            for p in pieces[:count]]
+
+
+def compare_encoders(ref: Any, cand: Any, sentences: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Embeddings of each sentence in both sessions: cosine similarity (mean, minimum) and,
+    where both runtimes give them, the largest difference of the last hidden states."""
+    cosines, max_abs = [], None
+    for ids in sentences:
+        a, b = np.asarray(ref.embed(list(ids)), np.float64), np.asarray(cand.embed(list(ids)), np.float64)
+        if a.shape != b.shape:
+            raise ConvcoreError(f"embedding sizes differ: {a.shape[0]} vs {b.shape[0]}")
+        cosines.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300)))
+        try:
+            ha, hb = ref.hidden_states(list(ids)), cand.hidden_states(list(ids))
+        except ConvcoreError:
+            continue
+        diff = float(np.abs(np.asarray(ha, np.float64) - np.asarray(hb, np.float64)).max())
+        max_abs = diff if max_abs is None else max(max_abs, diff)
+    return {"kind": "encoder", "sentences": len(sentences), "cosine_mean": float(np.mean(cosines)),
+            "cosine_min": float(np.min(cosines)), "hidden_max_abs_diff": max_abs}

@@ -31,6 +31,8 @@ class Session:
     vocab_size: int = 0
     #: the model's end-of-generation token ids, as its runtime knows them
     stop_ids: tuple[int, ...] = ()
+    #: "decoder" (logits, decode, generate) or "encoder" (embed, hidden_states)
+    kind: str = "decoder"
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Start over: float32 logits ``(len(token_ids), vocab)`` for every position of
@@ -44,6 +46,16 @@ class Session:
 
     def close(self) -> None:
         """Free the runtime. Idempotent."""
+
+    def embed(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Encoders: the sentence embedding of ``token_ids`` (float32, ``(dim,)``), pooled
+        as the model says (sentence-transformers' pooling and normalisation)."""
+        raise ConvcoreError(f"{type(self).__name__}: this model is a decoder; it has logits, "
+                            "not sentence embeddings")
+
+    def hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Encoders: the last hidden states ``(len(token_ids), dim)`` in float32."""
+        raise ConvcoreError(f"{type(self).__name__}: this runtime does not give hidden states")
 
     def generate(self, prompt_ids: Sequence[int], max_tokens: int,
                  stop_ids: Sequence[int] = ()) -> Iterator[int]:

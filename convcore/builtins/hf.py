@@ -4,11 +4,20 @@ Reads ``config.json``, the tokenizer files and the weights from ``model.safetens
 a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin`` (and its index,
 through ``torch.load(weights_only=True)``). Writes sharded safetensors with an index,
 config and tokenizer files. Runs inference with transformers.
+
+Every other file of the source directory and of its numbered sentence-transformers module
+folders (model card, licence, ``modules.json``, ``1_Pooling/config.json``, ...) travels as
+a companion (:func:`read_companions`, :func:`write_companions`), so the output holds
+everything the source held besides weights.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
-from pathlib import Path
+import os
+import re
+import sys
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import numpy as np
@@ -21,7 +30,8 @@ from ..safetensors_io import PlannedTensor, index_shards, open_tensors, read_hea
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+    "chat_template.json",
 )
 EXTRA_FILES = ("generation_config.json",)
 TORCH_DTYPE_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
@@ -29,6 +39,15 @@ TORCH_DTYPE_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 HF_OUTPUTS = ("config.json", "model.safetensors", "model-*-of-*.safetensors",
               "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model-*-of-*.bin",
               "pytorch_model.bin.index.json")
+# Weight files and their indexes (of any framework): the model's tensors, never companions.
+WEIGHT_PATTERNS = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.ot", "*.gguf",
+    "*.onnx", "*.onnx_data", "*.onnx.data", "*.safetensors.index.json", "*.bin.index.json",
+    "*.h5.index.json", "*.msgpack.index.json",
+)
+COMPANION_MAX_BYTES = 10 * 1000**2  # a larger file is skipped with a warning, never carried
+# sentence-transformers module folders: 1_Pooling, 2_Normalize, 2_Dense, ...
+MODULE_FOLDER = re.compile(r"[0-9]+_.+")
 DEFAULT_MAX_SHARD = 5 * 1000**3  # transformers' save_pretrained default, "5GB"
 OPTIONS = (
     Option("split_max_size", "size", DEFAULT_MAX_SHARD, "largest safetensors shard (e.g. 2G)"),
@@ -139,6 +158,114 @@ def read_tokenizer_files(path: Path) -> dict[str, bytes]:
     return {name: (path / name).read_bytes() for name in TOKENIZER_FILES if (path / name).is_file()}
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _hub_blobs(root: Path) -> Path | None:
+    """The blob store of a Hugging Face hub cache snapshot ``models--org--name/snapshots/
+    <rev>/``, whose files are symlinks into ``../../blobs/``; None for other directories."""
+    snapshots = root.parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        return (snapshots.parent / "blobs").resolve()
+    return None
+
+
+def read_companions(path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """The companion files of the model directory ``path``, by relative POSIX path.
+
+    Companions are the regular files of ``path`` that are neither weights (see
+    :data:`WEIGHT_PATTERNS`), ``config.json``, tokenizer files nor
+    ``generation_config.json``, plus every file under its numbered sentence-transformers
+    module folders (``1_Pooling/``, ``2_Normalize/``, ``2_Dense/``: a module's own state
+    travels whole). Hidden names are skipped, and so are names matching one of the
+    ``exclude`` glob patterns (a format's own files). A file over
+    :data:`COMPANION_MAX_BYTES` is skipped with a warning on stderr. Symlinked folders are
+    never followed; a symlinked file is read only when it resolves inside ``path`` (or,
+    for a hub cache snapshot, into that repository's ``blobs/``).
+    """
+    root = Path(os.path.abspath(path))
+    real_root = root.resolve()
+    blobs = _hub_blobs(root)
+    out: dict[str, bytes] = {}
+
+    def excluded(name: str, patterns: tuple[str, ...]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    def take(file: Path, rel: str) -> None:
+        if file.is_symlink():
+            target = file.resolve()
+            if not (_inside(target, real_root) or (blobs is not None and _inside(target, blobs))):
+                _warn(f"{file}: links outside the model directory; not carried over")
+                return
+        if not file.is_file():  # a dangling link, a socket, ...
+            return
+        size = file.stat().st_size
+        if size > COMPANION_MAX_BYTES:
+            _warn(f"{file}: {size:,} bytes, over the {COMPANION_MAX_BYTES:,}-byte limit for "
+                  "files carried beside the weights; not carried over")
+            return
+        out[rel] = file.read_bytes()
+
+    skip_top = ("config.json", *TOKENIZER_FILES, *EXTRA_FILES, *WEIGHT_PATTERNS, *exclude)
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name.startswith("."):
+            continue
+        if entry.is_symlink() and entry.is_dir():
+            continue  # never follow a linked folder
+        if entry.is_dir():
+            if not MODULE_FOLDER.fullmatch(name):
+                continue  # onnx/, openvino/, original/, ...: other copies of the weights
+            for folder, dirs, files in os.walk(entry, followlinks=False):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                rel_folder = Path(folder).relative_to(root).as_posix()
+                for f in sorted(files):
+                    if f.startswith(".") or excluded(f, exclude):
+                        continue
+                    take(Path(folder) / f, f"{rel_folder}/{f}")
+            continue
+        if not excluded(name, skip_top):
+            take(entry, name)
+    return out
+
+
+def _companion_target(path: Path, name: str) -> Path:
+    """Where companion ``name`` goes under the output directory ``path``; raises when the
+    name is not a plain relative POSIX path that stays inside ``path``."""
+    pure = PurePosixPath(name) if isinstance(name, str) else None
+    if (pure is None or not name or "\\" in name or "\0" in name or pure.is_absolute()
+            or re.match(r"^[A-Za-z]:", name) or any(part in ("..", ".", "") for part in name.split("/"))):
+        raise ConvcoreError(f"companion file name {name!r} is not a plain relative path inside "
+                            "the model directory; refusing to write it")
+    root = path.resolve()
+    target = (root / Path(*pure.parts)).resolve()
+    if not _inside(target, root) or target == root:
+        raise ConvcoreError(f"companion file name {name!r} resolves to {target}, outside the "
+                            f"output directory {root}; refusing to write it")
+    return target
+
+
+def write_companions(path: str | os.PathLike, model: Model) -> None:
+    """Write ``model.companions`` under the output directory ``path`` unchanged, creating
+    their folders. Every name is checked before anything is written: a name that is
+    absolute, holds ``..`` or backslashes, or resolves outside ``path`` is a
+    :class:`ConvcoreError` naming it. A file the writer already wrote is left as it is
+    (a format's own files win over a source's)."""
+    path = Path(path)
+    companions = getattr(model, "companions", None) or {}
+    targets = {name: _companion_target(path, name) for name in companions}
+    for name, target in targets.items():
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(companions[name])
+
+
 def load_hf(path: Path) -> Model:
     """Describe the HF directory ``path`` as a lazy :class:`Model`."""
     if not path.is_dir():
@@ -162,7 +289,7 @@ def load_hf(path: Path) -> Model:
         metadata["generation_config"] = read_json(path / "generation_config.json")
     return Model(arch=arch_of(config), config=config, tensors=tensors,
                  tokenizer=read_tokenizer_files(path), metadata=metadata, source=str(path),
-                 format="hf")
+                 format="hf", companions=read_companions(path))
 
 
 @hookimpl
@@ -221,6 +348,7 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
                   on_written=lambda t: progress(t.name))
     write_config(path, model.config, dtype)
     write_tokenizer_files(path, model)
+    write_companions(path, model)
     return path
 
 
@@ -255,5 +383,10 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
 def convcore_open_session(path: Path, fmt: str, options: dict[str, Any]) -> Any:
     if fmt != "hf":
         return None
-    from .hf_runtime import TransformersSession
+    from ..pooling import is_encoder
+    from .hf_runtime import TransformersEncoderSession, TransformersSession
+    config_file = Path(path) / "config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
+    if isinstance(config, dict) and is_encoder(config):
+        return TransformersEncoderSession(Path(path), options)
     return TransformersSession(Path(path), options)

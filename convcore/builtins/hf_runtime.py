@@ -11,29 +11,44 @@ from ..model import ConvcoreError
 from ..runtime import Session
 
 
+def _load(path: Path, options: dict[str, Any], auto_class: str) -> tuple[Any, Any]:
+    """(torch, the model) loaded with ``transformers.<auto_class>`` in float32; a model
+    whose weights transformers had to invent (a head the checkpoint lacks) is refused,
+    so no runtime ever runs newly initialised weights."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise ConvcoreError("hf inference needs transformers and torch "
+                            "(pip install 'convcore[torch]')") from None
+    if not options.get("verbose"):
+        # transformers draws a weight-loading bar on stderr; runtimes stay quiet
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # its load report (unused head weights, ...)
+    if options.get("threads"):
+        torch.set_num_threads(int(options["threads"]))
+    try:
+        model, info = getattr(transformers, auto_class).from_pretrained(
+            str(path), dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConvcoreError(f"{path}: transformers cannot load it ({first})") from None
+    # rotary tables are computed, and an encoder's pooler is never used here (sentence
+    # embeddings pool the last hidden states): neither counts as invented weights
+    missing = [n for n in info.get("missing_keys", []) if "rotary" not in n
+               and not (auto_class == "AutoModel" and n.split(".")[0] == "pooler")]
+    if missing:
+        raise ConvcoreError(f"{path}: {auto_class} would run newly initialised weights "
+                            f"({', '.join(sorted(missing)[:3])}); the checkpoint lacks them")
+    return torch, model.eval()
+
+
 class TransformersSession(Session):
     """An HF directory loaded with ``AutoModelForCausalLM`` in float32 on the CPU."""
 
     def __init__(self, path: Path, options: dict[str, Any]):
-        try:
-            import torch
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise ConvcoreError("hf inference needs transformers and torch "
-                                "(pip install 'convcore[torch]')") from None
-        self._torch = torch
-        if not options.get("verbose"):
-            # transformers draws a weight-loading bar on stderr; runtimes stay quiet
-            from transformers.utils import logging as hf_logging
-            hf_logging.disable_progress_bar()
-        if options.get("threads"):
-            torch.set_num_threads(int(options["threads"]))
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConvcoreError(f"{path}: transformers cannot load it ({first})") from None
-        self.model.eval()
+        self._torch, self.model = _load(path, options, "AutoModelForCausalLM")
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
@@ -64,4 +79,36 @@ class TransformersSession(Session):
 
     def close(self) -> None:
         self._cache = None
+        self.model = None
+
+
+class TransformersEncoderSession(Session):
+    """An encoder directory (BERT-style, maybe a sentence-transformers model) loaded with
+    ``AutoModel``: the base model only, never a task head; embeddings pooled as its
+    sentence-transformers files say."""
+
+    kind = "encoder"
+
+    def __init__(self, path: Path, options: dict[str, Any]):
+        from ..pooling import read_pooling
+        self._torch, self.model = _load(path, options, "AutoModel")
+        self.pooling = read_pooling(path)
+        self.vocab_size = int(getattr(self.model.config, "vocab_size", 0) or 0)
+
+    def hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
+        torch = self._torch
+        ids = self.check_ids(token_ids)
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long),
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        return out.last_hidden_state[0].float().numpy()
+
+    def embed(self, token_ids: Sequence[int]) -> np.ndarray:
+        from ..pooling import pool
+        return pool(self.hidden_states(token_ids), self.pooling)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        raise ConvcoreError("this model is an encoder (embedding model): it has no next-token logits")
+
+    def close(self) -> None:
         self.model = None

@@ -96,5 +96,5 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
 def convcore_open_session(path: Path, fmt: str, options: dict[str, Any]) -> Any:
     if fmt != "onnx":
         return None
-    from .runtime import OnnxSession
-    return OnnxSession(Path(path), options)
+    from .runtime import open_session
+    return open_session(Path(path), options)

@@ -117,3 +117,69 @@ class OnnxSession(Session):
     def close(self) -> None:
         self._past = None
         self.sess = None
+
+
+class OnnxEncoderSession(Session):
+    """An encoder graph (export path: ``last_hidden_state`` out) in onnxruntime;
+    embeddings pooled as the directory's sentence-transformers files say."""
+
+    kind = "encoder"
+
+    def __init__(self, path: Path, options: dict[str, Any]):
+        from convcore import read_pooling
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConvcoreError("onnx inference needs onnxruntime (pip install 'conv-onnx[infer]')") from None
+        self.file = model_file(Path(path))
+        so = ort.SessionOptions()
+        so.log_severity_level = 0 if options.get("verbose") else 3
+        if options.get("threads"):
+            so.intra_op_num_threads = int(options["threads"])
+        try:
+            self.sess = ort.InferenceSession(str(self.file), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ConvcoreError(f"{self.file}: onnxruntime cannot load it: {_first_line(exc)}") from None
+        self.inputs = {i.name for i in self.sess.get_inputs()}
+        self.pooling = read_pooling(self.file.parent)
+        try:
+            config = json.loads((self.file.parent / "config.json").read_text())
+            self.vocab_size = int(config.get("vocab_size") or 0)
+        except (OSError, ValueError):
+            self.vocab_size = 0
+
+    def hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = np.array([self.check_ids(token_ids)], np.int64)
+        feed = {"input_ids": ids}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones_like(ids)
+        if "token_type_ids" in self.inputs:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        try:
+            out = self.sess.run(["last_hidden_state"], feed)[0]
+        except Exception as exc:
+            raise ConvcoreError(f"{self.file}: onnxruntime run failed: {_first_line(exc)}") from None
+        return np.asarray(out[0], dtype=np.float32)
+
+    def embed(self, token_ids: Sequence[int]) -> np.ndarray:
+        from convcore import pool
+        return pool(self.hidden_states(token_ids), self.pooling)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        raise ConvcoreError(f"{self.file}: an encoder (embedding model): it has no next-token logits")
+
+    def close(self) -> None:
+        self.sess = None
+
+
+def open_session(path: Path, options: dict[str, Any]) -> Session:
+    """The session for the graph at ``path``: decoder (logits) or encoder (last_hidden_state)."""
+    import onnx
+    file = model_file(Path(path))
+    try:
+        outputs = {o.name for o in onnx.load(str(file), load_external_data=False).graph.output}
+    except Exception:
+        outputs = set()
+    if "logits" not in outputs and "last_hidden_state" in outputs:
+        return OnnxEncoderSession(Path(path), options)
+    return OnnxSession(Path(path), options)
