@@ -1,8 +1,9 @@
 """convcore plugin for GGUF, llama.cpp's model file.
 
-Writes HF models as GGUF (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3)
-in every llama.cpp type from f32 to the k-quant mixes, reads GGUF back into convcore's
-model (dequantizing on demand), validates files and runs them with llama-cpp-python.
+Writes HF models as GGUF (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, and
+BERT sentence-embedding encoders) in every llama.cpp type from f32 to the k-quant mixes,
+reads GGUF back into convcore's model (dequantizing on demand), validates files and runs
+them with llama-cpp-python (encoders as embedding models).
 
 Other packages add architectures through the hook ``conv_gguf_register_archs``
 (:mod:`conv_gguf.hookspecs`) with :class:`Arch` objects; the built-in ones are

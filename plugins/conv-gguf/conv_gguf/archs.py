@@ -48,6 +48,29 @@ PHI3_NAMES = {
     "model.layers.{bid}.self_attn.qkv_proj": "blk.{bid}.attn_qkv",
     "model.layers.{bid}.mlp.gate_up_proj": "blk.{bid}.ffn_up",
 }
+# BERT encoders (llama.cpp's BertModel; names as gguf-py's tensor_mapping has them):
+# BertModel checkpoints name their modules without a prefix, BertForMaskedLM /
+# BertForPreTraining ones under "bert."; the unprefixed names come last so that files
+# read back as a BertModel.
+_BERT_MODULES = {
+    "embeddings.word_embeddings": "token_embd",
+    "embeddings.token_type_embeddings": "token_types",
+    "embeddings.position_embeddings": "position_embd",
+    "embeddings.LayerNorm": "token_embd_norm",
+    "encoder.layer.{bid}.attention.self.query": "blk.{bid}.attn_q",
+    "encoder.layer.{bid}.attention.self.key": "blk.{bid}.attn_k",
+    "encoder.layer.{bid}.attention.self.value": "blk.{bid}.attn_v",
+    "encoder.layer.{bid}.attention.output.dense": "blk.{bid}.attn_output",
+    "encoder.layer.{bid}.attention.output.LayerNorm": "blk.{bid}.attn_output_norm",
+    "encoder.layer.{bid}.intermediate.dense": "blk.{bid}.ffn_up",
+    "encoder.layer.{bid}.output.dense": "blk.{bid}.ffn_down",
+    "encoder.layer.{bid}.output.LayerNorm": "blk.{bid}.layer_output_norm",
+}
+BERT_NAMES = {**{f"bert.{hf}": gg for hf, gg in _BERT_MODULES.items()}, **_BERT_MODULES}
+# What llama.cpp's converter leaves out of a BERT GGUF: it only embeds, so the pooler and
+# the pre-training heads (masked-LM, next-sentence) go, as do the position ids buffer.
+BERT_DROPPED = (r"(bert\.)?embeddings\.position_ids", r"(bert\.)?pooler\.dense\.(weight|bias)",
+                r"cls\.predictions\..*", r"cls\.seq_relationship\..*")
 
 
 def rope_theta(config: dict[str, Any], layer_type: str = "full_attention") -> float | None:
@@ -126,6 +149,17 @@ PHI3_HPARAMS = (
     ("rope.scaling.original_context_length", _cfg("original_max_position_embeddings"), "u32",
      "original_max_position_embeddings"),
 )
+# What llama.cpp's converter writes for BERT (TextModel.set_gguf_parameters: no rope, no
+# kv heads as BertConfig has none, the LayerNorm epsilon; BertModel: causal = false)
+BERT_HPARAMS = (
+    ("context_length", _cfg("max_position_embeddings"), "u32", "max_position_embeddings"),
+    ("embedding_length", _cfg("hidden_size"), "u32", "hidden_size"),
+    ("feed_forward_length", _cfg("intermediate_size"), "u32", "intermediate_size"),
+    ("block_count", _cfg("num_hidden_layers"), "u32", "num_hidden_layers"),
+    ("attention.head_count", _cfg("num_attention_heads"), "u32", "num_attention_heads"),
+    ("attention.layer_norm_epsilon", _cfg("layer_norm_eps"), "f32", "layer_norm_eps"),
+    ("attention.causal", lambda c: False, "bool", None),
+)
 
 
 def _gemma_query_scale(big_layers: int) -> Callable[[dict[str, Any], dict[str, Any]], None]:
@@ -150,6 +184,34 @@ def _phi3_config(kv: dict[str, Any], config: dict[str, Any]) -> None:
     # transformers' Phi3Config defaults differ from what a GGUF without these keys means
     config.setdefault("sliding_window", None)
     config["pad_token_id"] = None
+
+
+# llama.cpp's pooling types (enum llama_pooling_type), as gguf.PoolingType numbers them
+POOLING_TYPES = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
+_BERT_DEFAULTS = {"hidden_act": "gelu", "type_vocab_size": 2, "layer_norm_eps": 1e-12}
+
+
+def _bert_keys(model: Any, config: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """``pooling_type`` as llama.cpp's converter sets it (``_try_set_pooling_type``): from
+    the sentence-transformers Pooling module named in modules.json, mean before cls before
+    last token; no key when the model has no such module (llama.cpp then pools nothing)."""
+    from .companions import pooling_mode
+    mode = pooling_mode(model)
+    return [] if mode is None else [("pooling_type", POOLING_TYPES[mode], "u32")]
+
+
+def _bert_config(kv: dict[str, Any], config: dict[str, Any]) -> None:
+    # BertConfig's keys that llama.cpp's BERT does not vary: absolute positions, GELU
+    config.setdefault("position_embedding_type", "absolute")
+    if "tokenizer.ggml.token_type_count" in kv:
+        config["type_vocab_size"] = int(kv["tokenizer.ggml.token_type_count"])
+
+
+REQUIRED_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                 "attention.head_count", "attention.layer_norm_rms_epsilon")
+# llama.cpp's BERT loader reads these without a default
+BERT_REQUIRED = ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                 "attention.head_count", "attention.layer_norm_epsilon", "attention.causal")
 
 
 @dataclass(frozen=True)
@@ -181,6 +243,15 @@ class Arch:
         checkpoints' tokenizer_config.json names), written by the reader when that class
         tokenizes the GGUF's vocabulary as llama.cpp does (see ``hf_tokenizer.py``);
         None: the generic ``PreTrainedTokenizerFast``, which follows tokenizer.json.
+    :param dropped: regexes of HF tensor names llama.cpp's converter leaves out (BERT's
+        pooler and pre-training heads); any other tensor without a GGUF name is an error.
+    :param encoder: an embedding model (bidirectional, no logits): no rope in the config
+        the reader rebuilds, and runtime sessions embed instead of giving logits.
+    :param base_required: the keys below ``{gguf_arch}.`` llama.cpp insists on for this
+        family (:data:`REQUIRED_KEYS` for decoders); ``required`` adds to them.
+    :param extra_keys: ``extra_keys(model, config) -> [(key below "{gguf_arch}.", value,
+        type)]`` for keys that come from more than config.json (BERT's pooling type, from
+        the sentence-transformers files).
     """
 
     model_type: str
@@ -195,6 +266,14 @@ class Arch:
     read_config: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
     read_back: bool = True
     tokenizer_class: str | None = None
+    dropped: tuple[str, ...] = ()
+    encoder: bool = False
+    base_required: tuple[str, ...] = REQUIRED_KEYS
+    extra_keys: Callable[[Any, dict[str, Any]], list[tuple[str, Any, str]]] | None = None
+
+    def drops(self, hf_name: str) -> bool:
+        """Whether llama.cpp's converter leaves the HF tensor ``hf_name`` out."""
+        return any(re.fullmatch(p, hf_name) for p in self.dropped)
 
     def alias(self, model_type: str, hf_class: str | None = None) -> "Arch":
         """This architecture under another HF ``model_type``: written the same way, while
@@ -210,6 +289,9 @@ GEMMA2 = Arch("gemma2", "gemma2", "Gemma2ForCausalLM", {**BASE_NAMES, **SANDWICH
               COMMON_HPARAMS + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
               required=("attention.sliding_window",), config_defaults=_GEMMA_DEFAULTS,
               read_config=_gemma_query_scale(46), tokenizer_class="GemmaTokenizer")
+BERT = Arch("bert", "bert", "BertModel", BERT_NAMES, BERT_HPARAMS, dropped=BERT_DROPPED,
+            encoder=True, base_required=BERT_REQUIRED, config_defaults=_BERT_DEFAULTS,
+            read_config=_bert_config, extra_keys=_bert_keys, tokenizer_class="BertTokenizer")
 # The architectures conv-gguf registers itself (through the same hook as anyone else).
 # Mistral is stored as llama, and reads back as llama: both compute the same function.
 BUILTIN_ARCHS: Mapping[str, Arch] = MappingProxyType({a.model_type: a for a in (
@@ -228,17 +310,21 @@ BUILTIN_ARCHS: Mapping[str, Arch] = MappingProxyType({a.model_type: a for a in (
     Arch("phi3", "phi3", "Phi3ForCausalLM", {**BASE_NAMES, **PHI3_NAMES},
          COMMON_HPARAMS + SLIDING_HPARAMS + PHI3_HPARAMS, read_config=_phi3_config,
          tokenizer_class="LlamaTokenizer"),
+    BERT,
 )})
-REQUIRED_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
-                 "attention.head_count", "attention.layer_norm_rms_epsilon")
 
 
 def _compile(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:
     out = []
     for hf, gg in names.items():
         pattern = re.escape(hf).replace(r"\{bid\}", r"(?P<bid>\d+)")
-        out.append((re.compile(pattern + r"\.(?P<suffix>weight|bias)$"), gg))
+        out.append((re.compile(pattern + r"\.(?P<suffix>weight|bias|gamma|beta)$"), gg))
     return out
+
+
+# old (TF-converted) checkpoints call LayerNorm parameters gamma and beta, as transformers
+# and llama.cpp's converter both still accept
+_SUFFIX = {"gamma": "weight", "beta": "bias"}
 
 
 def map_name(arch: Arch, hf_name: str) -> str | None:
@@ -247,7 +333,8 @@ def map_name(arch: Arch, hf_name: str) -> str | None:
         m = pattern.match(hf_name)
         if m:
             bid = m.groupdict().get("bid")
-            return gg.replace("{bid}", bid or "") + "." + m.group("suffix")
+            suffix = m.group("suffix")
+            return gg.replace("{bid}", bid or "") + "." + _SUFFIX.get(suffix, suffix)
     return None
 
 

@@ -198,7 +198,7 @@ def validate(path: Path) -> list[str]:
     known = arch_table.read_back()
     if arch in known:
         spec = known[arch]
-        for key in archs.REQUIRED_KEYS + spec.required:
+        for key in spec.base_required + spec.required:
             if f"{arch}.{key}" not in first:
                 problems.append(f"{path}: missing key {arch}.{key}")
     names = [t.name for h in headers for t in h.tensors]

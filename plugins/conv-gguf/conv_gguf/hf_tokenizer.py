@@ -5,7 +5,8 @@ vocabulary (``llama``) becomes byte-fallback BPE whose merges follow the piece s
 behind a normalizer that writes spaces as "▁" and, with ``add_space_prefix``, prepends
 one to every stretch of text (llama.cpp adds it at the start and after each special
 token). Byte-level BPE (``gpt2``) gets the split regex of ``tokenizer.ggml.pre``. Control
-and user-defined tokens become added tokens, ``add_bos``/``add_eos`` a template.
+and user-defined tokens become added tokens, ``add_bos``/``add_eos`` a template. A
+WordPiece vocabulary (``bert``) is turned back in ``wordpiece.py``.
 
 ``tokenizer_config.json`` names the class. transformers 5 rebuilds a family's own class
 (LlamaTokenizer, GemmaTokenizer, Qwen2Tokenizer) from settings hard-coded in the class
@@ -254,7 +255,12 @@ def _spm_model(kv: dict[str, Any]) -> bytes:
 def tokenizer_files(kv: dict[str, Any], family: str | None = None) -> dict[str, bytes]:
     """HF tokenizer files for the vocabulary in ``kv`` (empty when there is none);
     ``family`` is the architecture's HF tokenizer class (:attr:`Arch.tokenizer_class`)."""
-    if not kv.get("tokenizer.ggml.tokens") or _model(kv) not in ("llama", "gpt2"):
+    if not kv.get("tokenizer.ggml.tokens"):
+        return {}
+    if _model(kv) == "bert":
+        from .wordpiece import tokenizer_files as wordpiece_files
+        return wordpiece_files(kv)
+    if _model(kv) not in ("llama", "gpt2"):
         return {}
     cls = tokenizer_class(kv, family)
     tok_json = _tokenizer_json(kv, cls)

@@ -73,7 +73,8 @@ def new_state(names: list[str], n_gqa: int) -> MixState:
     """Counters for a file holding tensors ``names`` (in write order)."""
     return MixState(
         n_attention_wv=sum(1 for n in names if re.search(r"attn_(v|qkv)\.weight", n)),
-        n_ffn_down=sum(1 for n in names if "ffn_down" in n),
+        # llama.cpp counts layers (n_layer), not tensors: biases (BERT's) do not count
+        n_ffn_down=sum(1 for n in names if "ffn_down" in n and n.endswith(".weight")),
         has_output="output.weight" in names, n_gqa=n_gqa)
 
 
@@ -111,12 +112,18 @@ def _mix_type(state: MixState, ftype: str, name: str, ncols: int, default: T) ->
     return new
 
 
+# 2-D tensors llama.cpp keeps in F32 whatever the file type: its converter writes them so
+# and llama-quantize leaves BERT's position and token-type embeddings alone
+ALWAYS_F32 = ("position_embd.weight", "token_types.weight")
+
+
 def choose_type(state: MixState | None, quant: str | None, name: str, shape: tuple[int, ...],
                 float_type: T, notes: list[str]) -> T:
     """The GGUF type of one tensor. ``float_type`` is what unquantized 2-D tensors get;
-    1-D tensors and norms are always F32. ``state`` None means llama-quantize's --pure
-    (the file type's default type everywhere). Fallbacks are appended to ``notes``."""
-    if len(shape) < 2 or name.endswith("_norm.weight"):
+    1-D tensors, norms and :data:`ALWAYS_F32` are always F32. ``state`` None means
+    llama-quantize's --pure (the file type's default type everywhere). Fallbacks are
+    appended to ``notes``."""
+    if len(shape) < 2 or name.endswith("_norm.weight") or name in ALWAYS_F32:
         return T.F32
     if quant is None or quant in ("f32", "f16", "bf16"):
         return float_type

@@ -54,11 +54,22 @@ def rebuild_config(kv: dict[str, Any], spec: archs.Arch, tied: bool) -> dict[str
     for key, _, _, hf_key in spec.hparams:
         if hf_key and f"{a}.{key}" in kv:
             config[hf_key] = kv[f"{a}.{key}"]
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in kv:
+        config["vocab_size"] = len(kv["tokenizer.ggml.tokens"])
+    if spec.encoder:
+        # no rope, no generation: BERT-style config keys only; [CLS]/[SEP] are the GGUF's
+        # BOS/EOS but not a BertConfig's
+        if spec.read_config is not None:
+            spec.read_config(kv, config)
+        if "tokenizer.ggml.padding_token_id" in kv:
+            config["pad_token_id"] = int(kv["tokenizer.ggml.padding_token_id"])
+        config["tie_word_embeddings"] = tied
+        if "general.name" in kv:
+            config["_name_or_path"] = kv["general.name"]
+        return config
     heads = config.get("num_attention_heads")
     if heads and "hidden_size" in config:
         config.setdefault("head_dim", config["hidden_size"] // heads)
-    if "vocab_size" not in config and "tokenizer.ggml.tokens" in kv:
-        config["vocab_size"] = len(kv["tokenizer.ggml.tokens"])
     theta = kv.get(f"{a}.rope.freq_base", 10000.0)
     scaling = None
     if kv.get(f"{a}.rope.scaling.type") == "linear" and f"{a}.rope.scaling.factor" in kv:
@@ -150,5 +161,12 @@ def load_gguf(path: Path) -> Model:
     metadata = {k.removeprefix("general."): v for k, v in kv.items()
                 if k.startswith("general.") and isinstance(v, (str, int, float, bool))}
     metadata["source"] = str(path)
-    return Model(arch=spec.model_type, config=config, tensors=refs, tokenizer=tokenizer,
-                 metadata=metadata, source=str(path), format="gguf")
+    model = Model(arch=spec.model_type, config=config, tensors=refs, tokenizer=tokenizer,
+                  metadata=metadata, source=str(path), format="gguf")
+    pooling = kv.get(f"{arch_name}.pooling_type")
+    modes = {v: k for k, v in archs.POOLING_TYPES.items() if k in ("mean", "cls", "last")}
+    if spec.encoder and pooling in modes and isinstance(getattr(model, "companions", None), dict):
+        # the pooling the GGUF records, as the sentence-transformers files that say it
+        from .companions import sentence_transformers_files
+        model.companions.update(sentence_transformers_files(modes[pooling], int(config["hidden_size"])))
+    return model

@@ -2,7 +2,9 @@
 
 SentencePiece models (``tokenizer.model``) become ``tokenizer.ggml.model = "llama"`` with
 pieces, scores and token types read from the model proto; byte-level BPE
-(``tokenizer.json``) becomes ``"gpt2"`` with vocab, merges and a pre-tokenizer name.
+(``tokenizer.json``) becomes ``"gpt2"`` with vocab, merges and a pre-tokenizer name;
+WordPiece (BERT's ``tokenizer.json`` or ``vocab.txt``) becomes ``"bert"`` with the tokens
+in llama.cpp's "phantom space" spelling.
 llama.cpp recognises BPE pre-tokenizers by name; one we cannot name exactly is mapped
 to the known one whose split regex is closest, with a warning.
 """
@@ -37,15 +39,18 @@ SPM_PRE = "default"
 class Vocab:
     """What goes under ``tokenizer.*`` in a GGUF file."""
 
-    model: str                                   # "llama" (SentencePiece) or "gpt2" (BPE)
+    model: str                                   # "llama" (SentencePiece), "gpt2" (BPE), "bert"
     tokens: list[str]
     types: list[int]
     scores: list[float] | None = None
     merges: list[str] | None = None
     pre: str | None = None                       # tokenizer.ggml.pre
-    special: dict[str, int] = field(default_factory=dict)   # bos/eos/unk/pad/... -> id
+    special: dict[str, int] = field(default_factory=dict)   # bos/eos/unk/pad/sep/mask -> id
     add_bos: bool | None = None
     add_eos: bool | None = None
+    add_sep: bool | None = None
+    token_type_count: int | None = None          # BERT's token type (segment) embeddings
+    flags: dict[str, bool] = field(default_factory=dict)   # other boolean tokenizer.ggml.* keys
     add_space_prefix: bool | None = None
     chat_template: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -72,6 +77,9 @@ def read_vocab(files: dict[str, bytes], config: dict[str, Any]) -> Vocab | None:
     tok_cfg = _json(files, "tokenizer_config.json") or {}
     if "tokenizer.model" in files:
         vocab = _spm_vocab(files["tokenizer.model"], tok_json)
+    elif _is_wordpiece(files, tok_json):
+        from .wordpiece import wordpiece_vocab
+        return wordpiece_vocab(files, tok_json, tok_cfg, config)
     elif tok_json and (tok_json.get("model") or {}).get("type") == "BPE":
         vocab = _spm_from_json(tok_json) if _is_spm_style(tok_json) else _bpe_vocab(tok_json)
     else:
@@ -97,6 +105,13 @@ def read_vocab(files: dict[str, bytes], config: dict[str, Any]) -> Vocab | None:
     if isinstance(template, str):
         vocab.chat_template = template
     return vocab
+
+
+def _is_wordpiece(files: dict[str, bytes], tok_json: Any) -> bool:
+    """BERT-style WordPiece: tokenizer.json says so, or there is only a vocab.txt."""
+    if tok_json is not None:
+        return (tok_json.get("model") or {}).get("type") == "WordPiece"
+    return "vocab.txt" in files
 
 
 def _adds_bos_eos(tok_json: Any, tok_cfg: dict[str, Any], model: str) -> tuple[bool, bool | None]:
@@ -265,14 +280,21 @@ def add_to_writer(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
     writer.add_token_types(vocab.types)
     if vocab.merges is not None:
         writer.add_token_merges(vocab.merges)
+    if vocab.token_type_count is not None:
+        writer.add_token_type_count(vocab.token_type_count)
     setters = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
-               "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id}
+               "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id,
+               "sep": writer.add_sep_token_id, "mask": writer.add_mask_token_id}
     for key, value in vocab.special.items():
         setters[key](value)
     if vocab.add_bos is not None:
         writer.add_add_bos_token(vocab.add_bos)
     if vocab.add_eos is not None:
         writer.add_add_eos_token(vocab.add_eos)
+    if vocab.add_sep is not None:
+        writer.add_add_sep_token(vocab.add_sep)
+    for key, value in vocab.flags.items():
+        writer.add_bool(key, value)
     if vocab.add_space_prefix is not None:
         writer.add_add_space_prefix(vocab.add_space_prefix)
     if vocab.chat_template:

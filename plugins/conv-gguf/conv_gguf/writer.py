@@ -19,6 +19,7 @@ import convcore
 from convcore import ConvcoreError, Model, TensorRef, cast
 
 from . import arch_table, archs, mixes, vocab as vocab_mod
+from .companions import companion
 
 T = gguf.GGMLQuantizationType
 NUMPY_OF = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
@@ -87,8 +88,12 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planne
         raise ConvcoreError(f"{model.source}: rope type {kind!r} is not supported by the gguf "
                             f"writer yet (supported: {', '.join(archs.SUPPORTED_ROPE)})")
     named: list[tuple[int, str, TensorRef]] = []
+    if spec.encoder and config.get("position_embedding_type", "absolute") != "absolute":
+        raise ConvcoreError(f"{model.source}: position_embedding_type "
+                            f"{config['position_embedding_type']!r} is not supported by llama.cpp's "
+                            f"{spec.gguf_arch} (absolute only)")
     for i, ref in enumerate(model.tensors.values()):
-        if IGNORED.search(ref.name) or (tied and ref.name == "lm_head.weight"):
+        if IGNORED.search(ref.name) or (tied and ref.name == "lm_head.weight") or spec.drops(ref.name):
             continue
         name = archs.map_name(spec, ref.name)
         if name is None:
@@ -209,7 +214,12 @@ def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, option
     config = {**spec.config_defaults, **model.config}
     meta = dict(options.get("metadata") or {})
     writer.add_type("model")
-    vocab = vocab_mod.read_vocab(model.tokenizer, config)
+    files = dict(model.tokenizer)
+    if "vocab.txt" not in files and "tokenizer.json" not in files:
+        raw = companion(model, "vocab.txt")   # WordPiece models without a tokenizer.json
+        if raw is not None:
+            files["vocab.txt"] = raw
+    vocab = vocab_mod.read_vocab(files, config)
     warnings: list[str] = []
     name = str(meta.pop("name", None) or model.metadata.get("name")
                or Path(model.source.rstrip("/")).name or spec.model_type)
@@ -225,13 +235,15 @@ def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, option
         value = fn(config)
         if value is not None:
             _add_value(writer, f"{spec.gguf_arch}.{key}", value, kind)
+    for key, value, kind in (spec.extra_keys(model, config) if spec.extra_keys else []):
+        _add_value(writer, f"{spec.gguf_arch}.{key}", value, kind)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)   # as llama.cpp's converter
     for key, value in meta.items():
         _metadata_value(writer, key if "." in key else f"general.{key}", value)
     if vocab is None:
-        warnings.append(f"{model.source}: no tokenizer.model or BPE tokenizer.json; "
-                        "the GGUF has no vocabulary")
+        warnings.append(f"{model.source}: no tokenizer.model, BPE or WordPiece tokenizer.json "
+                        "or vocab.txt; the GGUF has no vocabulary")
     else:
         vocab_mod.add_to_writer(writer, vocab)
         warnings.extend(vocab.warnings)

@@ -63,7 +63,7 @@ def test_compare_pairs_tensors_and_shows_gguf_names(run_cli, converted, tiny_mod
     assert report["candidate_names"]["model.layers.0.mlp.down_proj.weight"] == "blk.0.ffn_down.weight"
     assert report["tensors"]["model.norm.weight"] == 0.0          # norms stay f32
     assert 0 < report["tensors"]["model.layers.0.mlp.down_proj.weight"] < 0.01   # q8_0
-    assert report["top1_agreement"] > 0.8 and report["kl_ref_cand"] < 0.01
+    assert report["top1_agreement"] > 0.8 and report["kl_mean"] < 0.01
     text = run_cli("compare", src, converted("llama", "q8_0"), "--tensors").stdout
     assert "model.layers.0.mlp.down_proj.weight (blk.0.ffn_down.weight): " in text
 
