@@ -87,3 +87,18 @@ def test_a_task_checkpoint_runs_its_base_model_only(tmp_path: Path) -> None:
     with torch.no_grad():
         want = mlm.bert(torch.tensor([[2, 50, 60, 3]])).last_hidden_state[0].numpy()
     assert np.abs(got - want).max() <= 1e-5
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("quant,floor", [("f16", 0.999), ("q8_0", 0.99)])
+def test_gguf_encoder_compare_and_infer(quant: str, floor: float, tmp_path: Path, run_cli) -> None:
+    src = tiny_encoder()
+    out = tmp_path / f"e-{quant}.gguf"
+    convcore.convert(src, out, to="gguf", quant=quant)
+    res = run_cli("compare", src, out, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["kind"] == "encoder" and report["sentences"] == 16
+    assert report["cosine_min"] >= floor
+    res = run_cli("infer", out, "--prompt", SENTENCES[1])
+    assert res.returncode == 0 and json.loads(res.stdout)["dim"] == 256
