@@ -40,23 +40,28 @@ def _stop_ids(root: Path) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def ort_session(file: Path, options: dict[str, Any]) -> Any:
+    """An onnxruntime CPU session on ``file``: quiet unless ``verbose``, ``threads`` intra-op."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConvcoreError("onnx inference needs onnxruntime (pip install 'conv-onnx[infer]')") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 0 if options.get("verbose") else 3
+    if options.get("threads"):
+        so.intra_op_num_threads = int(options["threads"])
+    try:
+        return ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ConvcoreError(f"{file}: onnxruntime cannot load it: {_first_line(exc)}") from None
+
+
 class OnnxSession(Session):
     """A decoder graph (builder or export path) in onnxruntime; logits in float32."""
 
     def __init__(self, path: Path, options: dict[str, Any]):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ConvcoreError("onnx inference needs onnxruntime (pip install 'conv-onnx[infer]')") from None
         self.file = model_file(Path(path))
-        so = ort.SessionOptions()
-        so.log_severity_level = 0 if options.get("verbose") else 3
-        if options.get("threads"):
-            so.intra_op_num_threads = int(options["threads"])
-        try:
-            self.sess = ort.InferenceSession(str(self.file), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ConvcoreError(f"{self.file}: onnxruntime cannot load it: {_first_line(exc)}") from None
+        self.sess = ort_session(self.file, options)
         inputs = {i.name: i for i in self.sess.get_inputs()}
         if "input_ids" not in inputs or "logits" not in {o.name for o in self.sess.get_outputs()}:
             raise ConvcoreError(f"{self.file}: not a decoder graph (needs input_ids in, logits out)")
@@ -127,19 +132,8 @@ class OnnxEncoderSession(Session):
 
     def __init__(self, path: Path, options: dict[str, Any]):
         from convcore import read_pooling
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ConvcoreError("onnx inference needs onnxruntime (pip install 'conv-onnx[infer]')") from None
         self.file = model_file(Path(path))
-        so = ort.SessionOptions()
-        so.log_severity_level = 0 if options.get("verbose") else 3
-        if options.get("threads"):
-            so.intra_op_num_threads = int(options["threads"])
-        try:
-            self.sess = ort.InferenceSession(str(self.file), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ConvcoreError(f"{self.file}: onnxruntime cannot load it: {_first_line(exc)}") from None
+        self.sess = ort_session(self.file, options)
         self.inputs = {i.name for i in self.sess.get_inputs()}
         self.pooling = read_pooling(self.file.parent)
         try:
