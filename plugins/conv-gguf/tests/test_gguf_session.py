@@ -57,14 +57,14 @@ def test_compare_pairs_tensors_and_shows_gguf_names(run_cli, converted, tiny_mod
     import json
 
     src = tiny_model_factory("llama")
-    r = run_cli("compare", src, converted("llama", "q8_0"), "--tensors", "--json")
+    r = run_cli("compare", src, converted("llama", "q8_0"), "--tensors", "--json", "--limit", "256")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["candidate_names"]["model.layers.0.mlp.down_proj.weight"] == "blk.0.ffn_down.weight"
     assert report["tensors"]["model.norm.weight"] == 0.0          # norms stay f32
     assert 0 < report["tensors"]["model.layers.0.mlp.down_proj.weight"] < 0.01   # q8_0
     assert report["top1_agreement"] > 0.8 and report["kl_mean"] < 0.01
-    text = run_cli("compare", src, converted("llama", "q8_0"), "--tensors").stdout
+    text = run_cli("compare", src, converted("llama", "q8_0"), "--tensors", "--limit", "256").stdout
     assert "model.layers.0.mlp.down_proj.weight (blk.0.ffn_down.weight): " in text
 
 
