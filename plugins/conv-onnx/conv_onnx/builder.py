@@ -10,7 +10,6 @@ quantized and appended to ``model.onnx.data`` one at a time.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -103,7 +102,7 @@ class Builder:
         n = sum(s[0] for s in shapes)
         row = 0
         if self.bits and quantized:
-            bits, block, asym = self.bits
+            bits, block, _ = self.bits
             layout = self.registry.schemes[self.scheme].layout((n, k), "f32")
             tag = f"{prefix}.MatMul.weight"
             names = {"q": f"{tag}_Q{bits}", "scales": f"{tag}_scales", "zero_points": f"{tag}_zero_points"}
@@ -180,6 +179,7 @@ class Builder:
         shape = g.op("Shape", ["attention_mask"], "/mask/Shape")
         total = g.op("Cast", [g.op("Gather", [shape, g.const(np.array(1, dtype=np.int64))],
                                    "/mask/Gather", axis=0)], "/mask/total_sequence_length", to=6)
+        self.seqlens, self.total = seqlens, total
         caches = {}
         for key, rope in d.ropes.items():
             cos, sin = rope.tables(self.context)
@@ -235,7 +235,6 @@ class Builder:
             for kind in ("key", "value"):
                 g.io(f"present.{i}.{kind}", io,
                      ["batch_size", d.kv_heads, "total_sequence_length", d.head_dim], output=True)
-        self._seqlens, self._total = seqlens, total
 
     def attention(self, i: int, x: str, names: dict[str, str], cache: tuple[str, str]) -> str:
         d, g = self.d, self.g
@@ -260,16 +259,15 @@ class Builder:
                 normed[tag] = g.op("Reshape", [r, flat[tag]], f"/{p}/attn/{tag}_norm/Reshape_back")
             inputs = [normed["q"], normed["k"], v]
         window = d.windows[i]
-        out = g.node("GroupQueryAttention",
-                     [*inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                      "/mask/seqlens_k/output_0", "/mask/total_sequence_length/output_0", *cache],
-                     f"/{p}/attn/GroupQueryAttention",
-                     ["" , f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
-                     num_heads=d.heads, kv_num_heads=d.kv_heads, scale=float(d.scale),
-                     local_window_size=window if window else -1, softcap=float(d.attn_softcap),
-                     do_rotary=1, rotary_interleaved=0)
-        attn = f"/{p}/attn/GroupQueryAttention/output_0"
-        g.nodes[-1].output[0] = attn
+        # local_window_size = HF's sliding_window (checked against transformers past the window)
+        attn = g.node("GroupQueryAttention",
+                      [*inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                       self.seqlens, self.total, *cache],
+                      f"/{p}/attn/GroupQueryAttention",
+                      [f"/{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                      domain="com.microsoft", num_heads=d.heads, kv_num_heads=d.kv_heads,
+                      scale=float(d.scale), local_window_size=window if window else -1,
+                      softcap=float(d.attn_softcap), do_rotary=1, rotary_interleaved=0)[0]
         o = self.matmul(attn, f"{p}.attn.o_proj", [names["o"]])
         o_bias = f"{p}.self_attn.o_proj.bias"
         if o_bias in self.model.tensors:

@@ -22,7 +22,6 @@ from convcore import (
     read_tokenizer_files,
 )
 
-from .graph import TYPE_NAMES
 
 DTYPE_OF = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16",
             TensorProto.DOUBLE: "f64", TensorProto.UINT8: "u8", TensorProto.INT8: "i8",
@@ -228,4 +227,4 @@ def load_onnx(path: Path) -> Model:
                      "*.data")))
 
 
-__all__ = ["Initializers", "load_onnx", "parse_model", "model_file", "TYPE_NAMES"]
+__all__ = ["Initializers", "load_onnx", "parse_model", "model_file"]
