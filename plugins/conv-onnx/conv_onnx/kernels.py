@@ -17,8 +17,10 @@ TILE = 64
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _transpose_bits(src, out, col0):  # pragma: no cover - compiled
-    """out[j, col0 + i] = src[i, j], bit for bit (u16 or u32 views)."""
+def _transpose_bits(src, out, col0, shift):  # pragma: no cover - compiled
+    """out[j, col0 + i] = src[i, j] << shift, moved in tiles: a bit-for-bit transpose
+    (shift 0; u16 or u32 views), or bf16 -> f32 widening on the way (u16 in, u32 out,
+    shift 16: exact)."""
     n, k = src.shape
     tiles = (k + TILE - 1) // TILE
     for t in prange(tiles):
@@ -28,22 +30,7 @@ def _transpose_bits(src, out, col0):  # pragma: no cover - compiled
             n1 = min(n, n0 + TILE)
             for j in range(k0, k1):
                 for i in range(n0, n1):
-                    out[j, col0 + i] = src[i, j]
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _transpose_bf16_f32(src, out, col0):  # pragma: no cover - compiled
-    """out[j, col0 + i] = f32 bits of bf16 src[i, j] (its 16 bits shifted up: exact)."""
-    n, k = src.shape
-    tiles = (k + TILE - 1) // TILE
-    for t in prange(tiles):
-        k0 = t * TILE
-        k1 = min(k, k0 + TILE)
-        for n0 in range(0, n, TILE):
-            n1 = min(n, n0 + TILE)
-            for j in range(k0, k1):
-                for i in range(n0, n1):
-                    out[j, col0 + i] = np.uint32(src[i, j]) << np.uint32(16)
+                    out[j, col0 + i] = np.uint32(src[i, j]) << shift
 
 
 BITS = {2: np.uint16, 4: np.uint32}
@@ -61,9 +48,9 @@ def transposed(parts: list[np.ndarray], dtype: str) -> np.ndarray:
     for part in parts:
         src = dtype_name(part.dtype)
         if src == "bf16" and dtype == "f32":
-            _transpose_bf16_f32(np.ascontiguousarray(part).view(np.uint16), out_bits, col)
+            _transpose_bits(np.ascontiguousarray(part).view(np.uint16), out_bits, col, np.uint32(16))
         else:
             same = np.ascontiguousarray(cast(part, dtype))
-            _transpose_bits(same.view(BITS[target.itemsize]), out_bits, col)
+            _transpose_bits(same.view(BITS[target.itemsize]), out_bits, col, np.uint32(0))
         col += part.shape[0]
     return out

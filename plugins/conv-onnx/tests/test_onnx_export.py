@@ -150,26 +150,12 @@ def test_llama_left_padded_batch_matches_transformers(exported):
 @pytest.mark.slow
 @pytest.mark.onnx
 def test_llama_genai_greedy_generation_matches_transformers(exported):
-    og = pytest.importorskip("onnxruntime_genai")
-    import torch
+    pytest.importorskip("onnxruntime_genai")
+    from onnx_helpers import genai_greedy, hf_greedy
 
     src, out, _, _ = exported("llama")
-    new = 20
-    with torch.no_grad():
-        ref = _hf_model(src).generate(
-            torch.tensor([PROMPT]), attention_mask=torch.ones((1, len(PROMPT)), dtype=torch.long),
-            do_sample=False, max_new_tokens=new, min_new_tokens=new)[0].tolist()
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    # min_length keeps eos from ending it early, as min_new_tokens does in transformers
-    params.set_search_options(max_length=len(PROMPT) + new, min_length=len(PROMPT) + new, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(PROMPT)
-    while not generator.is_done():
-        generator.generate_next_token()
-    got = [int(t) for t in generator.get_sequence(0)]
-    assert len(got) == len(PROMPT) + new
-    assert got == ref
+    want = hf_greedy(_hf_model(src), PROMPT, 20)  # min_new_tokens: eos can't end either early
+    assert genai_greedy(out, PROMPT, 20) == want
 
 
 # 3. encoder: last_hidden_state --------------------------------------------------------------
