@@ -129,14 +129,15 @@ def _quant_loader(inits: Initializers, entry: dict[str, Any]) -> Callable[[], np
         if scheme is None:
             raise ConvcoreError(f"{inits.file}: scheme {entry['scheme']} is not installed "
                                 "(pip install quant-rowwise)")
-        data = {"q": np.asarray(inits.read(entry["init"])),
-                "scales": np.asarray(inits.read(entry["scales"]), dtype=np.float32)}
-        if entry.get("zero_points"):
-            data["zero_points"] = np.asarray(inits.read(entry["zero_points"]))
         n, k = entry["shape"]
-        rows = entry.get("rows") or [0, n]
-        full = scheme.dequantize(data, (n, k))
-        return np.ascontiguousarray(full[rows[0]:rows[1]], dtype=np.float32)
+        a, b = entry.get("rows") or [0, n]
+        # every MatMulNBits array is indexed by output row first: dequantize only this
+        # tensor's rows of a fused matrix (q/k/v), not the whole matrix once per part
+        data = {"q": inits.read(entry["init"])[a:b],
+                "scales": np.asarray(inits.read(entry["scales"]).reshape(n, -1)[a:b], dtype=np.float32)}
+        if entry.get("zero_points"):
+            data["zero_points"] = inits.read(entry["zero_points"]).reshape(n, -1)[a:b]
+        return np.ascontiguousarray(scheme.dequantize(data, (b - a, k)), dtype=np.float32)
     return load
 
 
