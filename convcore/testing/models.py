@@ -47,6 +47,23 @@ def bpe_tokenizer(directory: Path, vocab_size: int = TOKENIZER_VOCAB) -> Any:
     return build_tokenizer(directory, "qwen2", vocab_size)
 
 
+def _perturbed(model: Any, dtype: str) -> Any:
+    """``model`` with its 1-D weights moved off their init values and cast to ``dtype``.
+
+    Norm weights start at 1 (0 for Gemma's 1+w) and biases at 0; randomising them catches
+    a converter that drops, swaps or mis-offsets one."""
+    import torch
+
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model = model.to(torch_dtype)
+    model.config.dtype = torch_dtype
+    return model
+
+
 def make_tiny_model(
     path: str | os.PathLike,
     arch: str = "llama",
@@ -96,15 +113,7 @@ def make_tiny_model(
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
-    with torch.no_grad():
-        # Norm weights start at 1 (or 0 for Gemma's 1+w); randomise them so a converter
-        # that drops or mis-offsets a norm is caught.
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    model = model.to(torch_dtype)
-    model.config.dtype = torch_dtype
+    model = _perturbed(model, dtype)
     if bin:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
@@ -275,15 +284,7 @@ def make_tiny_encoder(
         type_vocab_size=2, pad_token_id=0, architectures=["BertModel"])
     torch.manual_seed(seed)
     model = transformers.BertModel(config)
-    with torch.no_grad():
-        # LayerNorm weights start at 1 and biases at 0: randomise them (as make_tiny_model
-        # does) so a converter that drops or mixes one up is caught
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    model = model.to(torch_dtype)
-    model.config.dtype = torch_dtype
+    model = _perturbed(model, dtype)
     model.save_pretrained(str(path))
     _sentence_transformers_files(path, hidden, pooling, normalize)
     return path
