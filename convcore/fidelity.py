@@ -208,6 +208,43 @@ def compare_sessions(ref: Any, cand: Any, windows: Sequence[Sequence[int]], ctx:
     return acc.report(ctx)
 
 
+def compare_paths(registry: Any, ref: Path, cand: Path, ref_fmt: str | None, cand_fmt: str | None,
+                  *, text: Path | None = None, ctx: int | None = None, limit: int | None = None,
+                  tokens: list[int] | None = None) -> Report:
+    """The models at ``ref`` and ``cand``, each in its own runtime, on the same windows of
+    token ids: ``tokens`` cut into windows, or the text (default: the bundled one)
+    tokenized by the reference's tokenizer."""
+    ref_model = registry.load(ref, ref_fmt)
+    context = int(ref_model.config.get("max_position_embeddings") or DEFAULT_CTX)
+    ctx = ctx or min(DEFAULT_CTX, context)
+    if tokens is not None:
+        windows = [tokens[i:i + ctx] for i in range(0, len(tokens), ctx)]
+    else:
+        windows = text_windows(tokenizer_for(ref_model), read_text(text), ctx, limit)
+    longest = max(len(w) for w in windows)
+    with registry.open_session(ref, ref_fmt, {"n_ctx": longest}) as a, \
+            registry.open_session(cand, cand_fmt, {"n_ctx": longest}) as b:
+        return compare_sessions(a, b, windows, ctx)
+
+
+def check_output(registry: Any, src: Path, out: Path, src_fmt: str | None, out_fmt: str | None,
+                 quant: str | None, dtype: str | None, *, kl: float | None = None,
+                 top1: float | None = None, tokens: int = 1024) -> tuple[Report, dict[str, float], list[str]]:
+    """``run --check``: compare ``out`` with its source ``src`` on ``tokens`` tokens of the
+    bundled text, against the type's tolerance (``kl`` / ``top1`` override it). Returns
+    the report, the tolerance used and the limits the output is beyond (empty = passed)."""
+    tolerance = dict(tolerance_for(registry, quant, dtype) or {})
+    if kl is not None:
+        tolerance["kl"] = kl
+    if top1 is not None:
+        tolerance["top1"] = top1
+    if not tolerance:
+        raise ConvcoreError(f"--check: no tolerance known for {quant or dtype or 'this output'}; "
+                            "give --check-kl and/or --check-top1")
+    report = compare_paths(registry, src, out, src_fmt, out_fmt, limit=tokens)
+    return report, tolerance, beyond(report, tolerance)
+
+
 def tolerance_for(registry: Any, quant: str | None, dtype: str | None) -> dict[str, float] | None:
     """The tolerance ``run --check`` holds an output to: the scheme's, else the dtype's."""
     if quant and quant not in registry.schemes:

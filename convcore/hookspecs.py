@@ -174,3 +174,16 @@ def convcore_infer(path: Path, fmt: str, token_ids: list[int]) -> np.ndarray | N
     :param token_ids: the prompt as token ids (one sequence).
     :return: float32 logits of shape ``(len(token_ids), vocab)``, or None if not relevant.
     """
+
+
+@hookspec
+def convcore_register_executors(register: Callable[..., None]) -> None:
+    """Register the batch executors this plugin provides (``convcore batch --executor``).
+
+    Call ``register(executor)`` with :class:`convcore.fleet.Executor` instances; each runs
+    a batch's jobs somewhere (this machine's processes, a Ray cluster, ...) and yields
+    their results. A name registered twice is an error naming both plugins.
+
+    :param register: call it once per executor.
+    :return: nothing.
+    """

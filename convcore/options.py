@@ -102,14 +102,16 @@ class Option:
         return out
 
 
-def check_options(fmt: str, declared: Iterable[Option], given: dict[str, Any]) -> dict[str, Any]:
+def check_options(fmt: str, declared: Iterable[Option], given: dict[str, Any],
+                  what: str = "format") -> dict[str, Any]:
     """``given`` checked against ``declared``: typed values, defaults filled in. An
-    unknown key is an error listing the known ones."""
+    unknown key is an error listing the known ones; ``what`` names the kind of thing
+    whose options they are."""
     table = {o.name: o for o in declared}
     unknown = sorted(k for k in given if k not in table)
     if unknown:
         known = ", ".join(sorted(table)) or "none"
-        raise ConvcoreError(f"format {fmt} has no option {unknown[0]!r} (its options: {known})")
+        raise ConvcoreError(f"{what} {fmt} has no option {unknown[0]!r} (its options: {known})")
     out = {name: o.default for name, o in table.items() if o.default is not None}
     for key, value in given.items():
         out[key] = table[key].parse(value, fmt)

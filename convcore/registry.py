@@ -29,7 +29,8 @@ from .model import ConvcoreError, Model, QuantizedTensor, TensorRef
 from .options import Option
 from .runtime import Session
 
-DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.quantize", "convcore.builtins.infer")
+DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.quantize", "convcore.builtins.infer",
+                   "convcore.fleet.executors")
 ENTRY_POINT_GROUP = "convcore"
 FLOAT_SCHEMES = ("f32", "f16", "bf16")
 

@@ -237,3 +237,36 @@ def test_hf_infer_is_quiet_unless_verbose(run_cli, tiny_llama):
     r = run_cli("infer", tiny_llama, "--tokens", "1,2,3", "--max-tokens", "3", "--ignore-eos")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert len(r.stdout.strip().split(",")) == 3
+
+
+def test_hook_convcore_register_executors(tmp_path):
+    """A third party's executor (jobs run inline, in this process) drives a real batch."""
+    from convcore.fleet import Executor
+    from convcore.fleet.batch import Batch
+    from convcore.fleet.worker import run_job
+    from convcore.testing.models import tiny_model
+
+    class Inline(Executor):
+        name = "inline"
+        options = (convcore.Option("tag", "str", "x", "a label"),)
+
+        def run(self, jobs, parallel, options):
+            self.seen = (len(jobs), options["tag"])
+            for job in jobs:
+                yield run_job(job)
+
+    inline = Inline()
+    registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
+        convcore_register_executors=lambda register: register(inline)),))
+    (tmp_path / "jobs.toml").write_text(
+        f'[[model]]\nid = "t"\nsource = "{tiny_model("llama")}"\n'
+        '[[target]]\nto = "hf"\nquant = ["f16", "bf16"]\n')
+    summary = Batch(tmp_path / "jobs.toml", executor="inline", executor_options={"tag": "y"},
+                    progress=False, registry=registry).run()
+    assert inline.seen == (2, "y")
+    assert [r["status"] for r in summary["jobs"]] == ["ok", "ok"]
+    assert (tmp_path / "jobs-out" / "t" / "hf-f16" / "config.json").exists()
+    with pytest.raises(convcore.ConvcoreError, match="executor inline has no option 'nope'"):
+        Batch(tmp_path / "jobs.toml", executor="inline", executor_options={"nope": "1"}, registry=registry)
+    with pytest.raises(convcore.ConvcoreError, match="no executor named 'mars'"):
+        Batch(tmp_path / "jobs.toml", executor="mars", registry=registry)

@@ -20,7 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DISTS = {"convcore": ROOT, "quant-rowwise": ROOT / "plugins" / "quant-rowwise",
          "conv-gguf": ROOT / "plugins" / "conv-gguf", "conv-mlx": ROOT / "plugins" / "conv-mlx",
-         "conv-parquet": ROOT / "plugins" / "conv-parquet", "conv-onnx": ROOT / "plugins" / "conv-onnx"}
+         "conv-parquet": ROOT / "plugins" / "conv-parquet", "conv-onnx": ROOT / "plugins" / "conv-onnx",
+         "convcore-ray": ROOT / "plugins" / "convcore-ray"}
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +96,16 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("error: unknown format 'gguf' (known: hf); no installed plugin provides it")
     run("run", spm, "-o", tmp_path / "f16", "--to", "hf", "--dtype", "f16", "-q")
+    #    a batch on the local executor, its registry checked against the schema (jsonschema
+    #    comes with the core); the ray executor and the server are other packages' job
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f'[[model]]\nid = "t"\nsource = "{spm}"\n[[target]]\nto = "hf"\nquant = "f16"\n')
+    run("batch", jobs, "-q")
+    run("registry", "validate", tmp_path / "jobs-out" / "model_registry.json")
+    r = run("batch", jobs, "--executor", "ray", check=False)
+    assert r.returncode == 1 and "no executor named 'ray'" in r.stderr
+    r = run("serve", tmp_path / "f16", check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install 'convcore[serve]'" in r.stderr
 
     # 2. conv-gguf alone brings what its formats list: every gguf type converts, from
     #    both tokenizer kinds (sentencepiece/protobuf and the k-quant kernels included)
@@ -141,3 +152,10 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
     install("conv-onnx[infer]")
     run("infer", tmp_path / "onnx4", "--tokens", "1,2,3", "--max-tokens", "3")
     run("run", tmp_path / "onnx4", "-o", tmp_path / "onnx-hf", "--to", "hf", "-q")
+
+    # 6. convcore-ray: the same batch as Ray tasks on a Ray started for it (ray from the index)
+    install("convcore-ray")
+    (tmp_path / "ray.toml").write_text(jobs.read_text().replace('id = "t"', 'id = "r"'))
+    run("batch", tmp_path / "ray.toml", "-q", "--executor", "ray", "-X", "num_cpus=1")
+    assert (tmp_path / "ray-out" / "r" / "hf-f16" / "model.safetensors").read_bytes() == \
+        (tmp_path / "jobs-out" / "t" / "hf-f16" / "model.safetensors").read_bytes()
