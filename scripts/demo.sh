@@ -42,6 +42,25 @@ if have onnx; then
   convcore validate "$OUT/tiny-onnx-int4"
   convcore compare "$OUT/tiny-llama" "$OUT/tiny-onnx-int4" 2>/dev/null
 fi
+if have gguf && have mlx; then
+  echo "== a fleet: convcore batch (4 jobs, 2 at a time), its registry, a rerun that skips them"
+  cat > "$OUT/fleet.toml" <<EOF
+[batch]
+out = "fleet"
+[[model]]
+id = "tiny"
+source = "tiny-llama"
+[[target]]
+to = "gguf"
+quant = ["q8_0", "q4_k_m"]
+[[target]]
+to = "mlx"
+quant = ["int4-g64", "int8-g64"]
+EOF
+  convcore batch "$OUT/fleet.toml" --jobs 2 -q
+  convcore registry list "$OUT/fleet/model_registry.json"
+  convcore batch "$OUT/fleet.toml" -q | tail -1
+fi
 echo "== plugins"
 convcore plugins
 echo "demo done: outputs in $OUT/"

@@ -50,8 +50,9 @@ def output_digest(files: list[Path], root: Path) -> str:
     listing (``<hex>  <path relative to root>`` lines, sorted by path)."""
     if len(files) == 1:
         return file_sha256(files[0])
-    lines = sorted(f"{file_sha256(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    named = sorted((p.relative_to(root).as_posix(), p) for p in files)
+    listing = "".join(f"{file_sha256(p)}  {name}\n" for name, p in named)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def peak_rss_mb() -> float:
