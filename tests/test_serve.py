@@ -388,3 +388,38 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
             assert out == ""
     finally:
         busy.close()
+
+
+@pytest.mark.mlx
+@pytest.mark.onnx
+def test_mlx_and_onnx_directories_answer_as_infer(tmp_path: Path) -> None:
+    """The other runtimes behind the same API: mlx-lm for an MLX dir, onnxruntime for an
+    ONNX dir; greedy text equals ``convcore infer`` on each."""
+    pytest.importorskip("mlx_lm")
+    pytest.importorskip("onnxruntime")
+    hf = tiny_model("qwen2")
+    dirs = {"qwen-mlx": tmp_path / "qwen-mlx", "qwen-onnx": tmp_path / "qwen-onnx"}
+    convcore.convert(hf, dirs["qwen-mlx"], to="mlx", quant="int4-g64")
+    convcore.convert(hf, dirs["qwen-onnx"], to="onnx", quant="int4-b32")
+    log = tmp_path / "serve.log"
+    server = start([*dirs.values(), "--max-loaded", "2"], log)
+    text = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    infers = {name: subprocess.Popen(convcore_cmd("infer", path, "--prompt", PROMPT,
+                                                  "--max-tokens", MAX_TOKENS), **text)
+              for name, path in dirs.items()}
+    try:
+        expected = {name: finished(proc) for name, proc in infers.items()}
+        url = wait_ready(server, log)
+        import openai
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        for name in dirs:
+            r = c.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+            assert r.choices[0].text == expected[name], name
+            assert r.usage.completion_tokens == MAX_TOKENS
+            streamed = "".join(chunk.choices[0].text for chunk in c.completions.create(
+                model=name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True))
+            assert streamed == expected[name], name
+    finally:
+        for proc in [*infers.values(), server]:
+            stop(proc)
+    assert "Traceback" not in log.read_text()
