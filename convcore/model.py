@@ -18,6 +18,15 @@ class ConvcoreError(Exception):
     """An error a user caused or can fix: shown as one ``error: ...`` line, no traceback."""
 
 
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one line for a report: a convcore error's message, else the exception's
+    type and the first line of its message."""
+    if isinstance(exc, ConvcoreError):
+        return " ".join(str(exc).split())
+    first = (str(exc).strip().splitlines() or [""])[0].strip()
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 # Canonical dtype names used across the project (short, as llama.cpp and MLX spell them).
 DTYPES: dict[str, np.dtype] = {
     "f64": np.dtype(np.float64),

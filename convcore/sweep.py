@@ -26,7 +26,7 @@ import numpy as np
 
 from . import fidelity
 from .destination import check_location
-from .model import ConvcoreError
+from .model import ConvcoreError, one_line
 from .options import parse_size
 from .pipeline import convert
 from .registry import FLOAT_SCHEMES, Registry, get_registry
@@ -77,13 +77,6 @@ def size_on_disk(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def one_line(exc: BaseException) -> str:
-    if isinstance(exc, ConvcoreError):
-        return " ".join(str(exc).split())
-    first = (str(exc).strip().splitlines() or [""])[0].strip()
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 # the output directory -------------------------------------------------------------

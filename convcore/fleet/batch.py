@@ -21,12 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..model import ConvcoreError
+from ..model import ConvcoreError, one_line
 from ..options import check_options
 from . import registry as model_registry
 from .executors import executor as find_executor
 from .jobs import Job, Plan, read_plan
-from .worker import model_info, one_line
 
 STATE_FILE = ".convcore-batch.json"
 LOCK_FILE = ".convcore-batch.lock"
@@ -154,7 +153,6 @@ class Batch:
         self.force = force
         self.progress = progress
         self.rows: dict[str, dict[str, Any]] = {}
-        self.model_infos: dict[str, dict[str, Any]] = {}
 
     # planning -----------------------------------------------------------------------
     def _prepare(self, state: dict[str, Any]) -> list[Job]:
@@ -211,8 +209,6 @@ class Batch:
         owned = bool((state["jobs"].get(job.id) or {}).get("owned"))
         state["jobs"][job.id] = {"status": result.get("status"), "fingerprint": fingerprint,
                                  "owned": owned, "dst": job.dst, "result": result}
-        if result.get("model_info"):
-            self.model_infos[job.model] = result["model_info"]
 
     def _register(self, job: Job, result: dict[str, Any]) -> None:
         path = self.plan.registry

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..model import one_line
 from .jobs import Job
 
 CHUNK = 1 << 20
@@ -59,15 +60,6 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory, MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
-def one_line(exc: BaseException) -> str:
-    from ..model import ConvcoreError
-
-    if isinstance(exc, ConvcoreError):
-        return " ".join(str(exc).split())
-    first = (str(exc).strip().splitlines() or [""])[0].strip()
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def model_info(registry: Any, source: Path, fmt: str | None) -> dict[str, Any]:
