@@ -7,6 +7,7 @@ to overwrite, validation of what was written, and the progress bar.
 from __future__ import annotations
 
 import contextvars
+import errno
 import os
 import shutil
 import sys
@@ -185,8 +186,12 @@ def _move_into_place(staging: Path, dst: Path, fmt: Any, written: Path, force: b
             backup = d.parent / f".{d.name}.convcore-old-{uuid.uuid4().hex[:8]}"
             d.rename(backup)
             backups.append((d, backup))
+        replaced = {d for d, _ in backups}
         for s, d in moves:
-            s.rename(d)
+            if d in replaced:
+                s.rename(d)
+            else:
+                _rename_no_replace(s, d)
             done.append((s, d))
     except BaseException:
         # put everything back as it was: the new output into staging (removed by the
@@ -202,6 +207,34 @@ def _move_into_place(staging: Path, dst: Path, fmt: Any, written: Path, force: b
         staging.rmdir()
         return dst.parent / Path(written).name
     return dst
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists, atomically: another conversion to
+    the same DST that finished first keeps its output, and this one fails. Files move by
+    a hard link (which refuses an existing name) and an unlink; a directory's rename
+    refuses a non-empty one."""
+    exists = ConvcoreError(f"{dst}: already exists; pass --force to overwrite")
+    if src.is_dir() and not src.is_symlink():
+        try:
+            src.rename(dst)
+        except (FileExistsError, IsADirectoryError, NotADirectoryError):
+            raise exists from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise exists from None
+            raise
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise exists from None
+    except OSError:  # a file system without hard links: a plain rename, after a last look
+        if dst.exists() or dst.is_symlink():
+            raise exists from None
+        src.rename(dst)
+        return
+    src.unlink()
 
 
 def load(path: str | os.PathLike, fmt: str | None = None, registry: Registry | None = None) -> Model:

@@ -140,3 +140,43 @@ def test_a_symlinked_output_is_replaced_as_a_link(run_cli, src, tmp_path):
     assert r.returncode == 0, r.stderr
     assert not link.is_symlink() and (link / "config.json").is_file()
     assert tree_digest(mine) == before
+
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_the_final_move_never_replaces_what_appeared_meanwhile(tmp_path, kind):
+    """Another conversion to the same DST finished between our last check and our move:
+    the move refuses the existing name atomically (a hard link for files, a rename onto
+    a non-empty directory), so its output stays whole and ours stays where it was."""
+    from convcore.pipeline import _rename_no_replace
+
+    ours, theirs = tmp_path / ".staging", tmp_path / "out"
+    for path, text in ((ours, "ours"), (theirs, "theirs")):
+        if kind == "file":
+            path.write_text(text)
+        else:
+            path.mkdir()
+            (path / "model.safetensors").write_text(text)
+    with pytest.raises(convcore.ConvcoreError, match="out: already exists; pass --force"):
+        _rename_no_replace(ours, theirs)
+    read = (lambda p: p.read_text()) if kind == "file" else (lambda p: (p / "model.safetensors").read_text())
+    assert read(theirs) == "theirs" and read(ours) == "ours"
+    theirs_gone = tmp_path / "free"
+    _rename_no_replace(ours, theirs_gone)
+    assert read(theirs_gone) == "ours" and not ours.exists()
+
+
+def test_two_conversions_to_one_destination(src, tmp_path):
+    """Started together: one complete, valid output and one clear error, no leftovers."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-m", "convcore", "run", str(src), "-o", str(tmp_path / "out"),
+                               "--to", "hf", "--dtype", "f16", "-q"], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    err = next(e for rc, e in results if rc == 1)
+    assert err.strip().endswith("already exists; pass --force to overwrite") and err.count("\n") == 1
+    assert not convcore.get_registry().validate(tmp_path / "out", "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary left
