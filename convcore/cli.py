@@ -76,12 +76,14 @@ def cli(debug: bool) -> None:
 @click.option("--check-top1", type=float, help="--check: smallest top-1 agreement allowed.")
 @click.option("--check-tokens", type=int, default=1024, show_default=True,
               help="--check: how many tokens of the text to run.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Convert tensors holding NaN or Inf (refused by default, naming the tensor).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dtype: str | None,
         metadata: tuple[str, ...], extra: tuple[str, ...], split_max_size: str | None,
         split_max_tensors: int | None, vocab_only: bool, dry_run: bool, jobs: int | None,
         force: bool, no_validate: bool, check: bool, quiet: bool, check_kl: float | None = None,
-        check_top1: float | None = None, check_tokens: int = 1024) -> None:
+        check_top1: float | None = None, check_tokens: int = 1024, allow_nonfinite: bool = False) -> None:
     """Convert SRC to format --to at DST."""
     options: dict[str, Any] = parse_pairs(extra, "--option")
     # the format flags are options like any -O key, checked against the target's list
@@ -95,7 +97,8 @@ def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dty
         options["dry_run"] = True
     written = convert(src, dst, to, from_=from_, quant=quant, dtype=dtype,
                       metadata=parse_pairs(metadata, "--metadata"), jobs=jobs, force=force,
-                      validate=not no_validate, options=options, progress=not quiet)
+                      validate=not no_validate, options=options, progress=not quiet,
+                      allow_nonfinite=allow_nonfinite)
     if dry_run:
         return
     click.echo(f"wrote {written}", err=True)

@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+import numpy as np
+
 from .destination import check_location, check_replaceable
-from .model import ConvcoreError, Model
+from .model import ConvcoreError, Model, TensorRef, has_nonfinite
 from .options import check_options
 from .registry import FLOAT_SCHEMES, Registry, get_registry, using
 
@@ -102,9 +104,13 @@ def convert(
     options: dict[str, Any] | None = None,
     progress: bool = False,
     registry: Registry | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Convert the model at ``src`` to format ``to`` at ``dst``; the Python face of
     ``convcore run``. Returns the path written (the first file for split outputs).
+
+    A float tensor holding NaN or Inf is an error naming it (by its name in the source,
+    and the file it is in) unless ``allow_nonfinite``.
 
     ``options`` are the target format's declared options (what ``-O KEY=VALUE`` sets);
     an undeclared or ill-typed one is an error before any work starts.
@@ -115,13 +121,13 @@ def convert(
     registry = registry or get_registry()
     with using(registry):
         return _convert(registry, Path(src), Path(dst), to, from_, quant, dtype, metadata,
-                        jobs, force, validate, options, progress)
+                        jobs, force, validate, options, progress, allow_nonfinite)
 
 
 def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | None,
              quant: str | None, dtype: str | None, metadata: dict[str, str] | None,
              jobs: int | None, force: bool, validate: bool, options: dict[str, Any] | None,
-             progress: bool) -> Path:
+             progress: bool, allow_nonfinite: bool = False) -> Path:
     if not src.exists():
         raise ConvcoreError(f"{src}: no such file or directory")
     out_fmt = registry.format(to)
@@ -138,6 +144,9 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
 
     model = registry.load(src, from_)
     model.metadata.update(metadata or {})
+    if not allow_nonfinite:
+        for name, ref in list(model.tensors.items()):
+            model.tensors[name] = _finite_only(ref, src)
     opts.update(quant=quant, dtype=dtype, metadata=dict(metadata or {}),
                 jobs=jobs or default_jobs())
     if dry_run:
@@ -163,6 +172,24 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
         close()
         _remove(staging)
         raise
+
+
+def _finite_only(ref: TensorRef, src: Path) -> TensorRef:
+    """``ref`` whose load refuses NaN and Inf, naming the tensor and its file. Checked on
+    the first load only (writers that stream a tensor in row slices load it per slice)."""
+    checked = False
+
+    def load() -> np.ndarray:
+        nonlocal checked
+        array = ref.load()
+        if not checked:
+            if has_nonfinite(array):
+                raise ConvcoreError(f"{ref.source or src}: tensor {ref.name} holds NaN or Inf "
+                                    "values; pass --allow-nonfinite to convert it anyway")
+            checked = True
+        return array
+
+    return ref.with_loader(load)
 
 
 def _move_into_place(staging: Path, dst: Path, fmt: Any, written: Path, force: bool) -> Path:

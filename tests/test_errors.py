@@ -140,3 +140,56 @@ def test_sigterm_mid_conversion_leaves_no_output(tiny_model_factory, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "error: interrupted\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def _poison(src, name, value):
+    """Put ``value`` into one element of tensor ``name`` in its shard; returns the shard."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][name]
+    tensors = load_file(shard)
+    bad = tensors[name].copy()
+    bad.reshape(-1)[7] = value
+    tensors[name] = bad
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return shard
+
+
+@pytest.mark.parametrize("to, quant", [("hf", "f16"), ("gguf", "f16"), ("gguf", "q4_k_m"), ("mlx", "int4-g64"),
+                                       ("onnx", "int4-b32"), ("parquet", "int8-row"), ("npz", "int8-row")])
+def test_nan_or_inf_is_named_as_the_source_names_it(src, tmp_path, to, quant):
+    """A NaN in model.layers.0.mlp.down_proj.weight is reported under that name and its
+    shard, by every format (not as blk.0.ffn_down.weight), before any output appears."""
+    import convcore
+
+    if to not in convcore.get_registry().formats:
+        pytest.skip(f"no {to} plugin")
+    name = "model.layers.0.mlp.down_proj.weight"
+    shard = _poison(src, name, float("nan"))
+    before = tree_digest(src)
+    dst = tmp_path / ("out.gguf" if to == "gguf" else "out.parquet" if to == "parquet" else "out")
+    with pytest.raises(convcore.ConvcoreError) as info:
+        convcore.convert(src, dst, to=to, quant=quant)
+    assert str(info.value) == (f"{shard}: tensor {name} holds NaN or Inf values; "
+                               "pass --allow-nonfinite to convert it anyway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert tree_digest(src) == before
+
+
+def test_allow_nonfinite_keeps_the_values(run_cli, src, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    name = "model.layers.1.self_attn.q_proj.weight"
+    _poison(src, name, -np.inf)
+    refused = run_cli("run", src, "-o", tmp_path / "out", "--to", "hf", "-q")
+    assert refused.returncode == 1 and f"tensor {name} holds NaN or Inf" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    done = run_cli("run", src, "-o", tmp_path / "out", "--to", "hf", "-q", "--allow-nonfinite")
+    assert done.returncode == 0, done.stderr
+    out = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        out.update(load_file(shard))
+    assert np.isneginf(out[name].reshape(-1)[7]) and np.isfinite(out[name]).sum() == out[name].size - 1
