@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
 STAMP   := .venv/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast fuzz bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow"
+
+# the loaders' property-based fuzzing, longer than make test runs it
+fuzz: install
+	CONVCORE_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_headers.py
 
 bench: install
 	$(PY) bench/run_all.py

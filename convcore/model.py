@@ -190,7 +190,13 @@ class TensorRef:
 
     def load(self) -> np.ndarray:
         """Read the tensor: an array of ``shape`` and ``dtype`` (bf16 stays bf16)."""
-        array = self.loader()
+        try:
+            array = self.loader()
+        except (ConvcoreError, MemoryError):
+            raise
+        except Exception as exc:  # the file's bytes disagree with its header
+            raise ConvcoreError(f"{self.source or self.name}: cannot read tensor {self.name!r}: "
+                                f"{one_line(exc)}") from exc
         if tuple(array.shape) != tuple(self.shape) or dtype_name(array.dtype) != self.dtype:
             raise ConvcoreError(
                 f"{self.source or self.name}: tensor {self.name!r} read as "

@@ -25,7 +25,7 @@ import numpy as np
 import pluggy
 
 from . import hookspecs
-from .model import ConvcoreError, Model, QuantizedTensor, TensorRef
+from .model import ConvcoreError, Model, QuantizedTensor, TensorRef, one_line
 from .options import Option
 from .runtime import Session
 
@@ -346,7 +346,12 @@ class Registry:
         if not self.format(fmt).can_read:
             raise ConvcoreError(f"format {fmt!r} cannot be read")
         with using(self):
-            model = self.pm.hook.convcore_load(path=path, fmt=fmt, options=options or {})
+            try:
+                model = self.pm.hook.convcore_load(path=path, fmt=fmt, options=options or {})
+            except (ConvcoreError, KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception as exc:  # a reader tripped on bytes it did not expect
+                raise ConvcoreError(f"{path}: not a readable {fmt} model: {one_line(exc)}") from exc
         if model is None:
             raise ConvcoreError(f"{path}: no plugin loads format {fmt!r}")
         model.format = model.format or fmt

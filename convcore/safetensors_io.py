@@ -42,6 +42,10 @@ class Entry:
     end: int
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_header(path: Path) -> tuple[list[Entry], dict[str, str]]:
     """Parse and check a safetensors header without reading tensor data.
 
@@ -66,14 +70,18 @@ def read_header(path: Path) -> tuple[list[Entry], dict[str, str]]:
     except ValueError as exc:
         raise ConvcoreError(f"{path}: bad safetensors header: {exc}") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ConvcoreError(f"{path}: bad safetensors header: __metadata__ is not an object")
     base = 8 + n
     entries = []
     for name, info in header.items():
-        try:
-            st_dtype, shape, (a, b) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ConvcoreError(f"{path}: bad header entry for tensor {name!r}") from None
-        if st_dtype not in ST_DTYPES:
+        ok = (isinstance(info, dict) and isinstance(info.get("shape"), list)
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(_is_int(v) for v in info["shape"] + info["data_offsets"]))
+        if not ok:
+            raise ConvcoreError(f"{path}: bad header entry for tensor {name!r}")
+        st_dtype, shape, (a, b) = info.get("dtype"), tuple(info["shape"]), info["data_offsets"]
+        if not isinstance(st_dtype, str) or st_dtype not in ST_DTYPES:
             raise ConvcoreError(f"{path}: tensor {name!r} has unknown dtype {st_dtype!r}")
         dtype = ST_DTYPES[st_dtype]
         if any(d < 0 for d in shape):
@@ -86,7 +94,11 @@ def read_header(path: Path) -> tuple[list[Entry], dict[str, str]]:
             raise ConvcoreError(
                 f"{path}: truncated: tensor {name!r} ends at byte {base + b}, file has {size}")
         entries.append(Entry(name, dtype, shape, base + a, base + b))
-    entries.sort(key=lambda e: e.start)
+    entries.sort(key=lambda e: (e.start, e.end))
+    for before, after in zip(entries, entries[1:]):
+        if after.start < before.end:
+            raise ConvcoreError(f"{path}: tensors {before.name!r} and {after.name!r} overlap "
+                                f"(bytes {after.start - base}..{before.end - base} of the data)")
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
