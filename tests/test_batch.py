@@ -17,7 +17,6 @@ import pytest
 
 from convcore.fleet import registry as model_registry
 from convcore.fleet.batch import STATE_FILE, SUMMARY_FILE
-from convcore.fleet.worker import output_digest
 from convcore.registry import get_registry
 from convcore.testing.models import tiny_model
 

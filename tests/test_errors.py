@@ -144,7 +144,6 @@ def test_sigterm_mid_conversion_leaves_no_output(tiny_model_factory, tmp_path):
 
 def _poison(src, name, value):
     """Put ``value`` into one element of tensor ``name`` in its shard; returns the shard."""
-    import numpy as np
     from safetensors.numpy import load_file, save_file
 
     index = json.loads((src / "model.safetensors.index.json").read_text())
