@@ -132,3 +132,56 @@ def test_gguf_bytes_mutated(tmp_path, data):
     path = tmp_path / "m.gguf"
     path.write_bytes(bytes(good))
     read_everything(path, "gguf")
+
+
+_OUTPUTS: dict[str, Path] = {}
+_TARGETS = {"mlx": "int4-g64", "parquet": "int8-row", "npz": "int8-row", "onnx": "int4-b32"}
+_DATA_SUFFIXES = (".safetensors", ".json", ".npz", ".onnx", ".data", ".parquet")
+
+
+def converted(fmt: str) -> Path:
+    """The tiny llama in ``fmt``, built once per session."""
+    if fmt not in _OUTPUTS:
+        import tempfile
+        from convcore.testing.models import tiny_model
+
+        if fmt not in convcore.get_registry().formats:
+            pytest.skip(f"no {fmt} plugin")
+        out = Path(tempfile.mkdtemp(prefix=f"fuzz-{fmt}-")) / ("m.parquet" if fmt == "parquet" else "m")
+        convcore.convert(tiny_model("llama"), out, to=fmt, quant=_TARGETS[fmt])
+        _OUTPUTS[fmt] = out
+    return _OUTPUTS[fmt]
+
+
+@pytest.mark.parametrize("fmt", sorted(_TARGETS))
+def test_other_formats_mutated(tmp_path, fmt):
+    """One file of an mlx, parquet, npz or onnx output truncated or with flipped bytes
+    (weights, index, manifest, config, graph, external data): a model or one line."""
+    import shutil
+
+    good = converted(fmt)
+
+    @GGUF_FUZZ
+    @given(data=st.data())
+    def check(data):
+        case = tmp_path / "case"
+        shutil.rmtree(case, ignore_errors=True)
+        case.mkdir()
+        if good.is_file():
+            target = victim = case / good.name
+            shutil.copy(good, target)
+        else:
+            target = case / good.name
+            shutil.copytree(good, target)
+            files = sorted(p.relative_to(good) for p in good.rglob("*") if p.suffix in _DATA_SUFFIXES)
+            victim = target / data.draw(st.sampled_from(files))
+        raw = bytearray(victim.read_bytes())
+        if data.draw(st.booleans()):
+            raw = raw[:data.draw(st.integers(0, max(0, len(raw) - 1)))]
+        else:
+            for _ in range(data.draw(st.integers(1, 8))):
+                raw[data.draw(st.integers(0, min(len(raw), 1 << 16) - 1))] = data.draw(st.integers(0, 255))
+        victim.write_bytes(bytes(raw))
+        read_everything(target, fmt)
+
+    check()
