@@ -15,6 +15,7 @@ from typing import Any
 import click
 import numpy as np
 
+from .destination import size_on_disk  # noqa: F401 - kept importable as convcore.cli.size_on_disk
 from .model import ConvcoreError, Model
 from .options import parse_size  # noqa: F401 - kept importable as convcore.cli.parse_size
 from .pipeline import convert
@@ -161,14 +162,6 @@ def formats(name: str | None, as_json: bool) -> None:
                 click.echo(f"    {o['name']}={kind}{default}  {o['help']}")
 
 
-def size_on_disk(path: Path) -> int:
-    """Bytes of the file, or of every file under the directory (links followed, as a
-    hub cache snapshot's files are links into its blobs)."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def summarise(model: Model) -> dict[str, Any]:
     by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
     for ref in model.tensors.values():
@@ -281,11 +274,7 @@ def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, i
         logits = session.logits(ids)
         if logits_out:
             np.save(logits_out, logits)
-        stop: tuple[int, ...] = ()
-        if not ignore_eos:
-            stop = tuple(session.stop_ids)
-            if tok is not None and tok.eos_token_id is not None:
-                stop += (int(tok.eos_token_id),)
+        stop = () if ignore_eos else session.end_ids(tok)
         generated = list(session.extend(logits[-1], max_tokens, stop))
     if generated:
         click.echo(tok.decode(generated) if tok is not None else ",".join(map(str, generated)))

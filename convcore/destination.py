@@ -111,3 +111,11 @@ def check_replaceable(path: Path, fmt: "Format") -> None:
                             f"file path such as {path / ('model' + ext)}")
     elif not path.is_file():
         raise ConvcoreError(f"{path}: exists and is not a regular file; choose another path")
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of the file, or of every file under the directory (links followed, as a
+    hub cache snapshot's files are links into its blobs)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -7,7 +7,7 @@ re-run of the sequence.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -77,6 +77,13 @@ class Session:
             if token in stops or i + 1 == max_tokens:
                 return
             last = self.decode([token])[-1]
+
+    def end_ids(self, tokenizer: Any = None) -> tuple[int, ...]:
+        """The ids that end a generation: the runtime's own, and the end-of-text id of
+        ``tokenizer`` (an object with ``eos_token_id``, e.g. the model's transformers
+        tokenizer) when given."""
+        eos = getattr(tokenizer, "eos_token_id", None)
+        return tuple(self.stop_ids) + ((int(eos),) if eos is not None else ())
 
     def check_ids(self, token_ids: Sequence[int]) -> list[int]:
         """``token_ids`` as ints, or a one-line error for an empty list or an id outside

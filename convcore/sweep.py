@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import fidelity
-from .destination import check_location
+from .destination import check_location, size_on_disk
 from .model import ConvcoreError, one_line
 from .options import parse_size
 from .pipeline import convert
@@ -71,12 +71,6 @@ def output_path(out_dir: Path, quant: str, fmt: Any) -> Path:
     """``DIR/outputs/<type>``, with the format's suffix for file formats."""
     suffix = "" if fmt.directory or not fmt.extensions else fmt.extensions[0]
     return out_dir / OUTPUTS_DIR / f"{quant}{suffix}"
-
-
-def size_on_disk(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 # the output directory -------------------------------------------------------------

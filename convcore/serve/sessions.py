@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .. import fidelity
-from ..model import ConvcoreError
+from ..model import ConvcoreError, one_line
 from ..registry import get_registry
 from ..runtime import Session
 
@@ -28,13 +28,6 @@ DEFAULT_CTX = 4096
 
 class LoadError(ConvcoreError):
     """A served model that does not open: its file, its runtime or its tokenizer."""
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, ConvcoreError):
-        return str(exc)
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}"
 
 
 class Tokenizer:
@@ -126,7 +119,7 @@ class SessionPool:
             try:
                 model = get_registry().load(served.path, served.fmt)
             except Exception as exc:  # noqa: BLE001 - any failure is this model's, one line
-                raise LoadError(f"{model_id}: {_one_line(exc)}") from None
+                raise LoadError(f"{model_id}: {one_line(exc)}") from None
             context = model.config.get("max_position_embeddings")
             n_ctx = self.ctx or min(int(context) if isinstance(context, int) and context > 0
                                     else DEFAULT_CTX, DEFAULT_CTX)
@@ -194,13 +187,9 @@ class SessionPool:
         try:
             session = get_registry().open_session(served.path, served.fmt, options)
         except Exception as exc:  # noqa: BLE001 - any failure is this model's, one line
-            raise LoadError(f"{model_id}: {_one_line(exc)}") from None
-        # the stop ids ``convcore infer --prompt`` uses: the runtime's and the tokenizer's EOS
-        stop = tuple(session.stop_ids)
-        tok = prepared.tokenizer
-        if tok is not None and tok.eos_token_id is not None:
-            stop += (int(tok.eos_token_id),)
-        return Loaded(session, stop)
+            raise LoadError(f"{model_id}: {one_line(exc)}") from None
+        # the stop ids ``convcore infer --prompt`` uses
+        return Loaded(session, session.end_ids(prepared.tokenizer))
 
     def close(self) -> None:
         """Close every open session (those still in use when their request ends)."""
