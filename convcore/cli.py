@@ -15,7 +15,7 @@ from typing import Any
 import click
 import numpy as np
 
-from .destination import size_on_disk  # noqa: F401 - kept importable as convcore.cli.size_on_disk
+from .destination import size_on_disk
 from .model import ConvcoreError, Model
 from .options import parse_size  # noqa: F401 - kept importable as convcore.cli.parse_size
 from .pipeline import convert
