@@ -9,10 +9,10 @@ from .extensions import Registrations, collect_registrations
 from .hookspecs import hookimpl, hookspec
 from .model import (
     DTYPES, FLOAT_DTYPES, ConvcoreError, Model, QuantizedTensor, TensorRef, arch_of, cast,
-    cast_chunks, dtype_name, numpy_dtype,
+    cast_chunks, dtype_name, numpy_dtype, page_releaser,
 )
 from .options import Option, parse_size
-from .pipeline import convert, load, ordered_map, quantize
+from .pipeline import convert, load, ordered_map, prepare, quantize
 from .pooling import Pooling, is_encoder, pool, read_pooling
 from .registry import Format, Registry, Scheme, get_registry, using
 from .runtime import Session
@@ -26,7 +26,7 @@ __all__ = [
     "DTYPES", "FLOAT_DTYPES", "ConvcoreError", "Format", "Model", "PlannedTensor",
     "QuantizedTensor", "Registrations", "Registry", "Scheme", "Session", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
     "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "hookspec", "load", "numpy_dtype",
-    "open_tensors", "Option", "ordered_map", "parse_size", "plan_shards", "quantize", "read_header", "read_json",
+    "open_tensors", "Option", "ordered_map", "page_releaser", "parse_size", "plan_shards", "prepare", "quantize", "read_header", "read_json",
     "read_companions", "read_tokenizer_files", "write_companions", "using", "write_sharded", "write_tokenizer_files",
     "Pooling", "is_encoder", "pool", "read_pooling",
 ]

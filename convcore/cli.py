@@ -591,6 +591,31 @@ def serve(models: tuple[Path, ...], host: str, port: int, max_loaded: int, ctx: 
         click.echo("stopped", err=True)  # a signal is how a server ends; not an error
 
 
+@cli.command()
+@click.argument("names", nargs=-1, metavar="[SCHEME]...")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
+              help="Worker processes (default: the CPUs this process may use).")
+def warmup(names: tuple[str, ...], jobs: int | None) -> None:
+    """Compile (or load) every quantization scheme's kernels ahead of first use.
+
+    Scheme plugins keep compiled kernels in an on-disk cache; this fills it for the named
+    SCHEMEs (default: all registered) and every float input type, so the first conversion
+    after an install does not wait for compiles. Safe to run again."""
+    import time
+
+    from . import warmup as warm
+
+    todo = warm.schemes(list(names) or None)
+    start = time.perf_counter()
+    failed = warm.warm(todo, jobs or warm.default_jobs())
+    for name, error in failed.items():
+        click.echo(f"warning: {name}: {error}", err=True)
+    click.echo(f"{len(todo) - len(failed)} of {len(todo)} schemes ready in "
+               f"{time.perf_counter() - start:.1f} s", err=True)
+    if failed:
+        raise SystemExit(1)
+
+
 @cli.command("new-plugin")
 @click.argument("name")
 @click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
@@ -602,6 +627,22 @@ def new_plugin(name: str, directory: Path | None) -> None:
 
     out = create_plugin(name, directory)
     click.echo(f"created {out}; next: pip install -e {out} && convcore plugins", err=True)
+
+
+def release_freed_buffers() -> None:
+    """Have glibc's malloc take every buffer of 1 MB or more straight from mmap, so a freed
+    tensor goes back to the system at once. By default the threshold adapts: after the
+    first large free it rises to 32 MB, and tensors below that size then come from the
+    heap, which keeps freed memory (about 35 MB more peak RSS on a 1.1B conversion).
+    Elsewhere than glibc this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class Terminated(BaseException):
@@ -617,6 +658,7 @@ def main(argv: list[str] | None = None) -> None:
         raise Terminated  # unwinds through the pipeline, which removes its temp output
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    release_freed_buffers()
     try:
         rv = cli.main(args=args, prog_name="convcore", standalone_mode=False)
     except (click.exceptions.Abort, Terminated, KeyboardInterrupt):

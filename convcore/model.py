@@ -118,7 +118,7 @@ def has_nonfinite(array: np.ndarray, chunk_elems: int = 1 << 22) -> bool:
     uint, mask = found
     flat = array.reshape(-1).view(uint)
     mask = uint(mask)
-    release = _page_releaser(flat)
+    release = page_releaser(flat)
     for start in range(0, flat.size, chunk_elems):
         piece = flat[start:start + chunk_elems]
         if ((piece & mask) == mask).any():
@@ -127,10 +127,12 @@ def has_nonfinite(array: np.ndarray, chunk_elems: int = 1 << 22) -> bool:
     return False
 
 
-def _page_releaser(array: np.ndarray) -> Callable[[np.ndarray], None]:
-    """For an array in a memory-mapped file: a function that drops the pages of a piece
-    already read from this process's resident set (they stay in the page cache), so a
-    pass over a whole tensor costs no more resident memory than a piece of it."""
+def page_releaser(array: np.ndarray) -> Callable[[np.ndarray], None]:
+    """For an array in a read-only memory-mapped file (what loaders hand out): a function
+    that drops the pages of a piece already read (a view into ``array``) from this
+    process's resident set; they stay in the page cache, so reading them again costs no
+    disk. A pass over a whole tensor then costs no more resident memory than a piece of it.
+    For any other array the function does nothing."""
     base = array
     while base is not None and not isinstance(base, np.memmap):
         base = getattr(base, "base", None)  # an array over another object ends the chain
@@ -173,6 +175,9 @@ class TensorRef:
     source: str = ""  # the file the data lives in, for error messages
     stored: str = ""  # the type in the file when load() converts it (e.g. "q4_k", "int4-g64")
     stored_nbytes: int = 0  # bytes in the file when they differ from shape x dtype (packed)
+    #: optional ``cast_loader(dtype)``: the tensor as another float type straight from the
+    #: file, equal to ``cast(load(), dtype)`` (a quantized tensor dequantized to f16, say)
+    cast_loader: Callable[[str], np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -202,6 +207,26 @@ class TensorRef:
                 f"{self.source or self.name}: tensor {self.name!r} read as "
                 f"{dtype_name(array.dtype)}{list(array.shape)}, expected {self.dtype}{list(self.shape)}"
             )
+        return array
+
+    def load_as(self, dtype: str | None) -> np.ndarray:
+        """The tensor as the canonical ``dtype`` (None: as stored): what
+        ``cast(load(), dtype)`` gives, through the ``cast_loader`` when there is one."""
+        if not dtype or dtype == self.dtype:
+            return self.load()
+        if self.cast_loader is None or dtype not in FLOAT_DTYPES or self.dtype not in FLOAT_DTYPES:
+            return cast(self.load(), dtype)
+        try:
+            array = self.cast_loader(dtype)
+        except (ConvcoreError, MemoryError):
+            raise
+        except Exception as exc:
+            raise ConvcoreError(f"{self.source or self.name}: cannot read tensor {self.name!r}: "
+                                f"{one_line(exc)}") from exc
+        if tuple(array.shape) != tuple(self.shape) or dtype_name(array.dtype) != dtype:
+            raise ConvcoreError(
+                f"{self.source or self.name}: tensor {self.name!r} read as "
+                f"{dtype_name(array.dtype)}{list(array.shape)}, expected {dtype}{list(self.shape)}")
         return array
 
     def with_loader(self, loader: Callable[[], np.ndarray], **changes: Any) -> "TensorRef":

@@ -175,13 +175,13 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
 
 
 def _finite_only(ref: TensorRef, src: Path) -> TensorRef:
-    """``ref`` whose load refuses NaN and Inf, naming the tensor and its file. Checked on
-    the first load only (writers that stream a tensor in row slices load it per slice)."""
+    """``ref`` whose load (and load_as) refuses NaN and Inf, naming the tensor and its file.
+    Checked on the first load only (writers that stream a tensor in row slices load it per
+    slice)."""
     checked = False
 
-    def load() -> np.ndarray:
+    def check(array: np.ndarray) -> np.ndarray:
         nonlocal checked
-        array = ref.load()
         if not checked:
             if has_nonfinite(array):
                 raise ConvcoreError(f"{ref.source or src}: tensor {ref.name} holds NaN or Inf "
@@ -189,7 +189,8 @@ def _finite_only(ref: TensorRef, src: Path) -> TensorRef:
             checked = True
         return array
 
-    return ref.with_loader(load)
+    cast_load = None if ref.cast_loader is None else (lambda dtype: check(ref.load_as(dtype)))
+    return ref.with_loader(lambda: check(ref.load()), cast_loader=cast_load)
 
 
 def _move_into_place(staging: Path, dst: Path, fmt: Any, written: Path, force: bool) -> Path:
@@ -267,6 +268,13 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
 def load(path: str | os.PathLike, fmt: str | None = None, registry: Registry | None = None) -> Model:
     """Open a model lazily (format detected when ``fmt`` is None)."""
     return (registry or get_registry()).load(Path(path), fmt)
+
+
+def prepare(schemes: Any, dtypes: Any = ("f32", "f16", "bf16"),
+            registry: Registry | None = None) -> None:
+    """Make the registered schemes ``schemes`` ready for input of ``dtypes`` ahead of use
+    (their plugins' ``Scheme.prepare``, e.g. compiling kernels side by side); optional."""
+    (registry or get_registry()).prepare(schemes, dtypes)
 
 
 def quantize(tensor: Any, scheme: str, options: dict[str, Any] | None = None,

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pluggy
@@ -106,6 +106,15 @@ class Scheme:
         scheme to, on the bundled evaluation text: ``{"kl": largest mean KL(source‖output)
         in nats, "top1": smallest top-1 agreement}``; None: no default (the user gives
         ``--check-kl`` / ``--check-top1``).
+    :param prepare: optional ``prepare(names, dtypes)``: make ready ahead of use what
+        ``quantize`` and ``dequantize`` of the schemes ``names`` need for input of the
+        canonical ``dtypes`` (compiling kernels, say). A writer that knows which schemes a
+        conversion will use calls :meth:`Registry.prepare` once; schemes sharing one
+        ``prepare`` get it called once with all their names, so a plugin can do the work
+        side by side. Schemes work without it: whatever it would prepare is done on first use.
+    :param dequantize_to: optional ``dequantize_to(data, shape, dtype) -> ndarray`` of the
+        canonical float ``dtype``, bit for bit ``cast(dequantize(data, shape), dtype)``, made
+        without the float32 array in between (a reader dequantizing to f16 uses it).
     """
 
     name: str
@@ -118,6 +127,10 @@ class Scheme:
     description: str = ""
     plugin: str = ""
     tolerance: dict[str, float] | None = field(default=None, hash=False, compare=False)
+    prepare: Callable[[list[str], list[str]], None] | None = field(default=None, hash=False,
+                                                                   compare=False)
+    dequantize_to: Callable[[dict[str, np.ndarray], tuple[int, ...], str], np.ndarray] | None = \
+        field(default=None, hash=False, compare=False)
 
 
 @dataclass
@@ -296,11 +309,10 @@ class Registry:
         listing = [f for f in self.formats.values() if name in f.schemes]
         packages = sorted({f.scheme_package for f in listing if f.scheme_package})
         if packages:
-            hint = (f"format {listing[0].name} stores it with schemes from "
-                    f"{packages[0]}: pip install {packages[0]}")
-        else:
-            hint = self._missing_plugin_hint(name)
-        raise ConvcoreError(f"no installed plugin provides quantization scheme {name!r}; {hint}")
+            raise ConvcoreError(f"no installed plugin provides quantization scheme {name!r}; "
+                                f"format {listing[0].name} stores it with schemes from "
+                                f"{packages[0]}: pip install {packages[0]}")
+        raise ConvcoreError(f"unknown quantization scheme {name!r}: {self._missing_plugin_hint(name)}")
 
     def _missing_plugin_hint(self, name: str) -> str:
         """What to tell a user who asked for ``name`` that nothing registered: a plugin
@@ -367,6 +379,24 @@ class Registry:
             for k, v in (result or {}).items():
                 merged.setdefault(k, v)
         return merged
+
+    def prepare(self, schemes: Iterable[str], dtypes: Iterable[str] = FLOAT_SCHEMES) -> None:
+        """Call the ``prepare`` of the registered ``schemes`` (see :class:`Scheme`), once per
+        distinct callable with all its scheme names. Float types and unknown names are
+        skipped: quantizing with them reports the error where it happens."""
+        groups: dict[int, tuple[Callable, list[str]]] = {}
+        for name in dict.fromkeys(schemes):
+            sch = self.schemes.get(name)
+            if sch is not None and sch.prepare is not None:
+                groups.setdefault(id(sch.prepare), (sch.prepare, []))[1].append(name)
+        kinds = sorted(set(dtypes))
+        for prepare, names in groups.values():
+            try:
+                prepare(names, kinds)
+            except ConvcoreError:
+                raise
+            except Exception as exc:  # a plugin's fault: one line naming it
+                raise ConvcoreError(f"preparing schemes {', '.join(names)}: {one_line(exc)}") from exc
 
     def quantize(self, tensor: TensorRef | np.ndarray, scheme: str,
                  options: dict | None = None) -> QuantizedTensor:

@@ -104,6 +104,53 @@ def test_scheme_receives_options():
     assert seen["name"] == "t" and seen["weights"] is w
 
 
+def test_scheme_prepare_is_called_once_per_callable_with_all_its_names():
+    calls = []
+
+    def prepare(names, dtypes):
+        calls.append((sorted(names), dtypes))
+
+    base = row_sum_scheme().__dict__
+    a = convcore.Scheme(**{**base, "name": "rows-a", "prepare": prepare})
+    b = convcore.Scheme(**{**base, "name": "rows-b", "prepare": prepare})
+    plain = convcore.Scheme(**{**base, "name": "rows-c"})
+    registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
+        convcore_register_schemes=lambda register: [register(s) for s in (a, b, plain)]),))
+    convcore.prepare(["rows-b", "rows-a", "rows-c", "f16", "nope", "rows-a"], ["bf16", "f32"],
+                     registry=registry)
+    assert calls == [(["rows-a", "rows-b"], ["bf16", "f32"])]
+
+    def broken(names, dtypes):
+        raise RuntimeError("compiler crashed\nwith details")
+
+    c = convcore.Scheme(**{**base, "name": "rows-d", "prepare": broken})
+    registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
+        convcore_register_schemes=lambda register: register(c)),))
+    with pytest.raises(convcore.ConvcoreError, match="^preparing schemes rows-d: RuntimeError: compiler crashed$"):
+        convcore.prepare(["rows-d"], registry=registry)
+
+
+def test_load_as_uses_a_cast_loader_and_checks_what_it_returns():
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    asked = []
+
+    def direct(dtype):
+        asked.append(dtype)
+        return convcore.cast(x, dtype)
+
+    ref = convcore.TensorRef("w", (4, 8), "f32", lambda: x, cast_loader=direct)
+    assert ref.load_as(None) is x and ref.load_as("f32") is x and asked == []
+    np.testing.assert_array_equal(ref.load_as("f16"), x.astype(np.float16))
+    assert asked == ["f16"]
+    plain = convcore.TensorRef("w", (4, 8), "f32", lambda: x)
+    np.testing.assert_array_equal(plain.load_as("bf16"), convcore.cast(x, "bf16"))
+    liar = convcore.TensorRef("w", (4, 8), "f32", lambda: x, source="m.bin",
+                              cast_loader=lambda dtype: x[:2].astype(np.float16))
+    with pytest.raises(convcore.ConvcoreError, match=r"m.bin: tensor 'w' read as f16\[2, 8\]"):
+        liar.load_as("f16")
+    assert ref.with_loader(lambda: x).cast_loader is None  # a new loader: no stale shortcut
+
+
 def test_hook_convcore_quantize():
     registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
         convcore_register_schemes=lambda register: register(row_sum_scheme())),))

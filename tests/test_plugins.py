@@ -89,3 +89,18 @@ def test_the_core_names_no_plugin():
                  if path.is_file() and path.suffix in (".py", ".tmpl", ".txt", ".md")
                  for name in sorted(names) if name in path.read_text(errors="replace")]
     assert offenders == []
+
+
+def test_warmup_fills_the_kernel_cache_and_names_unknown_schemes(run_cli, tmp_path):
+    """``convcore warmup`` compiles the named schemes' kernels into the on-disk cache
+    (here an empty one) in worker processes; an unknown name is a one-line error."""
+    env = {"CONVCORE_CACHE": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    r = run_cli("warmup", "q8_0", "int4-row", "--jobs", "2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("2 of 2 schemes ready in ")
+    cached = list((tmp_path / "numba").glob("quant_rowwise-*/*.nbc"))
+    assert any("legacy" in p.name for p in cached) and any("rows" in p.name for p in cached)
+    r = run_cli("warmup", "q9_9", env=env)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: unknown quantization scheme 'q9_9': no installed plugin")

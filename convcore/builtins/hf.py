@@ -335,7 +335,7 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
     for ref in model.tensors.values():
         out = dtype if dtype and ref.dtype in FLOAT_DTYPES else ref.dtype
         planned.append(PlannedTensor(ref.name, out, ref.shape,
-                                     (lambda r=ref, o=out: cast_chunks(r.load(), o))))
+                                     (lambda r=ref, o=out: cast_chunks(r.load_as(o), o))))
     max_shard = options.get("split_max_size") or DEFAULT_MAX_SHARD
     if options.get("dry_run"):
         from ..safetensors_io import plan_shards
