@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
+
 import convcore
 
 from ._input import as_rows, f32_slices, faulted_empty

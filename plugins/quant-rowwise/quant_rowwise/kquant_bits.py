@@ -12,6 +12,7 @@ import math
 import numpy as np
 from numba import njit
 
+from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
 from .kquants import QK_K
 
 F0 = np.float32(0.0)
@@ -85,13 +86,16 @@ def nearest(v):
 def load_block(x, r, c0, mode, lut, ubuf):
     """Widen one 256-weight block of row ``r`` into ``ubuf`` as f32 bits; False if non-finite.
 
-    x: the raw input bits (rows); mode: 0 f32 bits as uint32, 1 f16 bits through ``lut``
-    (f16 bits -> f32 bits), 2 bf16 bits (the top half of an f32); c0: first column.
+    x: the raw input bits as uint16 rows, whatever the input type (one compiled kernel for
+    all three): mode 0 f32 (each value two uint16, low half first), 1 f16 bits through
+    ``lut`` (f16 bits -> f32 bits), 2 bf16 bits (the top half of an f32); c0: the first
+    value's column in values, not uint16s.
     """
     bad = np.uint32(0)
     if mode == 0:
         for i in range(QK_K):
-            b = np.uint32(x[r, c0 + i])
+            j = 2 * (c0 + i)
+            b = np.uint32(x[r, j]) | (np.uint32(x[r, j + 1]) << np.uint32(16))
             ubuf[i] = b
             bad |= np.uint32((b & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
     elif mode == 1:
@@ -118,3 +122,24 @@ def put_f16(out, o, h):
 def get_f16(q, o):
     """The float32 value of the little-endian f16 at q[o:o+2]."""
     return f16_to_f32(np.int32(q[o]) | (np.int32(q[o + 1]) << 8))
+
+
+# Bytes of the scratch buffer a row driver cuts its arrays from (q6_K's, the largest,
+# needs about 13 KB).
+ARENA = 32768
+
+
+@njit(nogil=True, cache=True)
+def arena():
+    """A zeroed scratch buffer of ARENA bytes whose data starts on a 64-byte boundary.
+
+    The kernels' float sums are vectorized with reassociation, and LLVM guards such a
+    loop with run-time checks (do two arrays overlap, where does the data start) that pick
+    the vector or the scalar form, which round differently. With every scratch array
+    cut from one aligned buffer at fixed offsets, the checks, and so a
+    block's bytes, come out the same on every thread and every run; separate np.zeros
+    arrays lay out differently per thread and made the output vary between runs.
+    """
+    buf = np.zeros(ARENA + 64, np.uint8)
+    off = (64 - buf.ctypes.data % 64) % 64
+    return buf[off:off + ARENA]

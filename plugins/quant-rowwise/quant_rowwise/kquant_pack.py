@@ -1,14 +1,15 @@
 """The k-quant block packers: each turns one 256-weight super-block into ggml's bytes for
 its type (search, integer sub-scales under an f16 super-scale, optional refinement, final
-codes, bit packing), and ``quantize_rows`` runs them over a tensor's blocks in parallel.
+codes, bit packing), and one row driver per type runs its packer over a run of blocks.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .kquant_bits import (F0, F1, FM, f16_to_f32, f32_to_f16, load_block, nearest, put_f16,
-                          rint_clamp)
+from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
+from .kquant_bits import (F0, F1, FM, arena, f16_to_f32, f32_to_f16, load_block, nearest,
+                          put_f16, rint_clamp)
 from .kquant_refine import affine_refine, sym_refine
 from .kquant_search import (GROUP_MAX_EPS, K_WT, LANE_SCRATCH, make_q3x16, make_qkx2,
                             make_qkx2_lanes, make_qx16)
@@ -276,60 +277,127 @@ def block_q2k(x, out, refine, L, A, fs, fm, sc, mi, st, err, wt):
     put_f16(out, 82, st[1])
 
 
-@njit(nogil=True, cache=True, fastmath=FM, parallel=True)
-def quantize_rows(x, mode, lut, kind, refine, out, nchunks):
-    """Quantize every 256-weight block of the 2-D bit array ``x`` into ``out``.
+# The row drivers: one per block type, so a conversion compiles only the packers it uses.
+# Each quantizes the 256-weight blocks start..end-1 of the uint16 bit rows ``x`` (counted
+# row-major over (rows, blocks per row)) into ``out`` (uint8, rows x blocks per row * type
+# size) and returns how many of them held NaN/Inf. mode, lut: how load_block widens x.
+# They are serial and release the GIL; kquants.py runs them over runs of blocks in threads.
+# Scratch, cut once per call from one aligned buffer at fixed 64-byte-aligned offsets
+# (kquant_bits.arena; the offsets are literal, which compiles faster than a helper): ubuf uint32[256], the block's f32 bits (xb: the same
+# memory as float32); L int32[256], each value's code; fs, fm float32[16], the sub-blocks'
+# float scales and (negated) mins from the search; sc, mi int32[16], their integer forms;
+# st int32[2], the f16 bits of d and dmin; err float64[32] and wt float32[256], the
+# refinements' per-sub-block errors and per-value weights; A float32[LANE_SCRATCH], the
+# lane searches' flat scratch (q2_K, q3_K); Laux int32[32] and w float32[32], make_qkx2's
+# codes tried and weights (q4_K, q5_K); S float32[9, 256], make_qx16's scratch (q6_K).
 
-    kind: 2..6 for q2_K..q6_K; mode, lut: how load_block widens x; out: uint8 (rows,
-    blocks per row * type size); nchunks: the blocks are split into this many runs of
-    consecutive blocks, handed to the threads. Returns the number of blocks holding NaN/Inf.
 
-    Per-thread scratch, allocated once per chunk rather than per block:
-    ubuf uint32[256], the block's f32 bits (xb: the same memory as float32);
-    L int32[256], each value's code; fs, fm float32[16], the sub-blocks' float scales and
-    (negated) mins from the search; sc, mi int32[16], their integer forms; st int32[2],
-    the f16 bits of d and dmin; err float64[32] and wt float32[256], the refinements'
-    per-sub-block errors and per-value weights; A float32[LANE_SCRATCH], the lane searches'
-    flat scratch (q2_K, q3_K); Laux int32[32] and w float32[32], make_qkx2's codes tried
-    and weights (q4_K, q5_K); S float32[9, 256], make_qx16's scratch (q6_K).
-    """
-    nrows = x.shape[0]
-    nb = x.shape[1] // QK_K
-    ts = out.shape[1] // max(nb, 1)
-    total = nrows * nb
-    bad = np.zeros(nchunks, np.int64)
-    for c in prange(nchunks):
-        start = c * total // nchunks
-        end = (c + 1) * total // nchunks
-        ubuf = np.empty(QK_K, np.uint32)
-        xb = ubuf.view(np.float32)
-        L = np.zeros(QK_K, np.int32)
-        fs = np.zeros(16, np.float32)
-        fm = np.zeros(16, np.float32)
-        sc = np.zeros(16, np.int32)
-        mi = np.zeros(16, np.int32)
-        st = np.zeros(2, np.int32)
-        err = np.zeros(32, np.float64)
-        wt = np.zeros(QK_K, np.float32)
-        A = np.zeros(LANE_SCRATCH, np.float32)
-        Laux = np.zeros(32, np.int32)
-        w = np.zeros(32, np.float32)
-        S = np.zeros((9, QK_K), np.float32)
-        for blk in range(start, end):
-            r = blk // nb
-            b = blk - r * nb
-            ob = out[r, b * ts:(b + 1) * ts]
-            if not load_block(x, r, b * QK_K, mode, lut, ubuf):
-                bad[c] += 1
-                continue
-            if kind == 4:
-                block_q45k(xb, ob, 15, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt)
-            elif kind == 5:
-                block_q45k(xb, ob, 31, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt)
-            elif kind == 6:
-                block_q6k(xb, ob, refine, L, fs, sc, st, err, wt, S)
-            elif kind == 3:
-                block_q3k(xb, ob, refine, L, fs, sc, st, err, wt, A)
-            else:
-                block_q2k(xb, ob, refine, L, A, fs, fm, sc, mi, st, err, wt)
-    return bad.sum()
+@njit(nogil=True, cache=True, fastmath=FM)
+def rows_q45k(x, mode, lut, nmax, refine, out, start, end):
+    """q4_K (nmax 15) or q5_K (nmax 31) blocks start..end-1."""
+    nb = (x.shape[1] // 2 if mode == 0 else x.shape[1]) // QK_K
+    ts = out.shape[1] // nb
+    buf = arena()
+    ubuf = buf[0:1024].view(np.uint32)
+    xb = ubuf.view(np.float32)
+    L = buf[1024:2048].view(np.int32)
+    fs = buf[2048:2112].view(np.float32)
+    fm = buf[2112:2176].view(np.float32)
+    sc = buf[2176:2240].view(np.int32)
+    mi = buf[2240:2304].view(np.int32)
+    st = buf[2304:2312].view(np.int32)
+    err = buf[2368:2624].view(np.float64)
+    wt = buf[2624:3648].view(np.float32)
+    Laux = buf[3648:3776].view(np.int32)
+    w = buf[3776:3904].view(np.float32)
+    bad = 0
+    for blk in range(start, end):
+        r = blk // nb
+        b = blk - r * nb
+        if not load_block(x, r, b * QK_K, mode, lut, ubuf):
+            bad += 1
+            continue
+        block_q45k(xb, out[r, b * ts:(b + 1) * ts], nmax, refine, L, Laux, w, fs, fm, sc, mi,
+                   st, err, wt)
+    return bad
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def rows_q6k(x, mode, lut, refine, out, start, end):
+    """q6_K blocks start..end-1."""
+    nb = (x.shape[1] // 2 if mode == 0 else x.shape[1]) // QK_K
+    ts = out.shape[1] // nb
+    buf = arena()
+    ubuf = buf[0:1024].view(np.uint32)
+    xb = ubuf.view(np.float32)
+    L = buf[1024:2048].view(np.int32)
+    fs = buf[2048:2112].view(np.float32)
+    sc = buf[2112:2176].view(np.int32)
+    st = buf[2176:2184].view(np.int32)
+    err = buf[2240:2496].view(np.float64)
+    wt = buf[2496:3520].view(np.float32)
+    Sf = buf[3520:12736].view(np.float32)
+    S = Sf.reshape((9, QK_K))
+    bad = 0
+    for blk in range(start, end):
+        r = blk // nb
+        b = blk - r * nb
+        if not load_block(x, r, b * QK_K, mode, lut, ubuf):
+            bad += 1
+            continue
+        block_q6k(xb, out[r, b * ts:(b + 1) * ts], refine, L, fs, sc, st, err, wt, S)
+    return bad
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def rows_q3k(x, mode, lut, refine, out, start, end):
+    """q3_K blocks start..end-1."""
+    nb = (x.shape[1] // 2 if mode == 0 else x.shape[1]) // QK_K
+    ts = out.shape[1] // nb
+    buf = arena()
+    ubuf = buf[0:1024].view(np.uint32)
+    xb = ubuf.view(np.float32)
+    L = buf[1024:2048].view(np.int32)
+    fs = buf[2048:2112].view(np.float32)
+    sc = buf[2112:2176].view(np.int32)
+    st = buf[2176:2184].view(np.int32)
+    err = buf[2240:2496].view(np.float64)
+    wt = buf[2496:3520].view(np.float32)
+    A = buf[3520:3520 + 4 * LANE_SCRATCH].view(np.float32)
+    bad = 0
+    for blk in range(start, end):
+        r = blk // nb
+        b = blk - r * nb
+        if not load_block(x, r, b * QK_K, mode, lut, ubuf):
+            bad += 1
+            continue
+        block_q3k(xb, out[r, b * ts:(b + 1) * ts], refine, L, fs, sc, st, err, wt, A)
+    return bad
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def rows_q2k(x, mode, lut, refine, out, start, end):
+    """q2_K blocks start..end-1."""
+    nb = (x.shape[1] // 2 if mode == 0 else x.shape[1]) // QK_K
+    ts = out.shape[1] // nb
+    buf = arena()
+    ubuf = buf[0:1024].view(np.uint32)
+    xb = ubuf.view(np.float32)
+    L = buf[1024:2048].view(np.int32)
+    fs = buf[2048:2112].view(np.float32)
+    fm = buf[2112:2176].view(np.float32)
+    sc = buf[2176:2240].view(np.int32)
+    mi = buf[2240:2304].view(np.int32)
+    st = buf[2304:2312].view(np.int32)
+    err = buf[2368:2624].view(np.float64)
+    wt = buf[2624:3648].view(np.float32)
+    A = buf[3648:3648 + 4 * LANE_SCRATCH].view(np.float32)
+    bad = 0
+    for blk in range(start, end):
+        r = blk // nb
+        b = blk - r * nb
+        if not load_block(x, r, b * QK_K, mode, lut, ubuf):
+            bad += 1
+            continue
+        block_q2k(xb, out[r, b * ts:(b + 1) * ts], refine, L, A, fs, fm, sc, mi, st, err, wt)
+    return bad

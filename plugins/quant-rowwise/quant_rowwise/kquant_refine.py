@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
 from .kquant_bits import F0, F1, FM, f16_to_f32, f32_to_f16, rint_clamp
 
 
-@njit(nogil=True, cache=True, fastmath=FM, inline="always")
+@njit(nogil=True, cache=True, fastmath=FM)
 def _affine_sse(x, wt, o, n, dl, ml, nmax):
     """Weighted squared error of x[o:o+n] coded as dl*q - ml with the nearest q in 0..nmax."""
     s = F0
@@ -33,7 +34,7 @@ def _affine_sse(x, wt, o, n, dl, ml, nmax):
     return np.float64(s)
 
 
-@njit(nogil=True, cache=True, fastmath=FM, inline="always")
+@njit(nogil=True, cache=True, fastmath=FM)
 def _sym_sse(x, wt, o, n, dl, qlo, qhi):
     """Weighted squared error of x[o:o+n] coded as dl*q with the nearest q in qlo..qhi."""
     s = F0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
 from .kquant_bits import F0, F1, FM, rint_clamp
 
 # ggml's GROUP_MAX_EPS: a sub-block whose largest magnitude is below it is all zeros

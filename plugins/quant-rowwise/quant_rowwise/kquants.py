@@ -21,8 +21,8 @@ block at a time inside the kernel, so large tensors are never copied to f32.
 
 The Numba kernels live beside this module, one concern each: ``kquant_bits`` (f16 bits,
 rounding, widening input), ``kquant_search`` (llama.cpp's searches), ``kquant_refine``
-(the refinement), ``kquant_pack`` (the per-type block packers and the parallel row
-kernel) and ``kquant_dequant``. They are imported on first use, so importing this module
+(the refinement), ``kquant_pack`` (the per-type block packers and their row
+drivers) and ``kquant_dequant``. They are imported on first use, so importing this module
 (as registering the schemes does) does not import numba; they take ``QK_K`` from here.
 """
 from __future__ import annotations
@@ -52,8 +52,9 @@ _NO_LUT = np.zeros(1, np.uint32)
 
 
 def _bits_2d(array: np.ndarray, name: str) -> tuple[np.ndarray, int, np.ndarray]:
-    """A 2-D view of the raw bits of ``array`` (no f32 copy), the widening mode and its
-    table: 0 f32 (uint32 bits), 1 f16 (uint16 bits through a table), 2 bf16 (uint16)."""
+    """A read-only 2-D uint16 view of the raw bits of ``array`` (no f32 copy), the widening
+    mode and its table: 0 f32 (two uint16 per value), 1 f16 (through a table), 2 bf16.
+    One array type for every input, so each row driver is compiled once."""
     arr = np.asarray(array)
     if arr.ndim == 0:
         raise KQuantError(f"{name}: expected an array with a last axis, found a scalar")
@@ -65,11 +66,9 @@ def _bits_2d(array: np.ndarray, name: str) -> tuple[np.ndarray, int, np.ndarray]
     if kind not in ("f32", "f16", "bf16"):
         raise KQuantError(f"{name}: expected f32, f16 or bf16 input, found {arr.dtype}")
     arr = np.ascontiguousarray(arr).reshape(-1, n)
-    if kind == "f32":
-        return arr.view(np.uint32), 0, _NO_LUT
-    if kind == "f16":
-        return arr.view(np.uint16), 1, _F16_LUT
-    return arr.view(np.uint16), 2, _NO_LUT
+    bits = arr.view(np.uint16)  # a new view, so marking it read-only leaves ``array`` be
+    bits.flags.writeable = False
+    return bits, {"f32": 0, "f16": 1, "bf16": 2}[kind], _F16_LUT if kind == "f16" else _NO_LUT
 
 
 def quantize_kquant(array: np.ndarray, name: str, refine: bool = True) -> dict[str, np.ndarray]:
@@ -78,34 +77,43 @@ def quantize_kquant(array: np.ndarray, name: str, refine: bool = True) -> dict[s
     :returns: ``{"blocks": uint8 array of shape (*shape[:-1], row_blocks * type_size)}``.
     :raises KQuantError: (a ValueError) on a bad row length, dtype, NaN or Inf.
     """
-    import numba
-
-    from .kquant_pack import quantize_rows
+    from . import kquant_pack
+    from ._compile import ensure
+    from ._threads import run_split
 
     bits, mode, lut = _bits_2d(array, name)
     shape = np.shape(array)
     nb = shape[-1] // QK_K
     out = faulted_empty((bits.shape[0], nb * TYPE_SIZE[name]), np.uint8)
     total = bits.shape[0] * nb
-    nchunks = max(1, min(total, 256))
     if total:
-        # Chunks are handed out one at a time rather than split in halves up front: on a
-        # shared machine one thread often runs slower, and a static split then waits for it.
-        with numba.parallel_chunksize(1):
-            bad = quantize_rows(bits, mode, lut, _KIND[name], refine, out, nchunks)
+        ensure([name])
+        kind = _KIND[name]
+        if kind in (4, 5):
+            kernel, args = kquant_pack.rows_q45k, (bits, mode, lut, 15 if kind == 4 else 31)
+        else:
+            kernel = {2: kquant_pack.rows_q2k, 3: kquant_pack.rows_q3k, 6: kquant_pack.rows_q6k}[kind]
+            args = (bits, mode, lut)
+        bad = run_split(kernel, (*args, refine, out), total)
         if bad:
             raise KQuantError(f"{name}: NaN or Inf in input ({bad} of {total} blocks)")
     return {"blocks": out.reshape(*shape[:-1], nb * TYPE_SIZE[name])}
 
 
-def dequantize_kquant(data: dict[str, np.ndarray], shape: tuple[int, ...], name: str) -> np.ndarray:
-    """float32 array of ``shape`` from ``data["blocks"]``, equal to gguf.quants.dequantize."""
-    from .kquant_dequant import dequantize_rows
+def dequantize_kquant(data: dict[str, np.ndarray], shape: tuple[int, ...], name: str,
+                      dtype: str = "f32") -> np.ndarray:
+    """The values of ``data["blocks"]`` as an array of ``shape``: float32 equal to
+    gguf.quants.dequantize, or (``dtype="f16"``) float16 equal to that float32 cast with
+    numpy's rounding, made block by block without a float32 copy of the tensor."""
+    from . import kquant_dequant as kd
+    from ._threads import run_split
 
     shape = tuple(int(s) for s in shape)
-    n = shape[-1]
-    if n % QK_K:
+    n = shape[-1] if shape else 0
+    if not shape or n % QK_K:
         raise KQuantError(f"{name}: row length must be a multiple of {QK_K}, found {n}")
+    if dtype not in ("f32", "f16"):
+        raise KQuantError(f"{name}: dequantizes to f32 or f16, not {dtype}")
     nb = n // QK_K
     ts = TYPE_SIZE[name]
     rows = int(np.prod(shape[:-1], dtype=np.int64))
@@ -113,10 +121,27 @@ def dequantize_kquant(data: dict[str, np.ndarray], shape: tuple[int, ...], name:
     if blocks.size != rows * nb * ts:
         raise KQuantError(
             f"{name}: expected {rows * nb * ts} block bytes for shape {shape}, found {blocks.size}")
-    out = np.empty((rows, n), np.float32)
+    blocks = blocks.reshape(rows, nb * ts)  # a new view: read-only, one kernel type
+    blocks.flags.writeable = False
+    out = np.empty((rows, n), np.float32 if dtype == "f32" else np.float16)
     if rows and nb:
-        dequantize_rows(blocks.reshape(rows, nb * ts), _KIND[name], out)
+        mode = kd.OUT_F32 if dtype == "f32" else kd.OUT_F16
+        kind = _KIND[name]
+        if kind in (4, 5):
+            kernel, args = kd.deq_q45k, (blocks, kind == 5, mode, out.view(np.uint16))
+        else:
+            kernel = {2: kd.deq_q2k, 3: kd.deq_q3k, 6: kd.deq_q6k}[kind]
+            args = (blocks, mode, out.view(np.uint16))
+        run_split(kernel, args, rows * nb)
     return out.reshape(shape)
+
+
+def prepare(names: list[str], dtypes: list[str]) -> None:
+    """Scheme.prepare of the k-quants: their row drivers compiled side by side, or loaded
+    from the kernel cache (one compiled driver serves every input dtype)."""
+    from ._compile import ensure
+
+    ensure(names)
 
 
 def _scheme(name: str) -> convcore.Scheme:
@@ -126,6 +151,11 @@ def _scheme(name: str) -> convcore.Scheme:
     def dequantize(data: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         return dequantize_kquant(data, shape, name)
 
+    def dequantize_to(data: dict[str, np.ndarray], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        if dtype in ("f32", "f16"):
+            return dequantize_kquant(data, shape, name, dtype)
+        return convcore.cast(dequantize_kquant(data, shape, name), dtype)
+
     quantize.__doc__ = f"{name} blocks ({TYPE_SIZE[name]} B per 256 weights) of an f32/f16/bf16 array."
     dequantize.__doc__ = f"float32 values of {name} blocks, as gguf.quants.dequantize gives them."
     def layout(shape: tuple[int, ...], dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -133,7 +163,7 @@ def _scheme(name: str) -> convcore.Scheme:
 
     return convcore.Scheme(
         name=name, quantize=quantize, dequantize=dequantize, layout=layout, block_size=QK_K,
-        bits=BITS[name], family="gguf",
+        bits=BITS[name], family="gguf", prepare=prepare, dequantize_to=dequantize_to,
         description=f"GGUF {name.upper()}: super-blocks of 256 (llama.cpp's search, refined)",
     )
 

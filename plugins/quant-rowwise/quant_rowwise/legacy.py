@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
 from ._bits import bits_from_f32, f32_from_bits
 from ._input import as_rows, f32_slices, faulted_empty
 

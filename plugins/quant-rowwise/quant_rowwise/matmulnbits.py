@@ -48,6 +48,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
 from ._bits import f32_from_bits
 from ._input import as_rows, f32_slices, faulted_empty
 

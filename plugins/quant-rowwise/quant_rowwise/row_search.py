@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
+
 # narrowest window tried, as a fraction of the row's range: few levels want clipping;
 # how many windows and refinement rounds: with many levels the error is flat near the
 # full range, so 8-bit rows get a short search (their gain is a few percent at most)

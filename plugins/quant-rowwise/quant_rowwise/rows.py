@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
+
 
 from ._input import as_rows, f32_slices, faulted_empty
 from .row_search import F_LO, LLOYD_ROUNDS, N_WINDOWS, asym_mse

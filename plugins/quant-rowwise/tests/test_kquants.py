@@ -178,3 +178,105 @@ def test_rmse_at_most_llamacpp_cpp_quantizer(tmp_path):
         ours_rmse, theirs_rmse = rel_rmse(ours, x_all), rel_rmse(theirs, x_all)
         assert theirs_rmse == pytest.approx(LLAMACPP_RMSE[name], rel=0.02)
         assert ours_rmse <= theirs_rmse * 1.0, (name, ours_rmse, theirs_rmse)
+
+
+# Reproducible bytes: the kernels sum with fast-math reassociation, so any difference in
+# how the compiled code runs (which thread, where its scratch lies, freshly compiled or
+# loaded from the cache) could change a block's bytes. None may.
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_do_not_depend_on_threads(name):
+    import numba
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = gaussian((96, 1024), seed=5) * np.float32(0.02)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = SCHEMES[name].quantize(x)["blocks"]
+    finally:
+        numba.set_num_threads(before)
+    with ThreadPoolExecutor(3) as pool:  # several tensors at once, as writers do
+        results = list(pool.map(lambda _: SCHEMES[name].quantize(x)["blocks"], range(3)))
+    results.append(SCHEMES[name].quantize(x)["blocks"])
+    for blocks in results:
+        assert np.array_equal(blocks, one)
+
+
+_HASH_Q4K = """
+import hashlib, sys
+import numpy as np
+from quant_rowwise.kquants import quantize_kquant
+x = np.random.default_rng(7).standard_normal((64, 1024)).astype(np.float32) * np.float32(0.02)
+print(hashlib.sha256(quantize_kquant(x, sys.argv[1])["blocks"].tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_first_run_compiles_in_children_and_writes_what_later_runs_write(tmp_path):
+    """A cold cache: the first process compiles the row drivers (in child processes) and
+    must code the same bytes as the next process, which loads them, and as this one."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    runs = [subprocess.run([sys.executable, "-c", _HASH_Q4K, "q4_k"], env=env, check=True,
+                           capture_output=True, text=True).stdout.strip() for _ in range(2)]
+    x = np.random.default_rng(7).standard_normal((64, 1024)).astype(np.float32) * np.float32(0.02)
+    here = hashlib.sha256(SCHEMES["q4_k"].quantize(x)["blocks"].tobytes()).hexdigest()
+    assert runs == [here, here]
+    assert any((tmp_path / "numba").rglob("*.nbc"))  # the children filled that cache
+
+
+def _f16_probe() -> np.ndarray:
+    """f32 bit patterns around every f16 boundary: each exponent with random and
+    tie-making significands, the subnormal and overflow edges, zeros, infinities, NaN."""
+    rng = np.random.default_rng(3)
+    exps = np.arange(0, 256, dtype=np.uint32) << np.uint32(23)
+    sigs = np.concatenate([rng.integers(0, 1 << 23, 200, dtype=np.uint32),
+                           np.array([0, 1, 0x1000, 0x1FFF, 0x2000, 0x3000, 0x7FFFFF, 0x7FF000,
+                                     0x7FE000, 0x0FFF, 0x1001], np.uint32)])
+    pos = (exps[:, None] | sigs[None, :]).reshape(-1)
+    edges = np.array([0x477FE000, 0x477FEFFF, 0x477FF000, 0x477FFFFF, 0x47800000, 0x387FC000,
+                      0x387FE000, 0x387FF000, 0x38800000, 0x33000000, 0x33000001, 0x32FFFFFF,
+                      0x337FFFFF, 0x7F800000], np.uint32)
+    allv = np.concatenate([pos, edges])
+    return np.concatenate([allv, allv | np.uint32(0x80000000)])
+
+
+def test_f16_rounding_is_numpys():
+    from numba import njit
+
+    from quant_rowwise.kquant_dequant import f16_bits
+
+    @njit
+    def convert(bits, out):
+        for i in range(bits.size):
+            out[i] = f16_bits(bits[i])
+
+    bits = _f16_probe()
+    ours = np.empty(bits.size, np.uint16)
+    convert(bits, ours)
+    with np.errstate(over="ignore"):
+        ref = bits.view(np.float32).astype(np.float16).view(np.uint16)
+    nan = np.isnan(bits.view(np.float32))
+    assert np.array_equal(ours[~nan], ref[~nan])
+    assert np.isnan(ours[nan].view(np.float16)).all()
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_to_f16_equals_numpys_cast(name):
+    x = gaussian((33, 512), seed=11)
+    x[0, :256] *= np.float32(1e5)  # super-scales near f16's top: values past 65504 -> inf
+    x[1, :256] *= np.float32(1e-6)  # values in f16's subnormal range
+    data = SCHEMES[name].quantize(x)
+    f32 = SCHEMES[name].dequantize(data, x.shape)
+    f16 = SCHEMES[name].dequantize_to(data, x.shape, "f16")
+    with np.errstate(over="ignore"):
+        expected = f32.astype(np.float16)
+    assert f16.dtype == np.float16 and f16.shape == x.shape
+    assert np.array_equal(f16.view(np.uint16), expected.view(np.uint16))
+    bf16 = SCHEMES[name].dequantize_to(data, x.shape, "bf16")
+    assert np.array_equal(bf16, convcore.cast(f32, "bf16"))

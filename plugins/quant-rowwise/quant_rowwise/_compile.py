@@ -1,0 +1,97 @@
+"""Compiling the k-quant row drivers ahead of use: each missing one in a process of its
+own, side by side, into the kernel cache (``_cache``); this process then loads them.
+
+Two reasons. Time: a q4_k_m conversion needs the q4_K and q6_K drivers, which compile
+in about 10 and 6 s; in two processes the wait is the longer one, not the sum. And
+reproducibility: Numba's freshly compiled code and the same code loaded from its cache
+can round float sums differently (the kernels use fast-math reassociation), so a
+first run could write other bytes than every later one. Code that always comes from
+the cache gives one answer. If the cache cannot be written, or a child fails, the
+driver is compiled here as before.
+
+``python -m quant_rowwise._compile FUNC ...`` is the child: it compiles the named
+drivers for their one signature and exits.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import threading
+from typing import Iterable
+
+# scheme -> the row driver in kquant_pack that codes it
+DRIVER = {"q2_k": "rows_q2k", "q3_k": "rows_q3k", "q4_k": "rows_q45k", "q5_k": "rows_q45k",
+          "q6_k": "rows_q6k"}
+_lock = threading.Lock()
+
+
+@functools.cache
+def signature(func: str) -> tuple:
+    """The one argument-type tuple a row driver is called with (kquants.quantize_kquant):
+    read-only uint16 bit rows, mode, the f16 table, [nmax,] refine, uint8 output rows,
+    start, end."""
+    from numba import types
+
+    rows = types.Array(types.uint16, 2, "C", readonly=True)
+    head = (rows, types.int64, types.Array(types.uint32, 1, "C"))
+    tail = (types.boolean, types.Array(types.uint8, 2, "C"), types.int64, types.int64)
+    return head + ((types.int64,) if func == "rows_q45k" else ()) + tail
+
+
+def _dispatcher(func: str):
+    from . import kquant_pack
+
+    return getattr(kquant_pack, func)
+
+
+def _cached(disp, sig: tuple) -> bool:
+    """Whether the cache holds ``sig`` (loading it costs milliseconds, compiling seconds)."""
+    try:
+        return disp._cache.load_overload(sig, disp.targetctx) is not None
+    except Exception:  # a Numba without these internals: let the children find out
+        return False
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def ensure(schemes: Iterable[str]) -> None:
+    """Have the row drivers of the k-quant ``schemes`` ready in this process, compiling the
+    missing ones in child processes (at most one per CPU at a time) first."""
+    funcs = list(dict.fromkeys(DRIVER[s] for s in schemes if s in DRIVER))
+    with _lock:
+        todo = [f for f in funcs if signature(f) not in _dispatcher(f).overloads]
+        missing = [f for f in todo if not _cached(_dispatcher(f), signature(f))]
+        if missing:
+            _compile_in_children(missing)
+        for func in todo:
+            _dispatcher(func).compile(signature(func))  # from the cache, or compiled here
+
+
+def _compile_in_children(funcs: list[str]) -> None:
+    slots = _cpus()
+    running: list[subprocess.Popen] = []
+    for func in funcs:
+        if len(running) >= slots:
+            running.pop(0).wait()
+        running.append(subprocess.Popen([sys.executable, "-m", __name__, func],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+    for proc in running:
+        proc.wait()
+
+
+def main(argv: list[str]) -> int:
+    for func in argv:
+        _dispatcher(func).compile(signature(func))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
