@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt requirements-dev.txt $(PLUGINS) scripts
 	$(PIP) install -q -c constraints.txt -r requirements-dev.txt
 	$(PIP) install -q -c constraints.txt -e . $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	bash scripts/install-llama-cpp.sh $(PY)
+	# compile every quantization kernel once into the shared cache (~/.cache/convcore/numba)
+	$(PY) -m convcore warmup
 	touch $(STAMP)
 
 demo: install

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 import ml_dtypes
@@ -99,28 +99,60 @@ def _dequantizer(registry: Any, gtype: Any):
     return lambda blocks, shape: gguf.quants.dequantize(blocks, gtype).astype(np.float32, copy=False)
 
 
+#: rows of a quantized tensor are dequantized this many values at a time, each run from a
+#: map of its own blocks only, so the file's pages in memory stay a few MB per tensor
+CHUNK_VALUES = 1 << 22
+
+
 def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
     gtype = T(t.tensor_type)
     offset, nbytes = int(t.data_offset), int(t.n_bytes)
     dequantize = None if gtype in FLOAT_VIEWS else _dequantizer(registry, gtype)
 
+    def dequantized(decode: Callable[[np.ndarray, tuple[int, int]], np.ndarray],
+                    dtype: Any) -> np.ndarray:
+        """The tensor as ``dtype`` from ``decode(blocks, (rows, n))`` over runs of rows."""
+        block, size = gguf.GGML_QUANT_SIZES[gtype]
+        n = shape[-1]
+        row_bytes = n // block * size
+        rows = nbytes // row_bytes if row_bytes else 0
+        out = np.empty((rows, n), dtype)
+        step = max(1, CHUNK_VALUES // max(n, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset + r0 * row_bytes,
+                            shape=((r1 - r0) * row_bytes,))
+            out[r0:r1] = decode(raw.reshape(r1 - r0, row_bytes), (r1 - r0, n))
+            del raw  # its pages leave memory with the map
+        return out.reshape(shape)
+
     def load() -> np.ndarray:
-        # a fresh map per read: its pages go with the array, so resident memory stays
-        # bounded by the tensors in flight instead of growing to the file's size
-        raw = (np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
-               if nbytes else np.zeros(0, dtype=np.uint8))
         if gtype in FLOAT_VIEWS:
+            # a fresh map per read: its pages go with the array, so resident memory stays
+            # bounded by the tensors in flight instead of growing to the file's size
+            raw = (np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
+                   if nbytes else np.zeros(0, dtype=np.uint8))
             array = raw.view(FLOAT_VIEWS[gtype][1]).reshape(shape)
         else:
-            block, size = gguf.GGML_QUANT_SIZES[gtype]
-            array = dequantize(raw.reshape(*shape[:-1], shape[-1] // block * size), shape)
+            array = dequantized(dequantize, np.float32)
         if fn is not None:
             array = fn(array)
             if gtype in FLOAT_VIEWS and array.dtype != FLOAT_VIEWS[gtype][1]:
                 array = array.astype(FLOAT_VIEWS[gtype][1])
         return array
 
-    return load
+    # a scheme that dequantizes straight to f16 (say) serves load_as without the float32
+    # tensor; not where a transform (the q/k row order) works on the float32 values
+    scheme = None if gtype in FLOAT_VIEWS or fn is not None or not nbytes else \
+        registry.schemes.get(gtype.name.lower())
+    if scheme is None or scheme.dequantize_to is None:
+        return load, None
+
+    def load_as(dtype: str) -> np.ndarray:
+        return dequantized(lambda blocks, part: scheme.dequantize_to({"blocks": blocks}, part, dtype),
+                           convcore.numpy_dtype(dtype))
+
+    return load, load_as
 
 
 def load_gguf(path: Path) -> Model:
@@ -153,9 +185,10 @@ def load_gguf(path: Path) -> Model:
         fn = archs.transform(spec, config, t.name, inverse=True)
         if fn is not None and spec.norm_offset and t.name.endswith("norm.weight"):
             dtype = "f32" if gtype == T.F32 else dtype
-        refs[hf] = TensorRef(hf, shape, dtype, _loader(p, t, shape, fn, registry), source=str(p),
+        load, cast_load = _loader(p, t, shape, fn, registry)
+        refs[hf] = TensorRef(hf, shape, dtype, load, source=str(p),
                              stored="" if gtype in FLOAT_VIEWS else gtype.name.lower(),
-                             stored_nbytes=int(t.n_bytes))
+                             stored_nbytes=int(t.n_bytes), cast_loader=cast_load)
     from .hf_tokenizer import tokenizer_files
     tokenizer = tokenizer_files(kv, spec.tokenizer_class)
     metadata = {k.removeprefix("general."): v for k, v in kv.items()

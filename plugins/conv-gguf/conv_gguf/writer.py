@@ -278,6 +278,10 @@ def write_gguf(model: Model, path: Path, options: dict[str, Any],
         return path
     for note in notes:
         warn(note)
+    # let the scheme plugins get ready for the types the plan uses (e.g. compile their
+    # kernels side by side) before the first tensor needs one
+    convcore.prepare([mixes.SCHEME_OF[p.gtype] for p in planned if p.gtype in mixes.SCHEME_OF],
+                     [p.ref.dtype for p in planned])
     path = Path(path)
     writer = gguf.GGUFWriter(path, spec.gguf_arch, split_max_tensors=max_tensors,
                              split_max_size=max_size)

@@ -111,3 +111,26 @@ def test_reader_dequantizes_as_gguf_py_bit_for_bit(converted, quant):
         ours = reader._dequantizer(registry, gtype)(np.asarray(t.data), shape)
         np.testing.assert_array_equal(ours, gguf.quants.dequantize(t.data, gtype).reshape(shape))
     assert seen
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q2_k", "q8_0"])
+def test_reader_streams_rows_and_dequantizes_straight_to_f16(converted, quant, monkeypatch):
+    """Tensors are dequantized a run of rows at a time (here 1-3 rows per run) with the
+    values of one whole-tensor call, and a k-quant tensor asked for as f16 comes out equal
+    to the float32 values cast by numpy, without the float32 tensor in between."""
+    from conv_gguf import reader
+
+    path = converted("llama", quant)
+    whole = {n: r.load() for n, r in convcore.load(path).tensors.items() if r.stored}
+    monkeypatch.setattr(reader, "CHUNK_VALUES", 1000)
+    model = convcore.load(path)
+    direct = 0
+    for name, f32 in whole.items():
+        ref = model.tensors[name]
+        np.testing.assert_array_equal(ref.load(), f32)
+        f16 = ref.load_as("f16")
+        assert f16.dtype == np.float16 and f16.shape == f32.shape
+        np.testing.assert_array_equal(f16.view(np.uint16), f32.astype(np.float16).view(np.uint16))
+        direct += ref.cast_loader is not None
+    # k-quant tensors without a row transform take the direct path; q8_0 has no f16 kernel
+    assert whole and (direct > 0) == (quant != "q8_0")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from convcore import (
     FLOAT_DTYPES, ConvcoreError, Model, PlannedTensor, TensorRef, cast, dtype_name, get_registry,
-    numpy_dtype, parse_size, quantize, write_companions, write_sharded, write_tokenizer_files,
+    numpy_dtype, page_releaser, parse_size, quantize, write_companions, write_sharded, write_tokenizer_files,
 )
 
 from .archs import rules_for
@@ -173,13 +173,16 @@ def quantize_rows(array: np.ndarray, dtype: str, scheme: str, name: str, registr
                   chunk_bytes: int = 32 << 20) -> dict[str, np.ndarray]:
     """Cast and quantize ``array`` in row blocks (affine groups run along a row, so the
     result is the same as one call) into preallocated outputs: a large embedding never
-    exists whole as f32 or as a cast copy."""
+    exists whole as f32 or as a cast copy, and the source's pages each block has been
+    read from leave the resident set as it goes."""
     rows = max(1, chunk_bytes // max(1, array[0].size * 4))
     if array.shape[0] <= rows:
         return quantize(cast_rows(array, dtype), scheme, {"name": name}, registry=registry).data
+    release = page_releaser(array)
     out: dict[str, np.ndarray] = {}
     for i in range(0, array.shape[0], rows):
         part = quantize(cast_rows(array[i:i + rows], dtype), scheme, {"name": name}, registry=registry).data
+        release(array[i:i + rows])
         for key, value in part.items():
             if key not in out:
                 out[key] = np.empty((array.shape[0], *value.shape[1:]), value.dtype)
