@@ -5,8 +5,10 @@ import json
 import shutil
 import struct
 
+import numpy as np
 import pytest
 
+import convcore
 from convcore.testing import tree_digest
 
 
@@ -192,3 +194,25 @@ def test_allow_nonfinite_keeps_the_values(run_cli, src, tmp_path):
     for shard in (tmp_path / "out").glob("*.safetensors"):
         out.update(load_file(shard))
     assert np.isneginf(out[name].reshape(-1)[7]) and np.isfinite(out[name]).sum() == out[name].size - 1
+
+
+@pytest.mark.parametrize("dtype", ["f64", "f32", "f16", "bf16"])
+def test_has_nonfinite_finds_any_nan_or_inf_and_nothing_else(dtype):
+    """The pipeline's NaN/Inf check: every kind of non-finite value in any piece, and never
+    the largest finite values of either sign."""
+    from convcore.model import has_nonfinite
+
+    x = convcore.cast(np.random.default_rng(0).standard_normal(2_500_003).astype(np.float32), dtype) \
+        if dtype != "f64" else np.random.default_rng(0).standard_normal(2_500_003)
+    assert not has_nonfinite(x)
+    import ml_dtypes
+
+    top = (ml_dtypes.finfo if dtype == "bf16" else np.finfo)(convcore.numpy_dtype(dtype)).max
+    edge = x.copy()
+    edge[:2] = [top, -top]
+    assert not has_nonfinite(edge)
+    for where in (0, 1_048_576, 2_500_002):
+        for bad in (np.inf, -np.inf, np.nan):
+            y = x.copy()
+            y[where] = bad
+            assert has_nonfinite(y), (where, bad)
