@@ -1,6 +1,8 @@
 """hf <-> parquet on the 1.1B bench model (V1 bf16, V2 int8-row), beside safetensors' own
 save of the same tensors (loaded with ``safe_open``, saved with ``save_file``), in the
-same run; then ``WeightLoader.get_layer`` of one ffn weight: latency and bytes read.
+same run; then ``WeightLoader.get_layer`` of one ffn weight: latency and bytes read; and
+the same conversions of a one-tensor model (256x2048 bf16), which show what the process
+itself takes (interpreter, pyarrow, and with --quant the Numba kernels).
 
     .venv/bin/python bench/parquet_vs_safetensors.py [--repeat N]
 
@@ -78,6 +80,21 @@ def get_layer(path: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def tiny_model(path: Path) -> Path:
+    """A one-tensor model in ``path``: what a conversion costs apart from the tensors."""
+    import numpy as np
+
+    import convcore
+
+    array = convcore.cast(np.random.default_rng(0).standard_normal((256, 2048), dtype=np.float32), "bf16")
+    path.mkdir()
+    convcore.write_sharded(path, [convcore.PlannedTensor("model.layers.0.mlp.up_proj.weight", "bf16",
+                                                         array.shape, lambda: [array])],
+                           max_shard_size=1 << 40)
+    (path / "config.json").write_text('{"model_type": "llama"}')
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=1)
@@ -119,8 +136,19 @@ def main() -> None:
         reads.append(measure("convcore run plain.parquet (compression=none) --to hf",
                              convcore(str(work / "plain.parquet"), "-o", str(work / "back-plain"), "--to", "hf",
                                       "--no-validate"), env=env))
+        tiny = tiny_model(work / "tiny")
+        alone = [measure("convcore run --to parquet (one 1 MB tensor)",
+                         convcore(str(tiny), "-o", str(work / "t1.parquet"), "--to", "parquet", "--no-validate"),
+                         env=env),
+                 measure("convcore run --to parquet --quant int8-row (one 1 MB tensor)",
+                         convcore(str(tiny), "-o", str(work / "t2.parquet"), "--to", "parquet", "--quant",
+                                  "int8-row", "--no-validate"), env=env)]
+        alone += [measure(f"convcore run {name}.parquet --to hf (one 1 MB tensor)",
+                          convcore(str(work / f"{name}.parquet"), "-o", str(work / f"back-{name}"), "--to", "hf",
+                                   "--no-validate"), env=env) for name in ("t1", "t2")]
         print(table("hf -> parquet (1.1B bf16 source)", writes, baseline=writes[0]))
         print(table("parquet -> hf (1.1B)", reads))
+        print(table("the process itself: the same conversions of a one-tensor model", alone))
         sizes = {n: (work / f"{n}.parquet").stat().st_size / 1e6 for n in ("v1", "v2")}
         print(f"file sizes: V1 bf16 {sizes['v1']:.0f} MB, V2 int8-row {sizes['v2']:.0f} MB "
               f"(safetensors bf16: {sum(f.stat().st_size for f in src.glob('*.safetensors')) / 1e6:.0f} MB)\n")

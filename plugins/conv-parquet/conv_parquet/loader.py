@@ -95,10 +95,12 @@ class WeightLoader(Mapping):
 
     def _to_torch(self, array: np.ndarray) -> Any:
         torch = self._torch
+        if not array.flags.writeable:
+            array = array.copy()  # torch wants writable memory; Arrow's buffers are read-only
         if array.dtype.name == "bfloat16":  # numpy has no bf16: hand torch its bits
-            tensor = torch.from_numpy(np.array(array).view(np.int16)).view(torch.bfloat16)
+            tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         else:
-            tensor = torch.from_numpy(np.array(array))  # a writable copy: arrow's buffer is read-only
+            tensor = torch.from_numpy(array)
         moves = {k: v for k, v in (("device", self.device), ("dtype", self.dtype)) if v is not None}
         return tensor.to(**moves)
 

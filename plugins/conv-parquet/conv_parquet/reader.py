@@ -4,10 +4,16 @@ Opening reads each part's footer and the small columns (names, shapes, dtypes, q
 parameters) of every row; tensor bytes are read one row group at a time, with the
 footer already parsed, so a tensor costs one column-chunk read. Sizes declared in the
 file are checked against the bytes actually read before anything is allocated from them.
+
+A large value (:data:`conv_parquet.memory.LARGE`) is read through a read-only map of
+its file instead: its compressed chunk then leaves the resident set as soon as pyarrow
+has decompressed it, rather than staying beside the decompressed page and the decoded
+array until the read ends (:mod:`conv_parquet.memory`).
 """
 from __future__ import annotations
 
 import math
+import mmap
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +28,19 @@ from convcore import (
 )
 
 from . import kv as kvmeta
+from .memory import LARGE, DropWhenCopied, Region, give_back
 from .schema import (
     MAGIC, NOT_QUANTIZED, checked_shape, code_array, dtype_from_column, offset_array,
     packed_nbytes, quant_params, restore_scales, schema_version,
 )
 
-DEQUANT_CHUNK = 1 << 22  # elements a scheme dequantizes at once (16 MB of float32)
+# elements a scheme dequantizes at once when a tensor is dequantized a slice at a time
+# (the file's largest ones). The scheme's float32 temporaries (256 KB each) then stay in
+# the CPU cache and the C heap; slices of 1-16 MB took page faults on every call.
+DEQUANT_CHUNK = 1 << 16
+# a scheme's float32 temporaries while it dequantizes, in multiples of its result (the
+# per-row schemes: the codes as float32, minus the zero points, times the scales)
+DEQUANT_TEMPORARIES = 3
 SMALL_COLUMNS = ("layer_name", "shape", "dtype", "num_params")
 SMALL_QUANT_COLUMNS = ("quant_type", "quant_axis", "group_size")
 
@@ -114,6 +127,7 @@ class WeightTable:
         self.rows: dict[str, Row] = {}
         for part in range(len(self.files)):
             self._index(part)
+        self._largest_out: int | None = None
 
     def bad(self, message: str) -> None:
         if self.problems is None:
@@ -183,16 +197,39 @@ class WeightTable:
     def where(self, row: Row) -> str:
         return f"{self.files[row.part]}: tensor {row.name!r}"
 
+    def value_nbytes(self, row: Row, column: str = "data") -> int:
+        """The size the file declares for ``column``'s chunk in ``row``'s row group,
+        uncompressed (0 when the footer does not say)."""
+        group = self.footers[row.part].row_group(row.row_group)
+        for i in range(group.num_columns):
+            chunk = group.column(i)
+            if chunk.path_in_schema == column:
+                return max(int(chunk.total_uncompressed_size), 0)
+        return 0
+
     def read(self, row: Row, columns: tuple[str, ...]) -> dict[str, pa.Buffer | None]:
         """The values of ``columns`` in ``row``: one row group's column chunks. Without
-        pre-buffering or threads: for one large chunk they only add work."""
+        pre-buffering or threads: for one large chunk they only add work. Around a large
+        value pyarrow's pool hands the memory it keeps for reuse back, so that neither
+        what came before nor the decompressed page stacks onto what comes next (smaller
+        ones keep it: reading them again then takes no page faults)."""
+        file, footer = self.files[row.part], self.footers[row.part]
+        nbytes = self.value_nbytes(row)
+        large = nbytes >= LARGE
+        if large:
+            give_back()
+        mapped = _map(file) if large else None
         try:
-            with pq.ParquetFile(self.files[row.part], metadata=self.footers[row.part],
-                                pre_buffer=False) as pf:
-                table = pf.read_row_group(row.row_group, columns=list(columns), use_threads=False)
+            with DropWhenCopied(Region(mapped, 0, len(mapped)) if mapped is not None else None, nbytes):
+                table = _read_row_group(mapped if mapped is not None else file, footer, row.row_group, columns)
         except (pa.ArrowException, OSError) as exc:
             raise ConvcoreError(f"{self.where(row)}: cannot read row group {row.row_group} "
                                 f"({_first_line(exc)})") from None
+        finally:
+            if mapped is not None:
+                _unmap(mapped)
+        if large:
+            give_back()
         return {c: _value(table.column(c), row.index) for c in columns}
 
     def stored_nbytes(self, row: Row) -> int:
@@ -212,6 +249,18 @@ class WeightTable:
             return get_registry().scheme(row.quant).layout(row.shape, row.dtype)["scales"][0]
         except ConvcoreError:
             return "f32"  # the scheme is not installed: load() says so
+
+    def out_nbytes(self, row: Row) -> int:
+        return row.numel * numpy_dtype(self.out_dtype(row)).itemsize
+
+    def whole(self, row: Row) -> bool:
+        """Whether quantized ``row`` is dequantized in one piece: when the scheme's
+        temporaries for it take no more memory than the file's largest tensor does
+        anyway (which is dequantized a slice at a time), so the peak stays where the
+        largest tensor puts it while the other tensors get no copy from slice to result."""
+        if self._largest_out is None:
+            self._largest_out = max((self.out_nbytes(r) for r in self.rows.values()), default=0)
+        return DEQUANT_TEMPORARIES * self.out_nbytes(row) <= self._largest_out
 
     def payload(self, row: Row, registry: Any = None) -> tuple[Any, dict[str, np.ndarray]]:
         """(scheme or None, arrays) of ``row`` with every size checked: the tensor itself,
@@ -252,19 +301,26 @@ class WeightTable:
         if spec is None:
             return payload["data"]
         try:
-            return dequantize_rows(spec, payload, row.shape, self.out_dtype(row))
+            out = dequantize_rows(spec, payload, row.shape, self.out_dtype(row),
+                                  None if self.whole(row) else DEQUANT_CHUNK)
         except ValueError as exc:
             raise ConvcoreError(f"{self.where(row)}: {row.quant}: {exc}") from None
+        del payload
+        if self.value_nbytes(row) >= LARGE:
+            give_back()  # the codes, kept by the pool
+        return out
 
 
 def dequantize_rows(spec: Any, payload: dict[str, np.ndarray], shape: tuple[int, ...],
-                    dtype: str) -> np.ndarray:
-    """``spec.dequantize(payload, shape)`` as ``dtype``, a slice of rows at a time: every
-    scheme the format stores computes each row on its own, so the result is the same
-    bit for bit, while the scheme's float32 temporaries stay the size of a slice."""
+                    dtype: str, chunk: int | None = DEQUANT_CHUNK) -> np.ndarray:
+    """``spec.dequantize(payload, shape)`` as ``dtype``, ``chunk`` elements (whole rows) at
+    a time, or at once for None: every scheme the format stores computes each row on its
+    own, so the result is the same bit for bit, while the scheme's float32 temporaries
+    stay the size of a slice. Each slice's result is copied into the output; in one piece
+    the scheme's result is handed back as it is."""
     n = shape[-1] if shape else 1
     rows = math.prod(shape) // n if n else 0
-    step = max(1, DEQUANT_CHUNK // max(n, 1))
+    step = rows if chunk is None else max(1, chunk // max(n, 1))
     if rows <= step:
         return cast(np.asarray(spec.dequantize(payload, shape), np.float32).reshape(shape), dtype)
     # arrays with a row each (codes, per-row scales) are sliced; others (one scale) are shared
@@ -276,6 +332,32 @@ def dequantize_rows(spec: Any, payload: dict[str, np.ndarray], shape: tuple[int,
         out[start:stop] = cast(np.asarray(spec.dequantize(part, (stop - start, n)), np.float32)
                                .reshape(stop - start, n), dtype)
     return out.reshape(shape)
+
+
+def _read_row_group(source: Path | mmap.mmap, footer: pq.FileMetaData, row_group: int,
+                    columns: tuple[str, ...]) -> pa.Table:
+    """``columns`` of one row group, from a file or a map of it (pyarrow slices a map's
+    pages where it would read the file: the compressed chunk is never copied)."""
+    where: Any = pa.BufferReader(pa.py_buffer(source)) if isinstance(source, mmap.mmap) else str(source)
+    with pq.ParquetFile(where, metadata=footer, pre_buffer=False) as pf:
+        return pf.read_row_group(row_group, columns=list(columns), use_threads=False)
+
+
+def _map(file: Path) -> mmap.mmap | None:
+    """A read-only map of ``file`` (None where it cannot be mapped: read it instead)."""
+    try:
+        with open(file, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+
+
+def _unmap(mapped: mmap.mmap) -> None:
+    """Unmap now unless an Arrow buffer still views the map (then it goes with them)."""
+    try:
+        mapped.close()
+    except BufferError:
+        pass
 
 
 def _lead(array: np.ndarray) -> int:

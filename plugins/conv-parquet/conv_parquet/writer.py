@@ -3,7 +3,10 @@
 Each tensor is written as its own row group (``write_table`` of a one-row table), so a
 reader fetches one tensor by reading one column chunk. The ``data`` value is handed to
 pyarrow as a zero-copy view of the tensor's bytes; pyarrow's own encoder and compressor
-copies are what bound the peak memory (figures in docs/benchmarks.md).
+copies are what bound the peak memory (figures in docs/benchmarks.md). A source tensor
+handed over as it is leaves the resident set as soon as pyarrow has copied it (when it
+is in a file mapping, as safetensors sources are: :mod:`conv_parquet.memory`); a cast
+or quantized one is unmapped before pyarrow starts.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from convcore import (
 )
 
 from . import kv as kvmeta
+from .memory import LARGE, DropWhenCopied, give_back, mapped_region
 from .schema import (
     DTYPE_NAMES, MAX_VALUE_BYTES, NOT_QUANTIZED, arrow_schema, code_array, f32_bytes, little_endian,
     offset_array, packed_nbytes, quant_params,
@@ -84,8 +88,13 @@ def _binary(array: np.ndarray | None, name: str) -> pa.Array:
 def row(p: Planned, version: int, search: str = "mse") -> pa.Table:
     """The one-row table of tensor ``p`` (loads, casts and quantizes it). ``search``: how
     the asymmetric per-row schemes pick scales (other schemes ignore it)."""
+    return _row(p, version, search)[0]
+
+
+def _row(p: Planned, version: int, search: str) -> tuple[pa.Table, np.ndarray | None]:
+    """(the one-row table of ``p``, the source array when ``data`` views it as it is)."""
     ref = p.ref
-    array = ref.load()
+    source = array = ref.load()
     if p.dtype != ref.dtype:
         array = cast(array, p.dtype)
     columns: dict[str, Any] = {
@@ -114,7 +123,25 @@ def row(p: Planned, version: int, search: str = "mse") -> pa.Table:
         for key in ("quant_axis", "group_size"):
             columns[key] = pa.array([quant[key]], pa.int32())
     schema = arrow_schema(version)
-    return pa.table([columns[f.name] for f in schema], schema=schema)
+    as_is = array if p.scheme is None and array is source else None
+    return pa.table([columns[f.name] for f in schema], schema=schema), as_is
+
+
+def _write(writer: pq.ParquetWriter, p: Planned, version: int, search: str) -> None:
+    """Write tensor ``p`` as one row group. A large one starts and ends with pyarrow's
+    pool handing its cached memory back, so neither numpy's buffers nor the next tensor's
+    stack onto it, and its source's mapped pages go once pyarrow has copied them."""
+    large = p.nbytes >= LARGE
+    if large:
+        give_back()
+    table, as_is = _row(p, version, search)
+    region = mapped_region(as_is) if as_is is not None and large else None
+    del as_is
+    with DropWhenCopied(region, p.nbytes):
+        writer.write_table(table)
+    del table, region  # the next tensor's bytes must not pile onto this one's
+    if large:
+        give_back()
 
 
 def _config(model: Model, dtype: str | None) -> Model:
@@ -163,9 +190,7 @@ def write_parquet(model: Model, path: Path, options: dict[str, Any],
             raise ConvcoreError(f"{file}: cannot write Parquet: {_first_line(exc)}") from None
         try:
             for p in part:
-                table = row(p, version, options.get("row_search") or "mse")
-                writer.write_table(table)
-                del table  # the next tensor's bytes must not pile onto this one's
+                _write(writer, p, version, options.get("row_search") or "mse")
                 progress(p.ref.name)
             writer.add_key_value_metadata(kv)
         except (pa.ArrowException, OSError) as exc:
