@@ -10,9 +10,11 @@ transformers and mlx.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -239,6 +241,10 @@ def plan_shards(tensors: list[Any], max_shard_size: int) -> list[list[Any]]:
     return shards
 
 
+#: the next tensor is produced while one is written when both together fit in this
+AHEAD_BYTES = 192 << 20
+
+
 def write_sharded(
     directory: Path,
     tensors: list[PlannedTensor],
@@ -248,13 +254,16 @@ def write_sharded(
     stem: str = "model",
     always_index: bool = False,
     on_written: Callable[[PlannedTensor], None] | None = None,
+    ahead_bytes: int = AHEAD_BYTES,
 ) -> list[Path]:
     """Write ``tensors`` as HF-style safetensors shards plus index into ``directory``.
 
     One shard is ``{stem}.safetensors``; several are ``{stem}-00001-of-0000N.safetensors``
     with ``{stem}.safetensors.index.json``, written also for one shard when
     ``always_index`` (as mlx-lm does). Each tensor is produced, written and dropped in
-    turn. Returns the shard paths.
+    turn; while one is written, the next is produced on a thread when the two together
+    come to at most ``ahead_bytes`` (so a reader's dequantizing overlaps the writing, and
+    memory holds at most two tensors below that size). Returns the shard paths.
     """
     directory = Path(directory)
     shards = plan_shards(tensors, max_shard_size)
@@ -263,20 +272,40 @@ def write_sharded(
              [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
     weight_map: dict[str, str] = {}
     paths = []
-    for shard, fname in zip(shards, names):
-        writer = StreamingWriter(directory / fname,
-                                 [(t.name, t.dtype, t.shape) for t in shard], metadata)
+    order = [t for shard in shards for t in shard]
+    index = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convcore-ahead") as pool:
+        ahead: Future | None = None
         try:
-            for t in shard:
-                writer.write(t.name, t.produce())
-                weight_map[t.name] = fname
-                if on_written:
-                    on_written(t)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-        paths.append(directory / fname)
+            for shard, fname in zip(shards, names):
+                writer = StreamingWriter(directory / fname,
+                                         [(t.name, t.dtype, t.shape) for t in shard], metadata)
+                try:
+                    for t in shard:
+                        data = ahead.result() if ahead is not None else t.produce()
+                        ahead = None
+                        nxt = order[index + 1] if index + 1 < len(order) else None
+                        if nxt is not None and t.nbytes + nxt.nbytes <= ahead_bytes:
+                            # the caller's context (its registry) goes with the task
+                            ahead = pool.submit(contextvars.copy_context().run, nxt.produce)
+                        writer.write(t.name, data)
+                        del data
+                        index += 1
+                        weight_map[t.name] = fname
+                        if on_written:
+                            on_written(t)
+                except BaseException:
+                    writer.abort()
+                    raise
+                writer.close()
+                paths.append(directory / fname)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                try:
+                    ahead.result()
+                except BaseException:  # noqa: BLE001 - the first error is the one raised
+                    pass
     if n > 1 or always_index:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
                  "weight_map": dict(sorted(weight_map.items()))}

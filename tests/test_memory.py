@@ -71,10 +71,10 @@ def test_gguf_q4_k_m_to_hf_f16_stays_under_the_ceiling(wide):
 
 
 def test_hf_to_mlx_int4_stays_under_the_ceiling(wide):
-    """About 290 MB; holding the source's 131 MB of embedding pages to the end, as before
-    the pages were released, came to about 390, so the test holds it to 340."""
+    """About 345 MB; holding the source's 131 MB of embedding pages to the end, as before
+    they were released, costs that much more, so the test holds it to 380."""
     root, src = wide
     peak = peak_rss_mb("run", src, "-o", root / "mlx", "--to", "mlx", "--quant", "int4-g64",
                        "--no-validate", "-q")
     print(f"hf -> mlx int4-g64: {peak:.0f} MB")
-    assert peak < 340
+    assert peak < 380

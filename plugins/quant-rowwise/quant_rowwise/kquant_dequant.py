@@ -52,15 +52,31 @@ def f16_bits(b):
 
 @njit(nogil=True, cache=True)
 def _store(y, out, r, c0, mode):
-    """The 256 values y into row r of ``out`` (uint16) from value column c0, as ``mode``."""
+    """The 256 values y into row r of ``out`` (uint16) from value column c0, as ``mode``.
+
+    f16: values in f16's normal range take a branch-free rounding that vectorizes (add
+    0xFFF plus the lowest kept bit, shift: round to nearest even); any other value (zero,
+    subnormal, too large, inf, NaN) is redone by f16_bits."""
     if mode == OUT_F32:
         for i in range(QK_K):
             b = bits_from_f32(y[i])
             out[r, 2 * (c0 + i)] = np.uint16(b & np.uint32(0xFFFF))
             out[r, 2 * (c0 + i) + 1] = np.uint16(b >> np.uint32(16))
-    else:
+        return
+    odd = 0
+    for i in range(QK_K):
+        b = bits_from_f32(y[i])
+        a = b & np.uint32(0x7FFFFFFF)
+        h = (a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+        out[r, c0 + i] = np.uint16(((b >> np.uint32(16)) & np.uint32(0x8000))
+                                   | ((h - np.uint32(0x1C000)) & np.uint32(0xFFFF)))
+        odd += (a < np.uint32(0x38800000)) | (a >= np.uint32(0x477FF000))
+    if odd:
         for i in range(QK_K):
-            out[r, c0 + i] = f16_bits(bits_from_f32(y[i]))
+            b = bits_from_f32(y[i])
+            a = b & np.uint32(0x7FFFFFFF)
+            if a < np.uint32(0x38800000) or a >= np.uint32(0x477FF000):
+                out[r, c0 + i] = f16_bits(b)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -107,24 +123,34 @@ def deq_q45k(blocks, five, mode, out, start, end):
 
 @njit(nogil=True, cache=True)
 def deq_q6k(blocks, mode, out, start, end):
-    """q6_K blocks."""
+    """q6_K blocks: in each half of 128 values, value l, l+32, l+64, l+96 take the low
+    nibble of ql[l], of ql[l+32], the high nibble of ql[l], of ql[l+32], each with two
+    bits of qh[l] above it, and 16-value sub-blocks have int8 scales."""
     nb = blocks.shape[1] // 210
     y = np.empty(QK_K, np.float32)
+    dl = np.empty(16, np.float32)
     for blk in range(start, end):
         r = blk // nb
         b = blk - r * nb
         q = blocks[r, b * 210:(b + 1) * 210]
         d = get_f16(q, 208)
-        for e in range(QK_K):
-            h = e // 128
-            r2 = e % 128
-            lo = (q[64 * h + r2 % 64] >> (4 * (r2 // 64))) & 0xF
-            hi = (q[128 + 32 * h + r2 % 32] >> (2 * (r2 // 32))) & 3
-            sv = np.int32(q[192 + e // 16])
-            if sv > 127:
-                sv -= 256
-            dl = d * np.float32(sv)
-            y[e] = dl * np.float32(np.int32(lo | (hi << 4)) - 32)
+        for j in range(16):
+            sv = np.int32(q[192 + j])
+            dl[j] = d * np.float32(sv - 256 if sv > 127 else sv)
+        for h in range(2):
+            for l in range(32):
+                lo0 = np.int32(q[64 * h + l])
+                lo1 = np.int32(q[64 * h + 32 + l])
+                hb = np.int32(q[128 + 32 * h + l])
+                e = 128 * h + l
+                q1 = ((lo0 & 0xF) | ((hb & 3) << 4)) - 32
+                q2 = ((lo1 & 0xF) | (((hb >> 2) & 3) << 4)) - 32
+                q3 = ((lo0 >> 4) | (((hb >> 4) & 3) << 4)) - 32
+                q4 = ((lo1 >> 4) | (((hb >> 6) & 3) << 4)) - 32
+                y[e] = dl[e // 16] * np.float32(q1)
+                y[e + 32] = dl[(e + 32) // 16] * np.float32(q2)
+                y[e + 64] = dl[(e + 64) // 16] * np.float32(q3)
+                y[e + 96] = dl[(e + 96) // 16] * np.float32(q4)
         _store(y, out, r, b * QK_K, mode)
     return 0
 

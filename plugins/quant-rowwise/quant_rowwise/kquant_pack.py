@@ -283,8 +283,8 @@ def block_q2k(x, out, refine, L, A, fs, fm, sc, mi, st, err, wt):
 # size) and returns how many of them held NaN/Inf. mode, lut: how load_block widens x.
 # They are serial and release the GIL; kquants.py runs them over runs of blocks in threads.
 # Scratch, cut once per call from one aligned buffer at fixed 64-byte-aligned offsets
-# (kquant_bits.arena; the offsets are literal, which compiles faster than a helper): ubuf uint32[256], the block's f32 bits (xb: the same
-# memory as float32); L int32[256], each value's code; fs, fm float32[16], the sub-blocks'
+# (kquant_bits.arena; the offsets are literal, which compiles faster than a helper):
+# ubuf uint32[256], the block's f32 bits (xb: the same memory as float32); L int32[256], each value's code; fs, fm float32[16], the sub-blocks'
 # float scales and (negated) mins from the search; sc, mi int32[16], their integer forms;
 # st int32[2], the f16 bits of d and dmin; err float64[32] and wt float32[256], the
 # refinements' per-sub-block errors and per-value weights; A float32[LANE_SCRATCH], the
