@@ -241,7 +241,7 @@ def plan_shards(tensors: list[Any], max_shard_size: int) -> list[list[Any]]:
     return shards
 
 
-#: the next tensor is produced while one is written when both together fit in this
+#: what the hf writer lets write_sharded hold to produce the next tensor while it writes
 AHEAD_BYTES = 192 << 20
 
 
@@ -254,16 +254,17 @@ def write_sharded(
     stem: str = "model",
     always_index: bool = False,
     on_written: Callable[[PlannedTensor], None] | None = None,
-    ahead_bytes: int = AHEAD_BYTES,
+    ahead_bytes: int = 0,
 ) -> list[Path]:
     """Write ``tensors`` as HF-style safetensors shards plus index into ``directory``.
 
     One shard is ``{stem}.safetensors``; several are ``{stem}-00001-of-0000N.safetensors``
     with ``{stem}.safetensors.index.json``, written also for one shard when
     ``always_index`` (as mlx-lm does). Each tensor is produced, written and dropped in
-    turn; while one is written, the next is produced on a thread when the two together
-    come to at most ``ahead_bytes`` (so a reader's dequantizing overlaps the writing, and
-    memory holds at most two tensors below that size). Returns the shard paths.
+    turn. With ``ahead_bytes``, the next tensor is produced on a thread while one is
+    written when the two together come to at most that (a reader's dequantizing then
+    overlaps the writing; memory holds two such tensors); ``produce`` calls never overlap.
+    Returns the shard paths.
     """
     directory = Path(directory)
     shards = plan_shards(tensors, max_shard_size)

@@ -26,7 +26,8 @@ from ..hookspecs import hookimpl
 from ..model import FLOAT_DTYPES, ConvcoreError, Model, TensorRef, arch_of, cast_chunks
 from ..options import Option
 from ..registry import Format
-from ..safetensors_io import PlannedTensor, index_shards, open_tensors, read_header, write_sharded
+from ..safetensors_io import (AHEAD_BYTES, PlannedTensor, index_shards, open_tensors, read_header,
+                              write_sharded)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -345,6 +346,7 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
         return path
     path.mkdir(parents=True, exist_ok=True)
     write_sharded(path, planned, max_shard_size=max_shard, metadata={"format": "pt"},
+                  ahead_bytes=AHEAD_BYTES,
                   on_written=lambda t: progress(t.name))
     write_config(path, model.config, dtype)
     write_tokenizer_files(path, model)
