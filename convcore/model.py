@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -186,6 +186,10 @@ class TensorRef:
     #: optional ``cast_loader(dtype)``: the tensor as another float type straight from the
     #: file, equal to ``cast(load(), dtype)`` (a quantized tensor dequantized to f16, say)
     cast_loader: Callable[[str], np.ndarray] | None = field(default=None, repr=False)
+    #: optional ``chunk_loader(dtype)``: the tensor as flat C-order pieces of the float
+    #: ``dtype``, which joined equal ``load_as(dtype)`` (a reader that dequantizes a slice
+    #: at a time hands them out, so a writer streams the tensor without holding it)
+    chunk_loader: Callable[[str], Iterable[np.ndarray]] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -236,6 +240,37 @@ class TensorRef:
                 f"{self.source or self.name}: tensor {self.name!r} read as "
                 f"{dtype_name(array.dtype)}{list(array.shape)}, expected {dtype}{list(self.shape)}")
         return array
+
+    def load_chunks(self, dtype: str | None = None) -> Iterable[np.ndarray]:
+        """The tensor as flat C-order pieces of ``dtype`` (None: as stored), for writers
+        that stream: the reader's own pieces where it has a ``chunk_loader``, else pieces
+        of ``load_as(dtype)`` (read at this call, so a thread can do it ahead)."""
+        out = dtype or self.dtype
+        if self.chunk_loader is None or out not in FLOAT_DTYPES or self.dtype not in FLOAT_DTYPES:
+            return cast_chunks(self.load_as(dtype), out)
+        return self._checked_chunks(out)
+
+    def _checked_chunks(self, dtype: str) -> Iterator[np.ndarray]:
+        where = self.source or self.name
+        count = 0
+        pieces = iter(self.chunk_loader(dtype))  # type: ignore[misc]
+        while True:
+            try:
+                piece = next(pieces, None)
+            except (ConvcoreError, MemoryError):
+                raise
+            except Exception as exc:  # the file's bytes disagree with its header
+                raise ConvcoreError(f"{where}: cannot read tensor {self.name!r}: {one_line(exc)}") from exc
+            if piece is None:
+                break
+            if dtype_name(piece.dtype) != dtype or piece.ndim != 1:
+                raise ConvcoreError(f"{where}: tensor {self.name!r} read as a piece of "
+                                    f"{dtype_name(piece.dtype)}{list(piece.shape)}, expected flat {dtype}")
+            count += piece.size
+            yield piece
+        if count != self.numel:
+            raise ConvcoreError(f"{where}: tensor {self.name!r} read as {count} values, "
+                                f"expected {self.numel} for shape {list(self.shape)}")
 
     def with_loader(self, loader: Callable[[], np.ndarray], **changes: Any) -> "TensorRef":
         """A copy with another loader (and optionally another name/shape/dtype)."""

@@ -175,7 +175,8 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
 
 
 def _finite_only(ref: TensorRef, src: Path) -> TensorRef:
-    """``ref`` whose load (and load_as) refuses NaN and Inf, naming the tensor and its file.
+    """``ref`` whose load (and load_as, load_chunks) refuses NaN and Inf, naming the tensor
+    and its file.
     Checked on the first load only (writers that stream a tensor in row slices load it per
     slice)."""
     checked = False
@@ -189,8 +190,16 @@ def _finite_only(ref: TensorRef, src: Path) -> TensorRef:
             checked = True
         return array
 
+    def checked_pieces(dtype: str) -> Iterator[np.ndarray]:
+        for piece in ref.load_chunks(dtype):
+            if has_nonfinite(piece):
+                raise ConvcoreError(f"{ref.source or src}: tensor {ref.name} holds NaN or Inf "
+                                    "values; pass --allow-nonfinite to convert it anyway")
+            yield piece
+
     cast_load = None if ref.cast_loader is None else (lambda dtype: check(ref.load_as(dtype)))
-    return ref.with_loader(lambda: check(ref.load()), cast_loader=cast_load)
+    return ref.with_loader(lambda: check(ref.load()), cast_loader=cast_load,
+                           chunk_loader=None if ref.chunk_loader is None else checked_pieces)
 
 
 def _move_into_place(staging: Path, dst: Path, fmt: Any, written: Path, force: bool) -> Path:

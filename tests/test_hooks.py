@@ -151,6 +151,33 @@ def test_load_as_uses_a_cast_loader_and_checks_what_it_returns():
     assert ref.with_loader(lambda: x).cast_loader is None  # a new loader: no stale shortcut
 
 
+def test_load_chunks_streams_a_readers_pieces_and_checks_them():
+    x = np.random.default_rng(2).standard_normal((6, 8)).astype(np.float32)
+
+    def pieces(dtype):
+        for r in range(0, 6, 4):
+            yield convcore.cast(x[r:r + 4], dtype).reshape(-1)
+
+    ref = convcore.TensorRef("w", (6, 8), "f32", lambda: x, source="m.bin", chunk_loader=pieces)
+    got = np.concatenate(list(ref.load_chunks("f16")))
+    np.testing.assert_array_equal(got, x.astype(np.float16).reshape(-1))
+    plain = convcore.TensorRef("w", (6, 8), "f32", lambda: x)
+    np.testing.assert_array_equal(np.concatenate(list(plain.load_chunks("bf16"))),
+                                  convcore.cast(x, "bf16").reshape(-1))
+    short = convcore.TensorRef("w", (6, 8), "f32", lambda: x, source="m.bin",
+                               chunk_loader=lambda dtype: iter([x[:1].reshape(-1).astype(np.float16)]))
+    with pytest.raises(convcore.ConvcoreError, match=r"^m.bin: tensor 'w' read as 8 values, expected 48"):
+        list(short.load_chunks("f16"))
+
+    def broken(dtype):
+        yield x.reshape(-1)[:8].astype(np.float16)
+        raise OSError("truncated\nfile")
+
+    bad = convcore.TensorRef("w", (6, 8), "f32", lambda: x, source="m.bin", chunk_loader=broken)
+    with pytest.raises(convcore.ConvcoreError, match=r"^m.bin: cannot read tensor 'w': OSError: truncated"):
+        list(bad.load_chunks("f16"))
+
+
 def test_hook_convcore_quantize():
     registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
         convcore_register_schemes=lambda register: register(row_sum_scheme())),))

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..hookspecs import hookimpl
-from ..model import FLOAT_DTYPES, ConvcoreError, Model, TensorRef, arch_of, cast_chunks
+from ..model import FLOAT_DTYPES, ConvcoreError, Model, TensorRef, arch_of
 from ..options import Option
 from ..registry import Format
 from ..safetensors_io import (AHEAD_BYTES, PlannedTensor, index_shards, open_tensors, read_header,
@@ -336,7 +336,7 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
     for ref in model.tensors.values():
         out = dtype if dtype and ref.dtype in FLOAT_DTYPES else ref.dtype
         planned.append(PlannedTensor(ref.name, out, ref.shape,
-                                     (lambda r=ref, o=out: cast_chunks(r.load_as(o), o))))
+                                     (lambda r=ref, o=out: r.load_chunks(o))))
     max_shard = options.get("split_max_size") or DEFAULT_MAX_SHARD
     if options.get("dry_run"):
         from ..safetensors_io import plan_shards

@@ -17,7 +17,7 @@ import mmap
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -295,6 +295,17 @@ class WeightTable:
             raise ConvcoreError(f"{where}: zero_points given, but {row.quant} is symmetric")
         return spec, payload
 
+    def pieces(self, row: Row, dtype: str) -> Iterator[np.ndarray]:
+        """Quantized ``row`` dequantized a slice at a time, as flat pieces of ``dtype``."""
+        spec, payload = self.payload(row)
+        try:
+            yield from dequantized_pieces(spec, payload, row.shape, dtype)
+        except ValueError as exc:
+            raise ConvcoreError(f"{self.where(row)}: {row.quant}: {exc}") from None
+        del payload
+        if self.value_nbytes(row) >= LARGE:
+            give_back()  # the codes, kept by the pool
+
     def tensor(self, row: Row) -> np.ndarray:
         """The tensor of ``row``, dequantized when quantized (exactly as the scheme does)."""
         spec, payload = self.payload(row)
@@ -309,6 +320,23 @@ class WeightTable:
         if self.value_nbytes(row) >= LARGE:
             give_back()  # the codes, kept by the pool
         return out
+
+
+def dequantized_pieces(spec: Any, payload: dict[str, np.ndarray], shape: tuple[int, ...],
+                       dtype: str, chunk: int = DEQUANT_CHUNK) -> Iterator[np.ndarray]:
+    """``spec.dequantize(payload, shape)`` as flat pieces of ``dtype``, ``chunk`` elements
+    (whole rows) at a time: what a streaming writer takes, so neither the float32 values
+    nor the output tensor are ever whole in memory (each row is computed on its own, as
+    in :func:`dequantize_rows`)."""
+    n = shape[-1] if shape else 1
+    rows = math.prod(shape) // n if n else 0
+    step = max(1, chunk // max(n, 1))
+    by_row = {k: (a.reshape(rows, -1) if _lead(a) == rows else None) for k, a in payload.items()}
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        part = {k: (payload[k] if r is None else r[start:stop]) for k, r in by_row.items()}
+        values = np.asarray(spec.dequantize(part, (stop - start, n)), np.float32)
+        yield np.ascontiguousarray(cast(values, dtype)).reshape(-1)
 
 
 def dequantize_rows(spec: Any, payload: dict[str, np.ndarray], shape: tuple[int, ...],
@@ -404,9 +432,12 @@ def load_parquet(path: Path) -> Model:
     config = config if isinstance(config, dict) else {}
     tensors = {}
     for name, row in table.rows.items():
+        # quantized rows also come a slice at a time, for writers that stream (hf)
+        pieces = (lambda dtype, r=row: table.pieces(r, dtype)) if row.quant else None
         tensors[name] = TensorRef(name, row.shape, table.out_dtype(row),
                                   (lambda r=row: table.tensor(r)), source=str(table.files[row.part]),
-                                  stored=row.quant, stored_nbytes=table.stored_nbytes(row))
+                                  stored=row.quant, stored_nbytes=table.stored_nbytes(row),
+                                  chunk_loader=pieces)
     arch = table.kv.get("convcore.arch") or (arch_of(config) if config else "unknown")
     metadata["source"] = str(path)
     return Model(arch=arch, config=config, tensors=tensors, tokenizer=tokenizer, metadata=metadata,

@@ -131,6 +131,28 @@ def test_dequantizing_a_slice_of_rows_at_a_time_is_exact(tmp_path, registry, sch
         assert np.array_equal(loader.get_layer(name).astype(np.float32), want), name
 
 
+@pytest.mark.parametrize("scheme", ["int8-row", "int4-g64"])
+def test_v2_streams_to_hf_a_slice_at_a_time_with_the_same_bytes(tmp_path, registry, scheme):
+    """Quantized rows reach the hf writer as dequantized slices (load_chunks), never as a
+    whole float tensor, and the file it writes holds what load() gives, bit for bit."""
+    from conv_parquet import reader
+
+    src, _ = source(tmp_path, "bf16")
+    out = convcore.convert(src, tmp_path / "q.parquet", to="parquet", quant=scheme)
+    model = convcore.load(out)
+    ref = model.tensors["b.weight"]
+    assert ref.chunk_loader is not None and model.tensors["norm.weight"].chunk_loader is None
+    pieces = list(reader.dequantized_pieces(*reader.WeightTable(out).payload(
+        reader.WeightTable(out).rows["b.weight"]), ref.shape, "f16", chunk=1000))
+    assert len(pieces) > 1 and all(p.ndim == 1 and p.dtype == np.float16 for p in pieces)
+    for dtype in (None, "f16"):
+        back = convcore.convert(out, tmp_path / f"back-{dtype}", to="hf", dtype=dtype)
+        loaded = convcore.load(back)
+        for name, r in model.tensors.items():
+            want = r.load_as(dtype if r.dtype in convcore.FLOAT_DTYPES else None)
+            np.testing.assert_array_equal(loaded.tensors[name].load(), want)
+
+
 def test_row_search_option_reaches_the_scheme(tmp_path, registry):
     src, arrays = source(tmp_path, "f32")
     out = convcore.convert(src, tmp_path / "q.parquet", to="parquet", quant="int4-row",
