@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import gguf
 import ml_dtypes
@@ -109,21 +109,27 @@ def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
     offset, nbytes = int(t.data_offset), int(t.n_bytes)
     dequantize = None if gtype in FLOAT_VIEWS else _dequantizer(registry, gtype)
 
-    def dequantized(decode: Callable[[np.ndarray, tuple[int, int]], np.ndarray],
-                    dtype: Any) -> np.ndarray:
-        """The tensor as ``dtype`` from ``decode(blocks, (rows, n))`` over runs of rows."""
+    def runs(decode: Callable[[np.ndarray, tuple[int, int]], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, ``decode(blocks, (rows, n))``) over runs of rows, each decoded from
+        a map of just its own blocks (whose pages leave memory with the map)."""
         block, size = gguf.GGML_QUANT_SIZES[gtype]
         n = shape[-1]
         row_bytes = n // block * size
         rows = nbytes // row_bytes if row_bytes else 0
-        out = np.empty((rows, n), dtype)
         step = max(1, CHUNK_VALUES // max(n, 1))
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset + r0 * row_bytes,
                             shape=((r1 - r0) * row_bytes,))
-            out[r0:r1] = decode(raw.reshape(r1 - r0, row_bytes), (r1 - r0, n))
-            del raw  # its pages leave memory with the map
+            yield r0, decode(raw.reshape(r1 - r0, row_bytes), (r1 - r0, n))
+            del raw
+
+    def dequantized(decode: Callable[[np.ndarray, tuple[int, int]], np.ndarray],
+                    dtype: Any) -> np.ndarray:
+        """The tensor as ``dtype`` from ``decode`` over runs of rows."""
+        out = np.empty((int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]), dtype)
+        for r0, values in runs(decode):
+            out[r0:r0 + values.shape[0]] = values
         return out.reshape(shape)
 
     def load() -> np.ndarray:
@@ -141,18 +147,28 @@ def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
                 array = array.astype(FLOAT_VIEWS[gtype][1])
         return array
 
+    if gtype in FLOAT_VIEWS or fn is not None or not nbytes:
+        # floats are views of the file already; a transform (the q/k row order) works on
+        # the whole float32 tensor
+        return load, None, None
     # a scheme that dequantizes straight to f16 (say) serves load_as without the float32
-    # tensor; not where a transform (the q/k row order) works on the float32 values
-    scheme = None if gtype in FLOAT_VIEWS or fn is not None or not nbytes else \
-        registry.schemes.get(gtype.name.lower())
-    if scheme is None or scheme.dequantize_to is None:
-        return load, None
+    # tensor, and any dequantizer serves load_chunks a run of rows at a time
+    scheme = registry.schemes.get(gtype.name.lower())
+    direct = scheme.dequantize_to if scheme is not None else None
+
+    def decoder(dtype: str) -> Callable[[np.ndarray, tuple[int, int]], np.ndarray]:
+        if direct is not None and dtype != "f32":
+            return lambda blocks, part: direct({"blocks": blocks}, part, dtype)
+        return lambda blocks, part: convcore.cast(dequantize(blocks, part), dtype)
 
     def load_as(dtype: str) -> np.ndarray:
-        return dequantized(lambda blocks, part: scheme.dequantize_to({"blocks": blocks}, part, dtype),
-                           convcore.numpy_dtype(dtype))
+        return dequantized(decoder(dtype), convcore.numpy_dtype(dtype))
 
-    return load, load_as
+    def pieces(dtype: str) -> Iterator[np.ndarray]:
+        for _, values in runs(decoder(dtype)):
+            yield values.reshape(-1)
+
+    return load, (load_as if direct is not None else None), pieces
 
 
 def load_gguf(path: Path) -> Model:
@@ -185,10 +201,11 @@ def load_gguf(path: Path) -> Model:
         fn = archs.transform(spec, config, t.name, inverse=True)
         if fn is not None and spec.norm_offset and t.name.endswith("norm.weight"):
             dtype = "f32" if gtype == T.F32 else dtype
-        load, cast_load = _loader(p, t, shape, fn, registry)
+        load, cast_load, pieces = _loader(p, t, shape, fn, registry)
         refs[hf] = TensorRef(hf, shape, dtype, load, source=str(p),
                              stored="" if gtype in FLOAT_VIEWS else gtype.name.lower(),
-                             stored_nbytes=int(t.n_bytes), cast_loader=cast_load)
+                             stored_nbytes=int(t.n_bytes), cast_loader=cast_load,
+                             chunk_loader=pieces)
     from .hf_tokenizer import tokenizer_files
     tokenizer = tokenizer_files(kv, spec.tokenizer_class)
     metadata = {k.removeprefix("general."): v for k, v in kv.items()

@@ -116,8 +116,9 @@ def test_reader_dequantizes_as_gguf_py_bit_for_bit(converted, quant):
 @pytest.mark.parametrize("quant", ["q4_k_m", "q2_k", "q8_0"])
 def test_reader_streams_rows_and_dequantizes_straight_to_f16(converted, quant, monkeypatch):
     """Tensors are dequantized a run of rows at a time (here 1-3 rows per run) with the
-    values of one whole-tensor call, and a k-quant tensor asked for as f16 comes out equal
-    to the float32 values cast by numpy, without the float32 tensor in between."""
+    values of one whole-tensor call, a k-quant tensor asked for as f16 comes out equal to
+    the float32 values cast by numpy, without the float32 tensor in between, and the runs
+    stream out as pieces (load_chunks) with the same values."""
     from conv_gguf import reader
 
     path = converted("llama", quant)
@@ -131,6 +132,10 @@ def test_reader_streams_rows_and_dequantizes_straight_to_f16(converted, quant, m
         f16 = ref.load_as("f16")
         assert f16.dtype == np.float16 and f16.shape == f32.shape
         np.testing.assert_array_equal(f16.view(np.uint16), f32.astype(np.float16).view(np.uint16))
+        for dtype, want in (("f16", f16), ("f32", f32), ("bf16", convcore.cast(f32, "bf16"))):
+            pieces = list(ref.load_chunks(dtype))  # what the hf writer streams
+            assert ref.chunk_loader is None or len(pieces) > 1 or f32.size <= 1000
+            np.testing.assert_array_equal(np.concatenate(pieces), want.reshape(-1))
         direct += ref.cast_loader is not None
     # k-quant tensors without a row transform take the direct path; q8_0 has no f16 kernel
     assert whole and (direct > 0) == (quant != "q8_0")
