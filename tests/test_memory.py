@@ -71,10 +71,12 @@ def test_gguf_q4_k_m_to_hf_f16_stays_under_the_ceiling(wide):
 
 
 def test_hf_to_mlx_int4_stays_under_the_ceiling(wide):
-    """About 345 MB; holding the source's 131 MB of embedding pages to the end, as before
-    they were released, costs that much more, so the test holds it to 380."""
+    """One thread, so the peak does not depend on how far conv-mlx's read-ahead gets
+    (with two it measured 290-390 MB): about 291 MB; holding the source's 131 MB of
+    embedding pages to the end, as before they were released, costs that much more, so
+    the test holds it to 340."""
     root, src = wide
     peak = peak_rss_mb("run", src, "-o", root / "mlx", "--to", "mlx", "--quant", "int4-g64",
-                       "--no-validate", "-q")
+                       "--no-validate", "-q", "--jobs", "1")
     print(f"hf -> mlx int4-g64: {peak:.0f} MB")
-    assert peak < 380
+    assert peak < 340
