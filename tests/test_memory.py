@@ -1,4 +1,5 @@
-"""Memory ceilings on the paths where the largest tensor decides the peak: a model whose
+"""Memory on the paths where the largest tensor decides the peak (the 400 MB ceiling of the
+1.1B model is measured by the benches): a model whose
 embedding and lm_head are TinyLlama-1.1B's (32000 x 2048, 131 MB each in bf16) and one
 small layer. The 1.1B bench model's figures are in docs/benchmarks.md; these guard the
 mechanisms behind them (measured in a child, by the kernel's count):
@@ -6,6 +7,11 @@ mechanisms behind them (measured in a child, by the kernel's count):
 - gguf (q4_k_m) -> hf f16: k-quant tensors dequantize straight to f16 (no float32 copy,
   262 MB for the embedding) from a few MB of the file's blocks at a time;
 - hf -> mlx int4-g64: the source's pages leave the resident set as rows are quantized.
+
+Each test compares the peak with the same conversion of a model whose embedding and
+lm_head have 4096 rows instead of 32000, so what the process and its libraries hold (which
+varies with what else maps the same files) cancels out: the difference is what the two
+large tensors cost.
 """
 from __future__ import annotations
 
@@ -19,7 +25,6 @@ from convcore.testing.memory import peak_rss_mb
 from convcore.testing.models import spm_tokenizer
 
 pytestmark = pytest.mark.slow
-CEILING_MB = 400
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
     "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 32,
@@ -39,10 +44,8 @@ SHAPES = {"model.embed_tokens.weight": (32000, 2048), "lm_head.weight": (32000, 
           "model.layers.0.mlp.down_proj.weight": (2048, 512)}
 
 
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wide")
-    src = root / "hf"
+def make_model(root, vocab: int):
+    src = root / f"hf-{vocab}"
     src.mkdir()
     rng = np.random.default_rng(0)
 
@@ -52,31 +55,43 @@ def wide(tmp_path_factory):
             return convcore.cast(x + (1.0 if len(shape) == 1 else 0.0), "bf16")
         return make
 
+    shapes = {n: ((vocab, s[1]) if s[0] == 32000 else s) for n, s in SHAPES.items()}
     convcore.write_sharded(src, [convcore.PlannedTensor(n, "bf16", s, produce(s))
-                                 for n, s in SHAPES.items()], max_shard_size=1 << 40)
-    (src / "config.json").write_text(json.dumps(CONFIG))
+                                 for n, s in shapes.items()], max_shard_size=1 << 40)
+    (src / "config.json").write_text(json.dumps({**CONFIG, "vocab_size": vocab}))
     spm_tokenizer(src)
-    return root, src
+    return src
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wide")
+    return root, make_model(root, 32000), make_model(root, 4096)
 
 
 def test_gguf_q4_k_m_to_hf_f16_stays_under_the_ceiling(wide):
-    root, src = wide
-    gguf_file = convcore.convert(src, root / "q4km.gguf", to="gguf", quant="q4_k_m")
-    peak = peak_rss_mb("run", gguf_file, "-o", root / "back", "--to", "hf", "--dtype", "f16",
-                       "--no-validate", "-q")
-    print(f"gguf q4_k_m -> hf f16: {peak:.0f} MB")
-    assert peak < CEILING_MB
-    back = convcore.load(root / "back").tensors["model.embed_tokens.weight"]
+    """Streamed, the two 32000-row tensors cost about 1 MB more than 4096-row ones (the
+    peak is elsewhere); as whole f16 tensors (the path before) 113 MB; held to 90."""
+    root, src, small = wide
+    peaks = []
+    for model in (src, small):
+        gguf_file = convcore.convert(model, root / f"{model.name}.gguf", to="gguf", quant="q4_k_m")
+        peaks.append(peak_rss_mb("run", gguf_file, "-o", root / f"back-{model.name}", "--to", "hf",
+                                 "--dtype", "f16", "--no-validate", "-q"))
+    print(f"gguf q4_k_m -> hf f16: {peaks[0]:.0f} MB, small model {peaks[1]:.0f} MB")
+    assert peaks[0] - peaks[1] < 90
+    back = convcore.load(root / f"back-{src.name}").tensors["model.embed_tokens.weight"]
     assert back.dtype == "f16" and back.shape == (32000, 2048)
 
 
 def test_hf_to_mlx_int4_stays_under_the_ceiling(wide):
-    """One thread, so the peak does not depend on how far conv-mlx's read-ahead gets
-    (with two it measured 290-390 MB): about 291 MB; holding the source's 131 MB of
-    embedding pages to the end, as before they were released, costs that much more, so
-    the test holds it to 340."""
-    root, src = wide
-    peak = peak_rss_mb("run", src, "-o", root / "mlx", "--to", "mlx", "--quant", "int4-g64",
-                       "--no-validate", "-q", "--jobs", "1")
-    print(f"hf -> mlx int4-g64: {peak:.0f} MB")
-    assert peak < 340
+    """On one thread, so the peak does not depend on how far conv-mlx's read-ahead gets.
+    With the source's pages released as rows are quantized, the two large tensors cost
+    about 42 MB over small ones; holding their pages to the end (the path before) 150 MB;
+    held to 100."""
+    root, src, small = wide
+    peaks = [peak_rss_mb("run", model, "-o", root / f"mlx-{model.name}", "--to", "mlx",
+                         "--quant", "int4-g64", "--no-validate", "-q", "--jobs", "1")
+             for model in (src, small)]
+    print(f"hf -> mlx int4-g64: {peaks[0]:.0f} MB, small model {peaks[1]:.0f} MB")
+    assert peaks[0] - peaks[1] < 100
