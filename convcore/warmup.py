@@ -62,7 +62,7 @@ def warm_here(names: list[str], registry: Any = None) -> dict[str, str]:
     return failed
 
 
-def warm(names: list[str], jobs: int, progress: Any = None) -> dict[str, str]:
+def warm(names: list[str], jobs: int) -> dict[str, str]:
     """Warm ``names`` over ``jobs`` worker processes (the schemes' ``prepare`` runs first,
     here, so plugins that compile side by side do that across all their schemes);
     returns {scheme: error} for failures."""
@@ -83,8 +83,6 @@ def warm(names: list[str], jobs: int, progress: Any = None) -> dict[str, str]:
         if proc.returncode and not any(n in failed for n in part):
             for name in part:
                 failed[name] = f"worker process exited with status {proc.returncode}"
-        if progress:
-            progress(len(part))
     return failed
 
 

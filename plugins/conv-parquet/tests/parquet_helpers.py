@@ -64,24 +64,5 @@ def hf_dir(path: Path, arrays: dict[str, np.ndarray], config: str = '{"model_typ
     return path
 
 
-# Runs its arguments as a command and prints that child's peak RSS (KiB). A child forked
-# straight from a large process (pytest, after many tests) starts out counting the
-# parent's pages in its ru_maxrss; forked from this small launcher it does not.
-LAUNCHER = """
-import resource, subprocess, sys
-code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
-print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
-
-
-def peak_rss_mb(*args: object) -> float:
-    """Run ``convcore ARGS`` in a child; its peak resident memory in MB (the kernel's
-    ``ru_maxrss``, so nothing of this process counts). Fails on errors."""
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "convcore", *map(str, args)],
-                       capture_output=True, text=True)
-    code, kib = r.stdout.split()
-    assert r.returncode == 0 and code == "0", r.stderr
-    return int(kib) / 1024
+# peak RSS of a convcore command in a child: the core's testing helper
+from convcore.testing.memory import peak_rss_mb  # noqa: E402,F401
