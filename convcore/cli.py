@@ -42,7 +42,20 @@ def parse_tokens(text: str) -> list[int]:
         raise ConvcoreError(f"--tokens {text!r} is not a comma list of integers") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Interrupted(BaseException):
+    """A KeyboardInterrupt (Ctrl-C) out of a command, re-raised as this so that click does
+    not print a blank line before main's one ``error: interrupted`` line."""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(package_name="convcore")
 def cli(debug: bool) -> None:
@@ -644,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         rv = cli.main(args=args, prog_name="convcore", standalone_mode=False)
-    except (click.exceptions.Abort, Terminated, KeyboardInterrupt):
+    except (click.exceptions.Abort, Terminated, Interrupted, KeyboardInterrupt):
         click.echo("error: interrupted", err=True)
         raise SystemExit(130) from None
     except click.ClickException as exc:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from .destination import check_location, check_replaceable
-from .model import ConvcoreError, Model, TensorRef, has_nonfinite
+from .model import ConvcoreError, Model, TensorRef, has_nonfinite, one_line
 from .options import check_options
 from .registry import FLOAT_SCHEMES, Registry, get_registry, using
 
@@ -157,21 +157,69 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
     # hidden sibling directory under their final name (so split shards get final names).
     staging = dst.parent / f".{dst.name}.convcore-{uuid.uuid4().hex[:8]}"
     target = staging if out_fmt.directory else staging / dst.name
-    if not out_fmt.directory:
-        staging.mkdir()
-    advance, close = _progress_bar(len(model.tensors), progress, f"{model.format} -> {to}")
-    try:
+    close: Callable[[], None] = lambda: None  # noqa: E731
+    stage = "write"
+    try:  # from the staging directory's creation on: an interrupt anywhere removes it
+        if not out_fmt.directory:
+            staging.mkdir()
+        advance, close = _progress_bar(len(model.tensors), progress, f"{model.format} -> {to}")
         written = registry.write(model, target, to, opts, advance)
         close()
         if validate:
+            stage = "validate"
             problems = registry.validate(target, to)
             if problems:
                 raise ConvcoreError(f"{dst}: written output fails validation: {problems[0]}")
+        stage = "move"
         return _move_into_place(staging, dst, out_fmt, written, force)
-    except BaseException:
+    except BaseException as exc:
         close()
+        failure = _explain(exc, dst, staging, out_fmt, stage)  # before the staged files go
         _remove(staging)
-        raise
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def _explain(exc: BaseException, dst: Path, staging: Path, fmt: Any, stage: str) -> ConvcoreError | None:
+    """``exc`` out of writing, validating or moving the output as one error naming DST
+    (not the temporary name) and what failed: the OS's reason for an OSError (a full disk,
+    a file size limit), the plugin for any other exception. None: re-raise ``exc``."""
+    if isinstance(exc, OSError):
+        return ConvcoreError(f"{dst}: cannot write the output: {_os_reason(exc, staging)}")
+    if isinstance(exc, ConvcoreError):  # a plugin's message may name the temporary path
+        text = str(exc)
+        named = (text.replace(str(staging), str(dst)) if fmt.directory
+                 else text.replace(f"{staging}{os.sep}", f"{dst.parent}{os.sep}"))
+        return None if named == text else ConvcoreError(named)
+    if isinstance(exc, Exception) and not isinstance(exc, MemoryError):
+        doing = {"write": f"the {fmt.name} writer (plugin {fmt.plugin})",
+                 "validate": f"validating the {fmt.name} output",
+                 "move": "moving the output into place"}[stage]
+        return ConvcoreError(f"{dst}: {doing} failed: {one_line(exc)}")
+    return None
+
+
+def _os_reason(exc: OSError, staging: Path) -> str:
+    """The OS's reason for a failed write. numpy's short writes (``tofile``: "N requested
+    and M written") carry none, so an exceeded file size limit or a full disk is looked for."""
+    if exc.strerror:
+        return exc.strerror
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        capped = limit != resource.RLIM_INFINITY
+    except (ImportError, OSError, AttributeError):  # no such limits here
+        limit, capped = 0, False
+    if capped and any(p.is_file() and p.stat().st_size >= limit for p in staging.rglob("*")):
+        return os.strerror(errno.EFBIG)
+    try:
+        if shutil.disk_usage(staging.parent).free < 1 << 20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return one_line(exc)
 
 
 def _finite_only(ref: TensorRef, src: Path) -> TensorRef:
@@ -225,16 +273,19 @@ def _move_into_place(staging: Path, dst: Path, fmt: Any, written: Path, force: b
             backups.append((d, backup))
         replaced = {d for d, _ in backups}
         for s, d in moves:
+            done.append((s, d))  # before the move: an interrupt may land halfway through it
             if d in replaced:
                 s.rename(d)
             else:
                 _rename_no_replace(s, d)
-            done.append((s, d))
     except BaseException:
         # put everything back as it was: the new output into staging (removed by the
         # caller), the old output under its own name
         for s, d in reversed(done):
-            d.rename(s)
+            if not s.exists():  # moved
+                d.rename(s)
+            elif d.is_file() and not d.is_symlink() and os.path.samefile(s, d):
+                d.unlink()  # linked, not yet unlinked from staging
         for d, backup in reversed(backups):
             backup.rename(d)
         raise
