@@ -11,6 +11,7 @@ transformers and mlx.
 from __future__ import annotations
 
 import contextvars
+import os
 import json
 import math
 import struct
@@ -173,7 +174,9 @@ class StreamingWriter:
             if dtype_name(chunk.dtype) != dtype:
                 raise ConvcoreError(f"{self.path}: tensor {name!r} chunk is "
                                     f"{dtype_name(chunk.dtype)}, declared {dtype}")
-            np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).tofile(self._file)
+            # file.write, not ndarray.tofile: tofile writes through a C FILE of its own
+            # and drops a failed flush (a full disk) without an error
+            self._file.write(memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)))
             written += chunk.nbytes
         if written != nbytes:
             raise ConvcoreError(f"{self.path}: tensor {name!r} got {written} bytes, declared {nbytes}")
@@ -191,9 +194,33 @@ class StreamingWriter:
         self._file.close()
 
 
+def hub_blobs(root: Path) -> Path | None:
+    """The blob store of a Hugging Face hub cache snapshot ``models--org--name/snapshots/
+    <rev>/``, whose files are symlinks into ``../../blobs/``; None for other directories."""
+    snapshots = Path(os.path.abspath(root)).parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        return (snapshots.parent / "blobs").resolve()
+    return None
+
+
+def inside_model(file: Path, root: Path) -> Path:
+    """``file``, checked to lead (through any symlinks) to a place inside the model
+    directory ``root`` (or, for a hub cache snapshot, into its repository's blob store):
+    a link out of the directory is how a hostile download would read other files."""
+    file = Path(file)
+    target, real_root = file.resolve(), Path(root).resolve()
+    blobs = hub_blobs(Path(root))
+    for allowed in (real_root, blobs):
+        if allowed is not None and (target == allowed or allowed in target.parents):
+            return file
+    raise ConvcoreError(f"{file}: leads to {target}, outside the model directory {real_root}; "
+                        "refusing to read it")
+
+
 def index_shards(index: Path) -> list[Path]:
     """The shard files an HF-style ``*.index.json`` names, in order, each checked to be a
-    plain file name that exists beside the index."""
+    plain file name that exists beside the index (and, if a link, leads inside its
+    directory)."""
     import json as _json
 
     index = Path(index)
@@ -209,7 +236,7 @@ def index_shards(index: Path) -> list[Path]:
             raise ConvcoreError(f"{index}: shard name {fname!r} is not a plain file name")
         if not (index.parent / fname).is_file():
             raise ConvcoreError(f"{index}: names shard {fname!r}, which is missing")
-        files.append(index.parent / fname)
+        files.append(inside_model(index.parent / fname, index.parent))
     return files
 
 

@@ -26,7 +26,7 @@ from ..hookspecs import hookimpl
 from ..model import FLOAT_DTYPES, ConvcoreError, Model, TensorRef, arch_of
 from ..options import Option
 from ..registry import Format
-from ..safetensors_io import (AHEAD_BYTES, PlannedTensor, index_shards, open_tensors, read_header,
+from ..safetensors_io import (AHEAD_BYTES, PlannedTensor, hub_blobs, index_shards, inside_model, open_tensors, read_header,
                               write_sharded)
 
 TOKENIZER_FILES = (
@@ -94,12 +94,12 @@ def _weight_files(path: Path) -> tuple[str, list[Path]]:
         ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
         if (path / index).is_file():
-            return kind, index_shards(path / index)
+            return kind, index_shards(inside_model(path / index, path))
         if (path / single).is_file():
-            return kind, [path / single]
+            return kind, [inside_model(path / single, path)]
     others = sorted(p.name for p in path.glob("*.safetensors"))
     if others:
-        return "safetensors", [path / n for n in others]
+        return "safetensors", [inside_model(path / n, path) for n in others]
     raise ConvcoreError(f"{path}: no model.safetensors, safetensors index or pytorch_model.bin")
 
 
@@ -167,15 +167,6 @@ def _inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def _hub_blobs(root: Path) -> Path | None:
-    """The blob store of a Hugging Face hub cache snapshot ``models--org--name/snapshots/
-    <rev>/``, whose files are symlinks into ``../../blobs/``; None for other directories."""
-    snapshots = root.parent
-    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
-        return (snapshots.parent / "blobs").resolve()
-    return None
-
-
 def read_companions(path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, bytes]:
     """The companion files of the model directory ``path``, by relative POSIX path.
 
@@ -191,7 +182,7 @@ def read_companions(path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> d
     """
     root = Path(os.path.abspath(path))
     real_root = root.resolve()
-    blobs = _hub_blobs(root)
+    blobs = hub_blobs(root)
     out: dict[str, bytes] = {}
 
     def excluded(name: str, patterns: tuple[str, ...]) -> bool:

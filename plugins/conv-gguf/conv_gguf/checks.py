@@ -172,6 +172,14 @@ def read_header(path: Path, keep_arrays: bool = False) -> Header:
         if data_start + t.offset + t.nbytes > size:
             raise ConvcoreError(f"{path}: tensor {t.name!r} lies past the end of the file "
                                 f"(offset {data_start + t.offset} + {t.nbytes} bytes > {size})")
+        if t.offset % align:
+            raise ConvcoreError(f"{path}: tensor {t.name!r} has offset {t.offset}, not a multiple "
+                                f"of the alignment {align}")
+    placed = sorted(tensors, key=lambda t: (t.offset, t.nbytes))
+    for before, after in zip(placed, placed[1:]):
+        if after.offset < before.offset + before.nbytes:
+            raise ConvcoreError(f"{path}: tensors {before.name!r} and {after.name!r} overlap "
+                                f"(bytes {after.offset}..{before.offset + before.nbytes} of the data)")
     data.close()
     return Header(version, kv, tensors, data_start, size)
 

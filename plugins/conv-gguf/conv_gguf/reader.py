@@ -2,6 +2,7 @@
 tensors dequantized on demand, tokenizer turned back into HF files."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -208,6 +209,9 @@ def load_gguf(path: Path) -> Model:
                              chunk_loader=pieces)
     from .hf_tokenizer import tokenizer_files
     tokenizer = tokenizer_files(kv, spec.tokenizer_class)
+    if kv.get("tokenizer.ggml.tokens") and not tokenizer:
+        print(f"warning: {path}: tokenizer.ggml.model {kv.get('tokenizer.ggml.model')!r} has no HF "
+              "tokenizer this reader can rebuild; the model is read without one", file=sys.stderr)
     metadata = {k.removeprefix("general."): v for k, v in kv.items()
                 if k.startswith("general.") and isinstance(v, (str, int, float, bool))}
     metadata["source"] = str(path)

@@ -9,7 +9,7 @@ import glob
 import re
 from pathlib import Path
 
-from convcore import ConvcoreError
+from convcore import ConvcoreError, inside_model
 
 # llama.cpp's split naming: {stem}-00001-of-0000N.gguf
 SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -31,4 +31,4 @@ def shard_paths(path: Path) -> list[Path]:
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise ConvcoreError(f"{path}: split GGUF is missing shard {missing[0]}")
-    return paths
+    return [inside_model(p, path.parent) for p in paths]

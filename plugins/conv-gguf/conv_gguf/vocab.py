@@ -60,9 +60,12 @@ def _json(files: dict[str, bytes], name: str) -> Any:
     if name not in files:
         return None
     try:
-        return json.loads(files[name])
+        value = json.loads(files[name])
     except ValueError as exc:
         raise ConvcoreError(f"{name}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConvcoreError(f"{name}: not a JSON object")
+    return value
 
 
 def _token_text(value: Any) -> str | None:

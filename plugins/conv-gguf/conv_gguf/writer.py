@@ -304,7 +304,9 @@ def write_gguf(model: Model, path: Path, options: dict[str, Any],
             if part.start == 0:
                 fout, info = _begin_tensor(writer, part.item)
                 written = 0
-            data.tofile(fout)
+            # fout.write, not data.tofile: tofile writes through a C FILE of its own and
+            # drops a failed flush (a full disk) without an error
+            fout.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
             written += data.nbytes
             if part.stop >= part.rows:
                 if written != info.nbytes:

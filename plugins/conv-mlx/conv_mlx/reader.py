@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from convcore import (
-    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, open_tensors,
+    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, inside_model, open_tensors,
     read_companions, read_json, read_tokenizer_files,
 )
 
@@ -27,10 +27,11 @@ def weight_files(path: Path) -> list[Path]:
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise ConvcoreError(f"{path}: no model*.safetensors")
-    return files
+    return [inside_model(f, path) for f in files]
 
 
-def quant_params(config: dict[str, Any], module: str) -> tuple[int, int] | None:
+def quant_params(config: dict[str, Any], module: str,
+                 where: str | Path = "mlx config.json") -> tuple[int, int] | None:
     """(bits, group) config.json gives ``module``: its own entry, else the default block;
     None when the config says nothing (or the entry is ``false``)."""
     block = config.get("quantization") or config.get("quantization_config")
@@ -43,12 +44,12 @@ def quant_params(config: dict[str, Any], module: str) -> tuple[int, int] | None:
         entry = block
     mode = entry.get("mode", "affine")
     if mode != "affine":
-        raise ConvcoreError(f"mlx: module {module!r} uses quantization mode {mode!r}; "
+        raise ConvcoreError(f"{where}: module {module!r} uses quantization mode {mode!r}; "
                             "only affine is supported")
     try:
         return int(entry["bits"]), int(entry["group_size"])
     except (KeyError, TypeError, ValueError):
-        raise ConvcoreError(f"mlx config.json: quantization entry for {module!r} lacks bits/group_size") from None
+        raise ConvcoreError(f"{where}: quantization entry for {module!r} lacks bits/group_size") from None
 
 
 def logical_shape(name: str, weight: TensorRef, scales: TensorRef, biases: TensorRef | None,
@@ -99,12 +100,12 @@ def load_mlx(path: Path) -> Model:
         stem = name[: -len(".weight")] if name.endswith(".weight") else None
         scales = raw.get(f"{stem}.scales") if stem else None
         if scales is None:
-            if ref.dtype == "u32" and quant_params(config, stem or name):
+            if ref.dtype == "u32" and quant_params(config, stem or name, path / "config.json"):
                 raise ConvcoreError(f"{ref.source}: {name} is packed (u32) but {stem}.scales is missing")
             tensors[name] = ref
             continue
         shape, bits, group = logical_shape(stem, ref, scales, raw.get(f"{stem}.biases"),
-                                           quant_params(config, stem), ref.source)
+                                           quant_params(config, stem, path / "config.json"), ref.source)
         tensors[name] = TensorRef(name, shape, scales.dtype,
                                   _dequantizer(registry, ref, scales, raw[f"{stem}.biases"], bits, group,
                                                shape),

@@ -272,9 +272,18 @@ class WeightTable:
             _check_size(raw, want, where, "data", f"shape {list(row.shape)} of {row.dtype}")
             array = np.frombuffer(raw, numpy_dtype(row.dtype)).reshape(row.shape)
             return None, {"data": array.byteswap() if sys.byteorder == "big" else array}
-        spec = (registry or get_registry()).scheme(row.quant)
-        layout = spec.layout(row.shape, row.dtype)
-        axis, group, n_scales = quant_params(spec, row.shape, row.dtype)
+        try:
+            spec = (registry or get_registry()).scheme(row.quant)
+        except ConvcoreError as exc:
+            raise ConvcoreError(f"{where}: quant_type {row.quant!r}: {exc}") from None
+        try:
+            layout = spec.layout(row.shape, row.dtype)
+            if "scales" not in layout:
+                raise ConvcoreError(f"its layout {sorted(layout)} has no scales")
+            axis, group, n_scales = quant_params(spec, row.shape, row.dtype)
+        except (ConvcoreError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
+            raise ConvcoreError(f"{where}: quant_type {row.quant!r} cannot be stored in a row of "
+                                f"shape {list(row.shape)} of {row.dtype}: {_first_line(exc)}") from None
         if (row.axis, row.group) != (axis, group):
             raise ConvcoreError(f"{where}: quant_axis {row.axis} / group_size {row.group}, but "
                                 f"{row.quant} on shape {list(row.shape)} has {axis} / {group}")
