@@ -146,7 +146,9 @@ def dequantize_asym(bits: int, data: dict[str, np.ndarray], shape: tuple[int, ..
     codes = unpack(packed, bits, n).astype(np.float32)
     scales = np.asarray(data["scales"], np.float32).reshape(-1, 1)
     zps = np.asarray(data["zero_points"], np.float32).reshape(-1, 1)
-    return ((codes - zps) * scales).reshape(shape)
+    codes -= zps  # in place: one float32 array, not three (the same f32 operations)
+    codes *= scales
+    return codes.reshape(shape)
 
 
 def quantize_sym(array: np.ndarray, per_tensor: bool) -> dict[str, np.ndarray]:
@@ -169,5 +171,5 @@ def quantize_sym(array: np.ndarray, per_tensor: bool) -> dict[str, np.ndarray]:
 
 def dequantize_sym(data: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     codes = np.asarray(data["q"]).reshape(-1, shape[-1]).astype(np.float32)
-    scales = np.asarray(data["scales"], np.float32).reshape(-1, 1)
-    return (codes * scales).reshape(shape)
+    codes *= np.asarray(data["scales"], np.float32).reshape(-1, 1)
+    return codes.reshape(shape)
