@@ -29,7 +29,13 @@ N_WINDOWS = {1: 16, 2: 16, 4: 12, 8: 3}
 LLOYD_ROUNDS = {1: 3, 2: 3, 4: 3, 8: 1}
 
 
-@njit(nogil=True, cache=True, inline="always")
+#: the sums may be reassociated (LLVM then vectorizes them): 2.4x faster at 8 bits and 3x
+#: at 4, and on gaussian rows the same codes bit for bit (a row's sums are one thread's,
+#: so a machine gives the same bytes every run)
+FAST = {"reassoc", "nsz", "contract"}
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath=FAST)
 def _fit(x, lo, step, qmax, sx, sxx):
     """Codes of ``x`` on the grid ``lo + step*q``, then the least-squares line
     ``x ~ a*q + m`` through them: (a, m, squared error); a <= 0 when the codes are all
@@ -54,7 +60,7 @@ def _fit(x, lo, step, qmax, sx, sxx):
     return a, m, err
 
 
-@njit(nogil=True, cache=True, parallel=True)
+@njit(nogil=True, cache=True, parallel=True, fastmath=FAST)
 def asym_mse(x, qmax, f_lo, n_windows, rounds, codes, scales, zps, bad):
     """Least-squares asymmetric codes for each row of ``x`` (float32 rows).
 
