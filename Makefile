@@ -28,9 +28,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow"
 
-# the loaders' property-based fuzzing, longer than make test runs it
+# the loaders' property-based fuzzing (headers, and inspect/validate/run end to end under
+# an address-space limit), longer than make test runs it
 fuzz: install
-	CONVCORE_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_headers.py
+	CONVCORE_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_headers.py tests/test_fuzz_e2e.py
 
 bench: install
 	$(PY) bench/run_all.py

@@ -655,6 +655,10 @@ def main(argv: list[str] | None = None) -> None:
         raise Terminated  # unwinds through the pipeline, which removes its temp output
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # damaged weights can overflow a cast or a dequantizer: numpy's warnings would print
+    # lines of their own, and the pipeline names non-finite weights itself
+    import numpy as np
+    np.seterr(over="ignore", invalid="ignore", divide="ignore", under="ignore")
     try:
         rv = cli.main(args=args, prog_name="convcore", standalone_mode=False)
     except (click.exceptions.Abort, Terminated, Interrupted, KeyboardInterrupt):

@@ -93,7 +93,8 @@ def cast(array: np.ndarray, dtype: str) -> np.ndarray:
     if src in ("f8_e4m3", "f8_e5m2") or dtype in ("bf16", "f8_e4m3", "f8_e5m2"):
         # ml_dtypes casts exactly through f32 (bf16 and f8 fit in f32 without loss).
         return array.astype(np.float32).astype(target)
-    return array.astype(target)
+    with np.errstate(over="ignore", invalid="ignore"):  # out of range: Inf, as a cast gives
+        return array.astype(target)
 
 
 def cast_chunks(array: np.ndarray, dtype: str, chunk_elems: int = 1 << 22) -> Iterator[np.ndarray]:

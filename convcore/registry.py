@@ -420,7 +420,12 @@ class Registry:
         fmt = fmt or self.detect(path)
         self.format(fmt)
         with using(self):
-            results = self.pm.hook.convcore_validate(path=path, fmt=fmt)
+            try:
+                results = self.pm.hook.convcore_validate(path=path, fmt=fmt)
+            except (ConvcoreError, KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception as exc:  # a validator tripped on bytes it did not expect: one problem
+                return [f"{path}: not a readable {fmt} model: {one_line(exc)}"]
         return [p for r in results if r for p in r]
 
     def open_session(self, path: Path, fmt: str | None = None,

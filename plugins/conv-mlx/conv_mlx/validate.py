@@ -32,6 +32,11 @@ def validate_mlx(path: Path) -> list[str]:
             weight_map = read_json(index_path).get("weight_map") or {}
         except (ConvcoreError, AttributeError) as exc:
             problems.append(str(exc) if isinstance(exc, ConvcoreError) else f"{index_path}: not an object")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v
+                for k, v in weight_map.items()):
+            problems.append(f"{index_path}: weight_map is not an object of tensor names to plain shard file names")
+            weight_map = {}
         for fname in sorted(set(weight_map.values())):
             if not (path / fname).is_file():
                 problems.append(f"{index_path}: names shard {fname!r}, which is missing")
@@ -66,7 +71,7 @@ def validate_mlx(path: Path) -> list[str]:
         if block is not None and not isinstance(block, dict):
             problems.append(f"{path / 'config.json'}: quantization is not an object")
             block = None
-        if block and quant_params(config, "") is None:
+        if block and quant_params(config, "", path / "config.json") is None:
             problems.append(f"{path / 'config.json'}: quantization block lacks bits/group_size")
     except ConvcoreError as exc:
         problems.append(str(exc))
@@ -98,7 +103,7 @@ def validate_mlx(path: Path) -> list[str]:
         biases = tensors.get(f"{stem}.biases")
         try:
             logical_shape(stem, _Ref(e), _Ref(tensors[f"{stem}.scales"]),
-                          _Ref(biases) if biases else None, quant_params(config, stem), source)
+                          _Ref(biases) if biases else None, quant_params(config, stem, path / "config.json"), source)
         except ConvcoreError as exc:
             problems.append(str(exc))
     if block and not packed and not any(p.endswith("is missing (config.json says the model is quantized)")

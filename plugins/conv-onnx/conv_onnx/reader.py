@@ -82,8 +82,14 @@ class Initializers:
         if not target.is_file():
             raise ConvcoreError(f"{self.file}: initializer {name!r}: external data file {location} is missing")
         expected = int(np.prod(self.shape(name), dtype=np.int64)) * numpy_dtype(self.dtype(name)).itemsize
-        offset = int(info.get("offset", 0) or 0)
-        length = int(info.get("length", expected) or expected)
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info.get("length", expected) or expected)
+        except ValueError:
+            raise ConvcoreError(f"{self.file}: initializer {name!r}: external offset "
+                                f"{info.get('offset')!r} / length {info.get('length')!r} are not integers") from None
+        if offset < 0:
+            raise ConvcoreError(f"{self.file}: initializer {name!r}: negative external offset {offset}")
         if length != expected:
             raise ConvcoreError(f"{self.file}: initializer {name!r}: external length {length} bytes, "
                                 f"its shape {list(self.shape(name))} needs {expected}")

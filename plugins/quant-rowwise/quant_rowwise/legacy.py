@@ -265,6 +265,14 @@ def quantize(kind: str, array: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def dequantize(kind: str, data: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    # a block scale that is Inf or NaN (a damaged file) gives NaN quietly: the pipeline
+    # names non-finite weights itself, and a numpy warning on stderr would break the
+    # CLI's one-line error
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _dequantize(kind, data, shape)
+
+
+def _dequantize(kind: str, data: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     blocks = np.ascontiguousarray(data["blocks"]).reshape(-1, TYPE_SIZE[kind])
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
     if kind == "q8_0":

@@ -16,6 +16,7 @@ up as a failure.
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -148,20 +149,62 @@ def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
         raise ConvcoreError(f"{manifests[0]}: no weights list")
     npz_name = manifest.get("file") or manifests[0].name.replace("_manifest_", "_quantized_").replace(".json", ".npz")
     for entry in manifest["weights"]:
+        if not isinstance(entry, dict):
+            raise ConvcoreError(f"{manifests[0]}: a weights entry is {type(entry).__name__}, not an object")
+        shape, bits = entry.get("shape"), entry.get("bit_width")
+        if (not isinstance(entry.get("name"), str) or not isinstance(shape, list)
+                or not all(type(d) is int and d >= 0 for d in shape)
+                or math.prod(shape) >= 2**62 or bits not in (32, *TOLERANCE)
+                or (bits != 32 and len(shape) != 2)):
+            raise ConvcoreError(f"{manifests[0]}: weight {entry.get('name')!r}: name, shape "
+                                f"{shape!r} or bit_width {bits!r} is not valid")
         for key in ("q", "q_scales", "q_zero_point"):
             member = entry.get(key)
             if member is not None and (not isinstance(member, str) or not PLAIN.match(member)):
                 raise ConvcoreError(f"{manifests[0]}: weight {entry.get('name')!r} has {key} "
                                     f"{member!r}, which is not a plain member name")
-    if not PLAIN.match(str(npz_name)) or not (path / npz_name).is_file():
+    if not isinstance(npz_name, str) or not PLAIN.match(npz_name) or not (path / npz_name).is_file():
         raise ConvcoreError(f"{manifests[0]}: npz file {npz_name!r} is missing or not a plain name")
-    return path / npz_name, manifest
+    return convcore.inside_model(path / npz_name, path), manifest
+
+
+def read_member(zf: zipfile.ZipFile, member: str, npz: Path) -> np.ndarray:
+    """The array in ``member``.npy, its header checked against the member's size first
+    (numpy allocates the header's shape before reading): no object dtypes (pickle), no
+    shape the bytes do not hold."""
+    where = f"{npz}: member {member!r}"
+    try:
+        info = zf.getinfo(member + ".npy")
+    except KeyError:
+        raise ConvcoreError(f"{where} is missing") from None
+    # deflate packs at most ~1032:1; a member claiming more is not what it says
+    if info.file_size > max(1 << 20, 1100 * info.compress_size):
+        raise ConvcoreError(f"{where}: claims {info.file_size} bytes from {info.compress_size} compressed")
+    with zf.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f".npy version {version}")
+            shape, fortran, dtype = read_header(f)
+        except (ValueError, TypeError, SyntaxError, EOFError) as exc:
+            raise ConvcoreError(f"{where}: not a readable .npy header ({exc})".replace("\n", " ")) from None
+        if dtype.hasobject or dtype.itemsize == 0:
+            raise ConvcoreError(f"{where}: dtype {dtype} (Python objects or empty items) is refused")
+        want = math.prod(shape) * dtype.itemsize
+        have = info.file_size - f.tell()
+        if want != have:
+            raise ConvcoreError(f"{where}: header says shape {list(shape)} of {dtype} ({want} bytes), "
+                                f"the member holds {have}")
+        raw = f.read(have)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _member_loader(npz: Path, members: dict[str, str | None], entry: dict[str, Any]) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        with np.load(npz, allow_pickle=False) as z:
-            data = {k: z[m] for k, m in members.items() if m is not None}
+        with zipfile.ZipFile(npz) as zf:
+            data = {k: read_member(zf, m, npz) for k, m in members.items() if m is not None}
         shape = tuple(entry["shape"])
         if entry["bit_width"] == 32:
             return data["q"].reshape(shape)
@@ -169,6 +212,15 @@ def _member_loader(npz: Path, members: dict[str, str | None], entry: dict[str, A
         payload = {"q": data["q"], "scales": data["scales"]}
         if "zero_points" in data:
             payload["zero_points"] = data["zero_points"]
+        layout = spec.layout(shape, "f32")
+        for key, array in payload.items():  # dtypes and sizes the scheme's kernels expect
+            want = layout.get(key)
+            if (want is None or array.dtype != convcore.numpy_dtype(want[0])
+                    or array.size != math.prod(want[1])):
+                raise ConvcoreError(f"{npz}: weight {entry['name']!r}: its {key} member is "
+                                    f"{array.dtype}{list(array.shape)}, {spec.name} on shape "
+                                    f"{list(shape)} needs {want}")
+            payload[key] = array.reshape(want[1])
         return spec.dequantize(payload, shape)
     return load
 
@@ -214,7 +266,7 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
         npz, manifest = _read_manifest(Path(path))
         with zipfile.ZipFile(npz) as zf:
             present = {n.removesuffix(".npy") for n in zf.namelist()}
-        with np.load(npz, allow_pickle=False) as z:
+        with zipfile.ZipFile(npz) as z:
             for entry in manifest["weights"]:
                 name, bits = entry["name"], entry["bit_width"]
                 missing = [m for m in (entry["q"], entry.get("q_scales"), entry.get("q_zero_point"))
@@ -225,16 +277,16 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
                 shape = tuple(entry["shape"])
                 rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
                 if bits == 32:
-                    if z[entry["q"]].size != int(np.prod(shape)):
-                        problems.append(f"{npz}: weight {name!r}: {z[entry['q']].size} values for shape {list(shape)}")
+                    if read_member(z, entry["q"], npz).size != int(np.prod(shape)):
+                        problems.append(f"{npz}: weight {name!r}: {read_member(z, entry['q'], npz).size} values for shape {list(shape)}")
                     continue
-                q = z[entry["q"]]
+                q = read_member(z, entry["q"], npz)
                 want = (rows, -(-shape[-1] * bits // 8)) if bits < 8 else (rows, shape[-1])
                 if tuple(q.shape) != want:
                     problems.append(f"{npz}: weight {name!r}: codes {list(q.shape)}, expected {list(want)} at {bits} bits")
                 err = entry.get("rel_error")
                 tol = TOLERANCE.get(bits)
-                if tol is None or err is None or not err <= tol:
+                if tol is None or type(err) not in (int, float) or not err <= tol:
                     problems.append(f"{npz}: weight {name!r}: relative error {err} over the {tol} "
                                     f"tolerance for {bits} bits")
     except (ConvcoreError, KeyError, ValueError, zipfile.BadZipFile) as exc:
