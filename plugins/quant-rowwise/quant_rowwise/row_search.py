@@ -73,14 +73,16 @@ def asym_mse(x, qmax, f_lo, n_windows, rounds, codes, scales, zps, bad):
         hi = row[0]
         sx = 0.0
         sxx = 0.0
-        for j in range(n):
+        nonfinite = False  # stored after the loop: a store inside would make LLVM guard
+        for j in range(n):  # the vector loop with run-time overlap checks
             v = row[j]
-            if v - v != np.float32(0.0):
-                bad[0] = 1
+            nonfinite |= v - v != np.float32(0.0)
             lo = min(lo, v)
             hi = max(hi, v)
             sx += np.float64(v)
             sxx += np.float64(v) * np.float64(v)
+        if nonfinite:
+            bad[0] = 1
         span = np.float64(hi) - np.float64(lo)
         if not span > 0.0:  # constant row (or NaN): exact with one code
             for j in range(n):

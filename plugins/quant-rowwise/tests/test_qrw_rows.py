@@ -72,3 +72,25 @@ def test_constant_and_unknown_search():
     np.testing.assert_array_equal(convcore.quantize(c, "int2-row").dequantize(), c)
     with pytest.raises(convcore.ConvcoreError, match="unknown search 'best'"):
         convcore.quantize(c, "int4-row", {"search": "best"})
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_least_squares_bytes_do_not_depend_on_address_or_input_type(bits):
+    """The search's sums may be reassociated (vectorized); the bytes must still be one
+    function of the values: the same at every alignment of the input, and the same for
+    bf16 input as for its f32 widening."""
+    import ml_dtypes
+
+    base = np.random.default_rng(bits).standard_normal((300, 2048)).astype(np.float32) * 0.02
+    expected = None
+    for offset in range(8):  # 4-byte steps through two 16-byte vectors
+        buf = np.empty(base.size + 16, np.float32)
+        x = buf[offset:offset + base.size].reshape(base.shape)
+        x[...] = base
+        got = {k: v.tobytes() for k, v in convcore.quantize(x, f"int{bits}-row").data.items()}
+        expected = expected or got
+        assert got == expected, offset
+    half = base.astype(ml_dtypes.bfloat16)
+    a = convcore.quantize(half, f"int{bits}-row").data
+    b = convcore.quantize(convcore.cast(half, "f32"), f"int{bits}-row").data
+    assert all(np.array_equal(a[k], b[k]) for k in a)
