@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,12 @@ def plugin_env(plugin_site):
         env.update(extra)
         return env
     return make
+
+
+@pytest.fixture
+def src(tiny_llama, tmp_path):
+    """A private copy of the tiny llama at ``tmp_path/src``, which a test may break (and
+    whose tree digest shows whether a conversion touched it)."""
+    path = tmp_path / "src"
+    shutil.copytree(tiny_llama, path)
+    return path

@@ -114,36 +114,6 @@ def test_not_a_model_dir(run_cli, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_sigterm_mid_conversion_leaves_no_output(tiny_model_factory, tmp_path):
-    """A conversion killed with SIGTERM removes its temporary output."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    src = tiny_model_factory("llama", dtype="f32")
-    # A python-level pause inside the writer: slow the progress callback via trace env.
-    code = ("import sys, time, convcore, convcore.pipeline as p\n"
-            "orig = p._progress_bar\n"
-            "def slow(total, enabled, desc):\n"
-            "    adv, close = orig(total, False, desc)\n"
-            "    return (lambda name: (time.sleep(0.5), adv(name))), close\n"
-            "p._progress_bar = slow\n"
-            "from convcore.cli import main\n"
-            "main(sys.argv[1:])\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, "run", str(src), "-o",
-                             str(tmp_path / "out"), "--to", "hf"],
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".out") for p in tmp_path.iterdir()):
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err == "error: interrupted\n"
-    assert list(tmp_path.iterdir()) == []
-
-
 def _poison(src, name, value):
     """Put ``value`` into one element of tensor ``name`` in its shard; returns the shard."""
     from safetensors.numpy import load_file, save_file

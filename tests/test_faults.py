@@ -15,7 +15,7 @@ mlx (int4-g64), parquet (int8-row), onnx (int4-b32) and npz (int8-row):
   per format and signal. Afterwards: exit 130 with ``error: interrupted`` and nothing
   left, or (only once the move has begun) the whole output, valid. A signal that lands in
   a finalizer is dropped by CPython; the conversion then finishes normally. One real child
-  process per signal (SIGINT here; SIGTERM in test_errors.py).
+  process per signal.
 - A full disk, as RLIMIT_FSIZE at 0, 4 KiB, half and just below the largest output file:
   exit 1 and one ``error: DST: cannot write ...: File too large`` line.
 - A plugin writer that leaves files behind and raises RuntimeError, KeyboardInterrupt or
@@ -50,13 +50,6 @@ SIGNALS = [signal.SIGINT, signal.SIGTERM]
 
 def case_id(case):
     return "-".join(p for p in case if p)
-
-
-@pytest.fixture
-def src(tiny_llama, tmp_path):
-    path = tmp_path / "src"
-    shutil.copytree(tiny_llama, path)
-    return path
 
 
 def needs(fmt):
@@ -203,8 +196,10 @@ def test_a_signal_at_any_point_leaves_no_output(src, tmp_path, capsys, case, sig
           f"{completed} after the output was in place")
 
 
-def test_sigint_to_a_child_process_leaves_no_output(src, tmp_path):
-    """Ctrl-C (SIGINT) to a real ``convcore run`` midway: one line, exit 130, nothing left."""
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_signal_to_a_child_process_leaves_no_output(src, tmp_path, signum):
+    """Ctrl-C (SIGINT) or SIGTERM to a real ``convcore run`` midway: one line, exit 130,
+    nothing left."""
     code = ("import sys, time, convcore.pipeline as p\n"
             "orig = p._progress_bar\n"
             "def slow(total, enabled, desc):\n"
@@ -222,7 +217,7 @@ def test_sigint_to_a_child_process_leaves_no_output(src, tmp_path):
     while time.time() < deadline and not any(p.name.startswith(".out.convcore-") for p in tmp_path.iterdir()):
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert (proc.returncode, err) == (130, "error: interrupted\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -2,19 +2,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 import convcore
 from convcore.testing import tree_digest
-
-
-@pytest.fixture
-def src(tiny_llama, tmp_path):
-    path = tmp_path / "src"
-    shutil.copytree(tiny_llama, path)
-    return path
 
 
 def user_tree(path):
