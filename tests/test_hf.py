@@ -99,6 +99,18 @@ def test_bin_checkpoint_converts_to_f16_safetensors(tiny_model_factory, tmp_path
         assert np.array_equal(got[name].load(), t.to(torch.float16).numpy()), name
 
 
+def test_validate_reads_a_bin_checkpoint_as_loading_does(tiny_model_factory, tmp_path):
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_factory("llama", bin=True), src)
+    assert convcore.get_registry().validate(src, "hf") == []
+    weights = src / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    problems = convcore.get_registry().validate(src, "hf")
+    assert len(problems) == 1 and problems[0].startswith(f"{weights}: cannot read checkpoint: ")
+
+
 def test_infer_matches_transformers(tiny_llama):
     ids = [1, 20, 30, 400, 5]
     logits = convcore.get_registry().infer(tiny_llama, ids)

@@ -365,6 +365,8 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
                 if missing:
                     problems.append(f"{index}: {len(missing)} tensors in the index are in no shard, "
                                     f"e.g. {sorted(missing)[0]!r}")
+        else:  # each checkpoint unpickled as loading does (weights_only, mapped)
+            _bin_tensors(files)
         if not isinstance(config, dict) or not config.get("model_type"):
             problems.append(f"{Path(path) / 'config.json'}: no model_type")
     except ConvcoreError as exc:
