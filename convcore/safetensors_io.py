@@ -18,7 +18,7 @@ import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -272,6 +272,32 @@ def plan_shards(tensors: list[Any], max_shard_size: int) -> list[list[Any]]:
 AHEAD_BYTES = 192 << 20
 
 
+def read_ahead(chunks: Iterable[Any], pool: ThreadPoolExecutor) -> Iterator[Any]:
+    """``chunks`` with the next one made on ``pool``'s thread while the caller uses this
+    one (a dequantizer or cast then overlaps the writing; memory holds one chunk more).
+    The items are made one at a time, in the caller's context; an error making one is
+    raised where the caller takes it. Leaving early waits for the chunk in the making."""
+    it = iter(chunks)
+    end = object()
+    run = contextvars.copy_context().run
+    pending: Future | None = pool.submit(run, next, it, end)
+    try:
+        while True:
+            chunk = pending.result()
+            if chunk is end:
+                pending = None
+                return
+            pending = pool.submit(run, next, it, end)
+            yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
+            try:
+                pending.result()
+            except BaseException:  # noqa: BLE001 - the caller's own error is the one raised
+                pass
+
+
 def write_sharded(
     directory: Path,
     tensors: list[PlannedTensor],
@@ -302,7 +328,8 @@ def write_sharded(
     paths = []
     order = [t for shard in shards for t in shard]
     index = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convcore-ahead") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convcore-ahead") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="convcore-chunks") as chunk_pool:
         ahead: Future | None = None
         try:
             for shard, fname in zip(shards, names):
@@ -316,6 +343,8 @@ def write_sharded(
                         if nxt is not None and t.nbytes + nxt.nbytes <= ahead_bytes:
                             # the caller's context (its registry) goes with the task
                             ahead = pool.submit(contextvars.copy_context().run, nxt.produce)
+                        if not isinstance(data, np.ndarray):  # chunks: make the next while
+                            data = read_ahead(data, chunk_pool)  # this one is written
                         writer.write(t.name, data)
                         del data
                         index += 1

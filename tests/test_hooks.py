@@ -344,3 +344,42 @@ def test_hook_convcore_register_executors(tmp_path):
         Batch(tmp_path / "jobs.toml", executor="inline", executor_options={"nope": "1"}, registry=registry)
     with pytest.raises(convcore.ConvcoreError, match="no executor named 'mars'"):
         Batch(tmp_path / "jobs.toml", executor="mars", registry=registry)
+
+
+def test_read_ahead_makes_the_next_chunk_on_a_thread_in_order():
+    """write_sharded's chunk read-ahead: items in order, made one at a time on the pool's
+    thread while the caller holds the previous one; an error raised where it is taken;
+    leaving early waits for the chunk in the making (the generator is never closed while
+    it runs)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from convcore.safetensors_io import read_ahead
+
+    made, busy = [], threading.Lock()
+
+    def chunks(n, fail_at=None):
+        for i in range(n):
+            assert busy.acquire(blocking=False), "two chunks in the making at once"
+            try:
+                made.append((i, threading.current_thread().name))
+                if i == fail_at:
+                    raise ValueError(f"chunk {i} is broken")
+            finally:
+                busy.release()
+            yield i
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ahead") as pool:
+        seen = []
+        for item in read_ahead(chunks(5), pool):
+            seen.append((item, len(made)))
+        assert [s[0] for s in seen] == [0, 1, 2, 3, 4]
+        assert all(n >= item + 1 for item, n in seen)  # made before or while it was used
+        assert {name for _, name in made} == {"ahead_0"}
+        with pytest.raises(ValueError, match="chunk 2 is broken"):
+            list(read_ahead(chunks(5, fail_at=2), pool))
+        it = read_ahead(chunks(100), pool)
+        assert next(it) == 0
+        it.close()  # chunk 1 was asked for: cancelled if not started, else waited for
+        assert not busy.locked() and len(made) in (5 + 3 + 1, 5 + 3 + 2)
+        assert [i for i, _ in made[:8]] == [0, 1, 2, 3, 4, 0, 1, 2]

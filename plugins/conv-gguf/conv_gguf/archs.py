@@ -361,7 +361,10 @@ def transform(arch: Arch, config: dict[str, Any], gguf_name: str, inverse: bool 
     if arch.permute_qk and re.search(r"\.attn_[qk]\.(weight|bias)$", gguf_name):
         heads = config["num_attention_heads"] if ".attn_q." in gguf_name else (
             config.get("num_key_value_heads") or config["num_attention_heads"])
-        return lambda w: permute_rows(w, heads, inverse)
+        def reorder(w: np.ndarray) -> np.ndarray:
+            return permute_rows(w, heads, inverse)
+        reorder.rows_only = True  # moves whole rows: works on any dtype  # type: ignore[attr-defined]
+        return reorder
     if arch.norm_offset and gguf_name.endswith("norm.weight"):
         offset = -arch.norm_offset if inverse else arch.norm_offset
         return lambda w: (w.astype(np.float32) + np.float32(offset))

@@ -158,9 +158,10 @@ def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
                 array = array.astype(FLOAT_VIEWS[gtype][1])
         return array
 
-    if gtype in FLOAT_VIEWS or fn is not None or not nbytes:
-        # floats are views of the file already; a transform (the q/k row order) works on
-        # the whole float32 tensor
+    reorder = fn is not None and getattr(fn, "rows_only", False)
+    if gtype in FLOAT_VIEWS or (fn is not None and not reorder) or not nbytes:
+        # floats are views of the file already; an arithmetic transform (a norm offset)
+        # works on the whole float32 tensor
         return load, None, None
     # a scheme that dequantizes straight to f16 (say) serves load_as without the float32
     # tensor, and any dequantizer serves load_chunks a run of rows at a time
@@ -173,12 +174,15 @@ def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
         return lambda blocks, part: convcore.cast(dequantize(blocks, part), dtype)
 
     def load_as(dtype: str) -> np.ndarray:
-        return dequantized(decoder(dtype), convcore.numpy_dtype(dtype))
+        array = dequantized(decoder(dtype), convcore.numpy_dtype(dtype))
+        return fn(array) if reorder else array  # the q/k row order: rows move, values don't
 
     def pieces(dtype: str) -> Iterator[np.ndarray]:
         for _, values in runs(decoder(dtype)):
             yield values.reshape(-1)
 
+    if reorder:  # rows come from all over the tensor: whole, but straight in the asked dtype
+        return load, (load_as if direct is not None else None), None
     return load, (load_as if direct is not None else None), pieces
 
 

@@ -6,6 +6,7 @@ the same speed for work split into runs of a few hundred blocks.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,31 @@ def run_split(kernel: Callable[..., int], args: tuple, total: int, runs: int = 2
                 return done
             done += kernel(*args, *run)
 
-    with ThreadPoolExecutor(nthreads, thread_name_prefix="quant-rowwise") as pool:
-        futures = [pool.submit(worker) for _ in range(nthreads)]
-        return sum(f.result() for f in futures)
+    futures = [_pool(nthreads).submit(worker) for _ in range(nthreads)]
+    return sum(f.result() for f in futures)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(nthreads: int) -> ThreadPoolExecutor:
+    """A pool of ``nthreads`` threads kept for the process: a reader calls kernels a few
+    hundred times per model, and starting threads each time cost a tenth of the work.
+    Callers on several threads share it (their runs queue; workers never wait on each
+    other)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(nthreads)
+        if pool is None:
+            pool = _POOLS[nthreads] = ThreadPoolExecutor(nthreads, thread_name_prefix="quant-rowwise")
+        return pool
+
+
+def _forget_pools() -> None:
+    """In a forked child the pools' threads do not exist: start new ones on demand."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
