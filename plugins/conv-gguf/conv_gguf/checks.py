@@ -10,6 +10,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -224,10 +225,20 @@ def validate(path: Path) -> list[str]:
     if "split.tensors.count" in first and first["split.tensors.count"] != len(names):
         problems.append(f"{path}: split.tensors.count is {first['split.tensors.count']} "
                         f"but the shards hold {len(names)} tensors")
-    for h, p in zip(headers, paths):
-        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in h.tensors)
-        for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
-            if b0 < a1:
-                problems.append(f"{p}: tensors {an!r} and {bn!r} overlap")
-                break
+    # (overlapping tensor data is refused by read_header already)
+    for i, (h, p) in enumerate(zip(headers, paths)):
+        problem = split_problem(p, i, len(paths), h.kv)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def split_problem(path: Path, index: int, count: int, kv: dict[str, Any]) -> str | None:
+    """Whether shard ``index`` of ``count`` (its place by file name) says the same in its
+    ``split.no`` / ``split.count``: a shard copied or renamed over another would otherwise
+    read as a smaller model. The problem, or None."""
+    no, total = kv.get("split.no", 0), kv.get("split.count", 1)
+    if (count > 1 or total != 1) and (no != index or total != count):
+        return (f"{path}: split.no {no!r} of split.count {total!r}, but its name makes it "
+                f"shard {index} (from 0) of {count}")
+    return None

@@ -40,11 +40,9 @@ def _open(paths: list[Path]) -> tuple[dict[str, Any], list[tuple[_Tensor, None, 
     seen: dict[str, Path] = {}
     for i, p in enumerate(paths):
         header = checks.read_header(p, keep_arrays=True)
-        no, count = header.kv.get("split.no", 0), header.kv.get("split.count", 1)
-        if len(paths) > 1 or count != 1:  # a shard copied or renamed over another: tensors lost
-            if no != i or count != len(paths):
-                raise ConvcoreError(f"{p}: split.no {no!r} of split.count {count!r}, but its name "
-                                    f"makes it shard {i} (from 0) of {len(paths)}")
+        problem = checks.split_problem(p, i, len(paths), header.kv)
+        if problem:
+            raise ConvcoreError(problem)
         for key, value in header.kv.items():
             kv.setdefault(key, value)
         for t in header.tensors:

@@ -127,6 +127,24 @@ def test_gguf_cli_run_split_and_inspect(tiny_model_factory, tmp_path, run_cli):
     assert result.returncode == 0, result.stderr
 
 
+def test_a_split_shard_copied_over_another_is_refused(tiny_model_factory, tmp_path):
+    """Shard 1 copied over shard 2: the set would read as a smaller model; loading refuses
+    it and validate names the shard whose split.no disagrees with its name."""
+    import shutil
+
+    convcore.convert(tiny_model_factory("llama"), tmp_path / "s.gguf", to="gguf", quant="q8_0",
+                     options={"split_max_tensors": 10})
+    shards = sorted(tmp_path.glob("s-*-of-*.gguf"))
+    assert len(shards) >= 2 and convcore.get_registry().validate(shards[0], "gguf") == []
+    shutil.copy(shards[0], shards[1])
+    message = (f"{shards[1]}: split.no 0 of split.count {len(shards)}, but its name makes it "
+               f"shard 1 (from 0) of {len(shards)}")
+    with pytest.raises(convcore.ConvcoreError) as info:
+        convcore.load(shards[0])
+    assert str(info.value) == message
+    assert message in convcore.get_registry().validate(shards[0], "gguf")
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
 def test_gguf_half_source_keeps_its_precision(dtype, tiny_model_factory, tmp_path):
     """No --quant/--dtype: an f16 or bf16 source stays f16/bf16 (1-D tensors f32), and
