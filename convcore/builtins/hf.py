@@ -26,7 +26,7 @@ from ..hookspecs import hookimpl
 from ..model import FLOAT_DTYPES, ConvcoreError, Model, TensorRef, arch_of
 from ..options import Option
 from ..registry import Format
-from ..safetensors_io import (AHEAD_BYTES, PlannedTensor, hub_blobs, index_shards, inside_model, open_tensors, read_header,
+from ..safetensors_io import (AHEAD_BYTES, PlannedTensor, index_shards, inside_model, open_tensors, read_header,
                               write_sharded)
 
 TOKENIZER_FILES = (
@@ -181,8 +181,6 @@ def read_companions(path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> d
     for a hub cache snapshot, into that repository's ``blobs/``).
     """
     root = Path(os.path.abspath(path))
-    real_root = root.resolve()
-    blobs = hub_blobs(root)
     out: dict[str, bytes] = {}
 
     def excluded(name: str, patterns: tuple[str, ...]) -> bool:
@@ -190,8 +188,9 @@ def read_companions(path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> d
 
     def take(file: Path, rel: str) -> None:
         if file.is_symlink():
-            target = file.resolve()
-            if not (_inside(target, real_root) or (blobs is not None and _inside(target, blobs))):
+            try:
+                inside_model(file, root)
+            except ConvcoreError:
                 _warn(f"{file}: links outside the model directory; not carried over")
                 return
         if not file.is_file():  # a dangling link, a socket, ...
