@@ -100,6 +100,9 @@ def measure(label: str, cmd: list[str], env: dict | None = None, cwd: Path | Non
     full_env.update(env or {})
     # stderr goes to a file, not a pipe: a chatty child (onnxruntime-genai's builder logs
     # every node) would fill a pipe nobody reads until wait4 returns, and block forever
+    # earlier runs' dirty pages go to disk first: otherwise a run pays for the writeback
+    # of the one before it (a 2.2 GB gguf took 3.4 s after a sync, 6.7 s right after another)
+    os.sync()
     with tempfile.TemporaryFile() as errfile:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errfile)
