@@ -6,13 +6,15 @@ pyarrow as a zero-copy view of the tensor's bytes; pyarrow's own encoder and com
 copies are what bound the peak memory (figures in docs/benchmarks.md). A source tensor
 handed over as it is leaves the resident set as soon as pyarrow has copied it (when it
 is in a file mapping, as safetensors sources are: :mod:`conv_parquet.memory`); a cast
-or quantized one is unmapped before pyarrow starts.
+or quantized one is unmapped before pyarrow starts. While pyarrow writes a small
+tensor, the next small one is made on a thread (``_rows``).
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -127,14 +129,17 @@ def _row(p: Planned, version: int, search: str) -> tuple[pa.Table, np.ndarray | 
     return pa.table([columns[f.name] for f in schema], schema=schema), as_is
 
 
-def _write(writer: pq.ParquetWriter, p: Planned, version: int, search: str) -> None:
-    """Write tensor ``p`` as one row group. A large one starts and ends with pyarrow's
-    pool handing its cached memory back, so neither numpy's buffers nor the next tensor's
-    stack onto it, and its source's mapped pages go once pyarrow has copied them."""
+def _write(writer: pq.ParquetWriter, p: Planned, version: int, search: str,
+           built: tuple[pa.Table, np.ndarray | None] | None = None) -> None:
+    """Write tensor ``p`` as one row group (``built``: its row, made ahead by
+    :func:`_rows`). A large one starts and ends with pyarrow's pool handing its cached
+    memory back, so neither numpy's buffers nor the next tensor's stack onto it, and its
+    source's mapped pages go once pyarrow has copied them."""
     large = p.nbytes >= LARGE
     if large:
         give_back()
-    table, as_is = _row(p, version, search)
+    table, as_is = built if built is not None else _row(p, version, search)
+    del built
     region = mapped_region(as_is) if as_is is not None and large else None
     del as_is
     with DropWhenCopied(region, p.nbytes):
@@ -142,6 +147,28 @@ def _write(writer: pq.ParquetWriter, p: Planned, version: int, search: str) -> N
     del table, region  # the next tensor's bytes must not pile onto this one's
     if large:
         give_back()
+
+
+def _rows(part: list[Planned], version: int, search: str
+          ) -> Iterator[tuple[Planned, tuple[pa.Table, np.ndarray | None] | None]]:
+    """``(tensor, its row or None)`` in order. While the caller writes a small tensor
+    (pyarrow encodes and compresses without the GIL), the next small one is loaded, cast
+    or quantized on a thread; a large one (where the peak memory is) is never made beside
+    another tensor's row, so it comes with None and the caller makes it."""
+    with ThreadPoolExecutor(1, thread_name_prefix="conv-parquet-row") as pool:
+        ahead: Future | None = None
+        try:
+            for i, p in enumerate(part):
+                built = ahead.result() if ahead is not None else None
+                ahead = None
+                following = part[i + 1] if i + 1 < len(part) else None
+                if following is not None and p.nbytes < LARGE and following.nbytes < LARGE:
+                    ahead = pool.submit(_row, following, version, search)
+                yield p, built
+                del built
+        finally:
+            if ahead is not None:
+                ahead.cancel()
 
 
 def _config(model: Model, dtype: str | None) -> Model:
@@ -189,8 +216,10 @@ def write_parquet(model: Model, path: Path, options: dict[str, Any],
         except (pa.ArrowException, ValueError) as exc:
             raise ConvcoreError(f"{file}: cannot write Parquet: {_first_line(exc)}") from None
         try:
-            for p in part:
-                _write(writer, p, version, options.get("row_search") or "mse")
+            search = options.get("row_search") or "mse"
+            for p, built in _rows(part, version, search):
+                _write(writer, p, version, search, built)
+                del built
                 progress(p.ref.name)
             writer.add_key_value_metadata(kv)
         except (pa.ArrowException, OSError) as exc:

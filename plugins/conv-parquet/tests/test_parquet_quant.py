@@ -163,3 +163,39 @@ def test_row_search_option_reaches_the_scheme(tmp_path, registry):
     row = pq.read_table(out).filter(pq.read_table(out).column("layer_name").to_numpy() == "a.weight")
     assert row.column("scales")[0].as_py() == minmax.data["scales"].tobytes()
     assert row.column("data")[0].as_py() == minmax.data["q"].tobytes()
+
+
+@pytest.mark.parametrize("quant", [None, "int8-row"])
+def test_rows_made_ahead_on_a_thread_write_the_same_file(tmp_path, registry, quant, monkeypatch):
+    """While pyarrow writes a small tensor the next row is made on a thread
+    (writer._rows); a large tensor is made alone. Every tensor taken as large (nothing
+    made ahead) and none (all made ahead) give the same bytes, and an error in a row made
+    ahead names that tensor and leaves no output."""
+    from conv_parquet import writer
+
+    src, arrays = source(tmp_path, "bf16")
+    made_ahead = []
+    real_row = writer._row
+
+    def row(p, *args):
+        import threading
+        made_ahead.append((p.ref.name, threading.current_thread().name.startswith("conv-parquet-row")))
+        return real_row(p, *args)
+
+    monkeypatch.setattr(writer, "_row", row)
+    files = {}
+    for large in (0, 1 << 40):
+        monkeypatch.setattr(writer, "LARGE", large)
+        made_ahead.clear()
+        out = convcore.convert(src, tmp_path / f"q-{large}.parquet", to="parquet", quant=quant)
+        files[large] = out.read_bytes()
+        ahead = [name for name, on_thread in made_ahead if on_thread]
+        assert ahead == ([] if large == 0 else [name for name in arrays][1:]), made_ahead
+    assert files[0] == files[1 << 40]
+
+    bad = dict(arrays, **{"c.weight": np.full((48, 512), np.nan, np.float32)})
+    broken = hf_dir(tmp_path / "nan", bad)
+    dst = tmp_path / "nan.parquet"
+    with pytest.raises(convcore.ConvcoreError, match="c.weight holds NaN"):
+        convcore.convert(broken, dst, to="parquet", quant=quant)
+    assert not dst.exists() and not list(tmp_path.glob(".*nan*"))
