@@ -912,6 +912,34 @@ def load_all(path: Path, fmt: str) -> tuple[str | None, int]:
     return error, peak
 
 
+#: well-formed files that loading refuses for a reason of its own (the gguf reader reads
+#: back only the architectures it can map to HF); validate passes them
+LOADER_ONLY = {"gguf:unknown-architecture"}
+
+
+def validate_agrees(case: Case, path: Path, root: Path) -> list[str]:
+    """``validate`` finds a problem with every file whose model (its headers, as
+    ``load`` reads them, not its tensor values) loading refuses, and reports it in
+    one-line problems without raising."""
+    registry = convcore.get_registry()
+    try:
+        registry.load(path, case.fmt)
+        return []
+    except convcore.ConvcoreError:
+        pass
+    try:
+        found = registry.validate(path, case.fmt)
+    except convcore.ConvcoreError as exc:
+        found = [str(exc)]
+    except Exception as exc:  # noqa: BLE001 - the finding itself
+        return [f"{case.id}: validate raised {type(exc).__name__}: {exc}"[:400]]
+    if case.id in LOADER_ONLY:
+        return [f"{case.id}: validate found {found!r} in a file it should pass"[:400]] if found else []
+    if not found:
+        return [f"{case.id}: loading refuses it, validate passes it"]
+    return [f"{case.id}: validate problem spans lines: {p!r}"[:400] for p in found if "\n" in p.strip()]
+
+
 def check(case: Case, folder: Path) -> list[str]:
     """What is wrong with how the loader met ``case`` (empty when all is well)."""
     problems = []
@@ -931,6 +959,7 @@ def check(case: Case, folder: Path) -> list[str]:
             problems.append(f"{case.id}: error spans lines: {error!r}"[:400])
         if str(root) not in error:
             problems.append(f"{case.id}: error names no file of the case: {error!r}"[:400])
+    problems += validate_agrees(case, path, root)
     if case.target and error is None:
         to, quant = case.target
         out = folder / "out"

@@ -291,6 +291,9 @@ def problems_of(case: dict, result: dict) -> list[str]:
         out = cmd.get("output_validate")
         if code == 0 and argv == ["run"] and (out is None or out["code"] != 0):
             found.append(f"{where}: wrote an output that does not validate: {out and out['stderr'][-500:]}")
+    codes = {c["argv"][0]: c["code"] for c in result["cmds"] if c["argv"][0] in ("inspect", "validate")}
+    if codes.get("inspect") == 1 and codes.get("validate") == 0:
+        found.append(f"{case['id']} ({case['what']}): inspect refuses it, validate passes it")
     grew = result["peak_rss"] - result["base_rss"]
     if grew > E2E_RSS_SLACK + 16 * case["size"]:
         found.append(f"{case['id']} ({case['what']}): resident memory grew {grew >> 20} MiB "

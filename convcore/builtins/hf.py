@@ -370,6 +370,12 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
             problems.append(f"{Path(path) / 'config.json'}: no model_type")
     except ConvcoreError as exc:
         problems.append(str(exc))
+    for name in EXTRA_FILES:  # read by loading too
+        if (Path(path) / name).is_file():
+            try:
+                read_json(Path(path) / name)
+            except ConvcoreError as exc:
+                problems.append(str(exc))
     return problems
 
 

@@ -6,7 +6,9 @@ against the bytes left in the file first, so a bad file costs one line of error.
 """
 from __future__ import annotations
 
+import functools
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,17 +222,73 @@ def validate(path: Path) -> list[str]:
             problems.append(f"{path}: tensor {stray[0]!r} is beyond block_count {blocks}")
         if names and not any(n.startswith(f"blk.{blocks - 1}.") for n in names):
             problems.append(f"{path}: block_count is {blocks} but there is no blk.{blocks - 1}.* tensor")
+    names_of = tensor_names(arch)
+    if names_of is not None:  # llama.cpp refuses a tensor its architecture does not have
+        stranger = next(((n, p) for h, p in zip(headers, paths) for n in (t.name for t in h.tensors)
+                         if not names_of.fullmatch(n)), None)
+        if stranger is not None:
+            problems.append(f"{stranger[1]}: tensor {stranger[0]!r} is not a tensor of "
+                            f"architecture {arch} (gguf's MODEL_TENSORS)")
     if len(set(names)) != len(names):
         problems.append(f"{path}: duplicate tensor names")
     if "split.tensors.count" in first and first["split.tensors.count"] != len(names):
         problems.append(f"{path}: split.tensors.count is {first['split.tensors.count']} "
                         f"but the shards hold {len(names)} tensors")
     # (overlapping tensor data is refused by read_header already)
+    try:  # the vocabulary as loading reads it: strings decoded, types and lengths checked
+        problem = vocab_problem(read_header(paths[0], keep_arrays=True).kv)
+        if problem:
+            problems.append(f"{paths[0]}: {problem}")
+    except ConvcoreError as exc:
+        problems.append(str(exc))
     for i, (h, p) in enumerate(zip(headers, paths)):
         problem = split_problem(p, i, len(paths), h.kv)
         if problem:
             problems.append(problem)
     return problems
+
+
+@functools.cache
+def tensor_names(arch: str) -> re.Pattern | None:
+    """The tensor names gguf-py (mirroring llama.cpp) lists for ``arch``, as one pattern
+    (``blk.{bid}.attn_q`` + ``.weight`` / ``.bias`` ...); None for an architecture it
+    does not know."""
+    kind = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
+    if kind is None or kind not in gguf.MODEL_TENSORS:
+        return None
+    stems = [re.escape(gguf.TENSOR_NAMES[t]).replace(re.escape("{bid}"), r"\d+")
+             for t in gguf.MODEL_TENSORS[kind] if t in gguf.TENSOR_NAMES]
+    return re.compile(rf"(?:{'|'.join(stems)})(?:\.[a-z_0-9]+)?")
+
+
+#: llama.cpp's token types (LLAMA_TOKEN_TYPE_*): undefined, normal, unknown, control,
+#: user-defined, unused, byte
+TOKEN_TYPES = range(0, 7)
+
+
+def vocab_problem(kv: dict[str, Any]) -> str | None:
+    """What is wrong with the vocabulary arrays of a header read with ``keep_arrays``
+    (llama.cpp indexes scores and types by token id, so they must be as long as the
+    token list), or None."""
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return None
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        return "tokenizer.ggml.tokens is not an array of strings"
+    for key, valid in (("tokenizer.ggml.scores", None), ("tokenizer.ggml.token_type", TOKEN_TYPES)):
+        values = kv.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != len(tokens):
+            n = len(values) if isinstance(values, list) else "not an array of"
+            return f"{key} has {n} values for {len(tokens)} tokens"
+        if valid is not None:
+            bad = next(((i, v) for i, v in enumerate(values)
+                        if not isinstance(v, int) or v not in valid), None)
+            if bad is not None:
+                return (f"{key} of token {bad[0]} is {bad[1]!r}; llama.cpp's token types are "
+                        f"{valid.start}..{valid.stop - 1}")
+    return None
 
 
 def split_problem(path: Path, index: int, count: int, kv: dict[str, Any]) -> str | None:

@@ -220,6 +220,9 @@ def load_gguf(path: Path) -> Model:
                              stored_nbytes=int(t.n_bytes), cast_loader=cast_load,
                              chunk_loader=pieces)
     from .hf_tokenizer import tokenizer_files
+    problem = checks.vocab_problem(kv)
+    if problem:
+        raise ConvcoreError(f"{path}: {problem}")
     tokenizer = tokenizer_files(kv, spec.tokenizer_class)
     if kv.get("tokenizer.ggml.tokens") and not tokenizer:
         print(f"warning: {path}: tokenizer.ggml.model {kv.get('tokenizer.ggml.model')!r} has no HF "

@@ -39,6 +39,10 @@ def _cases(good: bytes) -> dict[str, bytes]:
         "offset past the end": _patch(good, _tensor_offset_field(good, b"output.weight"),
                                       "<Q", 2**40),
         "bad version": _patch(good, 4, "<I", 99),
+        # llama.cpp's token types are 0..6; a tensor name its architecture does not have
+        "token type out of range": _patch(good, _array_length_field(good, b"tokenizer.ggml.token_type") + 8
+                                          + 4 * 5, "<i", 99),
+        "tensor of another architecture": good.replace(b"blk.0.attn_q.weight", b"blk.0.attn_x.weight", 1),
     }
 
 
@@ -54,7 +58,13 @@ def bad_files(converted, tmp_path_factory):
 
 
 CASES = ["empty", "wrong magic", "truncated header", "truncated data", "absurd tensor count",
-         "absurd kv count", "absurd array length", "offset past the end", "bad version"]
+         "absurd kv count", "absurd array length", "offset past the end", "bad version",
+         "token type out of range", "tensor of another architecture"]
+
+
+# llama.cpp maps a token type it does not know to "undefined" and runs the model; the
+# reader cannot rebuild a SentencePiece model with it, and validate calls it damaged
+LLAMA_CPP_RUNS = {"token type out of range"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -69,8 +79,21 @@ def test_gguf_bad_file_load_is_one_line_error(case, bad_files):
     assert grown_kb < 200_000, f"{case}: peak RSS grew by {grown_kb} kB"
     problems = convcore.get_registry().validate(path, "gguf")
     assert problems and all(str(path) in p and "\n" not in p for p in problems)
+    if case in LLAMA_CPP_RUNS:
+        return
     with pytest.raises(ConvcoreError):
         convcore.get_registry().infer(path, [1, 2, 3], "gguf")
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("token type out of range", "tokenizer.ggml.token_type of token 5 is 99; llama.cpp's token types are 0..6"),
+    ("tensor of another architecture", "tensor 'blk.0.attn_x.weight' is not a tensor of architecture llama (gguf's MODEL_TENSORS)"),
+])
+def test_gguf_validate_reads_what_loading_reads(case, problem, bad_files):
+    """validate decodes the vocabulary and checks tensor names as llama.cpp would, so a
+    file loading refuses for them is invalid too, with the reason."""
+    path = bad_files[case]
+    assert convcore.get_registry().validate(path, "gguf") == [f"{path}: {problem}"]
 
 
 def test_gguf_bad_file_cli(bad_files, run_cli, tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convcore import ConvcoreError, read_header, read_json
+from convcore import ConvcoreError, inside_model, read_header, read_json
 
 from .reader import logical_shape, quant_params
 
@@ -13,6 +13,15 @@ def validate_mlx(path: Path) -> list[str]:
     and for every quantized module u32 codes + scales + biases whose widths fit the
     bits and group size config.json gives it."""
     problems: list[str] = []
+    # as loading does: nothing a link leads to outside the folder is read
+    outside = []
+    for file in sorted(p for p in path.iterdir() if p.name.endswith((".json", ".safetensors"))):
+        try:
+            inside_model(file, path)
+        except ConvcoreError as exc:
+            outside.append(str(exc))
+    if outside:
+        return outside
     try:
         config = read_json(path / "config.json")
     except ConvcoreError as exc:
@@ -20,6 +29,11 @@ def validate_mlx(path: Path) -> list[str]:
     if not isinstance(config, dict) or not config.get("model_type"):
         problems.append(f"{path / 'config.json'}: no model_type")
         config = config if isinstance(config, dict) else {}
+    if (path / "generation_config.json").is_file():  # read by loading too
+        try:
+            read_json(path / "generation_config.json")
+        except ConvcoreError as exc:
+            problems.append(str(exc))
 
     # shards and index
     index_path = path / "model.safetensors.index.json"

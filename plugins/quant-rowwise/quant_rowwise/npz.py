@@ -291,4 +291,11 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
                                     f"tolerance for {bits} bits")
     except (ConvcoreError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         problems.append(str(exc) if isinstance(exc, ConvcoreError) else f"{path}: {type(exc).__name__}: {exc}")
+    config_path = Path(path) / "config.json"
+    if config_path.is_file():  # read by loading too
+        try:
+            if not isinstance(convcore.read_json(config_path), dict):
+                problems.append(f"{config_path}: not a JSON object")
+        except ConvcoreError as exc:
+            problems.append(str(exc))
     return problems
