@@ -82,8 +82,13 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
         stem = ref.name[: -len(".weight")]
         return {f"{stem}.{part}": data[part] for part in ("weight", "scales", "biases")}
 
-    sizes = [ref.nbytes + math.prod(ref.shape) * numpy_dtype(out).itemsize for ref, out, _ in items]
-    results = prefetch(work, items, sizes, int(options.get("jobs") or 1), PREFETCH_BYTES)
+    # a large tensor that stays float is cast a flat chunk at a time as the writer takes
+    # it (never whole, its source pages dropped behind it); the rest are made ahead
+    streamed = {ref.name for ref, out, choice in items
+                if choice is None and math.prod(ref.shape) * numpy_dtype(out).itemsize >= STREAM_BYTES}
+    made = [item for item in items if item[0].name not in streamed]
+    sizes = [ref.nbytes + math.prod(ref.shape) * numpy_dtype(out).itemsize for ref, out, _ in made]
+    results = prefetch(work, made, sizes, int(options.get("jobs") or 1), PREFETCH_BYTES)
     pending: dict[str, np.ndarray] = {}
 
     def take(name: str) -> np.ndarray:
@@ -96,6 +101,10 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
     params = 0
     for ref, out, choice in items:
         params += math.prod(ref.shape)
+        if ref.name in streamed:
+            planned.append(PlannedTensor(ref.name, out, ref.shape, lambda r=ref, o=out: cast_stream(r, o)))
+            last_part[ref.name] = ref.name
+            continue
         if choice is None:
             planned.append(PlannedTensor(ref.name, out, ref.shape, lambda n=ref.name: take(n)))
             last_part[ref.name] = ref.name
@@ -129,6 +138,19 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
 
 
 PREFETCH_BYTES = 96 << 20
+STREAM_BYTES = 32 << 20   # float outputs this large are written as they are cast
+CHUNK_ELEMENTS = 1 << 22
+
+
+def cast_stream(ref: TensorRef, dtype: str, chunk: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
+    """``ref`` cast to ``dtype`` as flat C-order chunks (what ``cast_rows`` gives, a piece
+    at a time); the source's mapped pages leave the resident set once a chunk is cast."""
+    flat = np.ascontiguousarray(ref.load()).reshape(-1)
+    release = page_releaser(flat)
+    for start in range(0, flat.size, chunk):
+        piece = flat[start:start + chunk]
+        yield cast(piece, dtype)
+        release(piece)
 
 
 def prefetch(fn: Callable[[Any], Any], items: list, sizes: list[int], jobs: int, budget: int) -> Iterator[Any]:

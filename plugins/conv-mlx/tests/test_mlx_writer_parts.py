@@ -41,3 +41,24 @@ def test_mlx_scheme_table_and_recipe():
     assert high == [0, 1, 4, 7, 10, 13, 14, 15]
     assert recipe_bits("mixed_3_6", "model.layers.4.mlp.up_proj", 16) == 3
     assert recipe_bits("mixed_2_6", "lm_head", 16) == 6
+
+
+@pytest.mark.parametrize("quant", ["f16", "int4-g64"])
+def test_mlx_streamed_float_tensors_write_the_same_files(tiny_model_factory, tmp_path, monkeypatch,
+                                                         affine_registry, quant):
+    """Float tensors of STREAM_BYTES or more are cast a chunk at a time as the writer
+    takes them (the 1.1B model's embedding and lm_head); every float tensor streamed, in
+    chunks smaller than a row, gives the same files as none streamed."""
+    from conv_mlx import writer
+
+    src = tiny_model_factory("llama")
+    outs = {}
+    for label, stream_bytes, chunk in (("made", 1 << 62, writer.CHUNK_ELEMENTS), ("streamed", 0, 1000)):
+        monkeypatch.setattr(writer, "STREAM_BYTES", stream_bytes)
+        monkeypatch.setattr(writer, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(writer.cast_stream, "__defaults__", (chunk,))
+        outs[label] = convcore.convert(src, tmp_path / label, to="mlx", quant=quant)
+    files = sorted(p.name for p in outs["made"].iterdir())
+    assert files == sorted(p.name for p in outs["streamed"].iterdir())
+    for name in files:
+        assert (outs["made"] / name).read_bytes() == (outs["streamed"] / name).read_bytes(), name
