@@ -15,15 +15,20 @@ from typing import Any, Callable
 
 import numpy as np
 from convcore import (
-    ConvcoreError, Model, cast, get_registry, quantize, write_companions, write_tokenizer_files,
+    ConvcoreError, Model, cast, get_registry, numpy_dtype, page_releaser, quantize,
+    write_companions, write_tokenizer_files,
 )
 
 from .archs import Decoder, decoder_for, layer_names
 from .export_genai import genai_config_for
-from .graph import Graph, tensors_metadata
+from .graph import Chunked, Graph, tensors_metadata
 from .kernels import transposed
 
 DATA_FILE = "model.onnx.data"
+#: a float weight of this many bytes or more is made and written a block of rows at a
+#: time (about STREAM_BLOCK bytes each), never whole
+STREAM_BYTES = 64 << 20
+STREAM_BLOCK = 16 << 20
 
 
 def parse_scheme(scheme: str) -> tuple[int, int, bool]:
@@ -71,6 +76,15 @@ class Builder:
     def _load(self, name: str, dtype: str) -> np.ndarray:
         return cast(self.model.tensors[name].load(), dtype)
 
+    def _rows_of(self, name: str, dtype: str) -> np.ndarray | Chunked:
+        """A 2-D weight cast to ``dtype``: whole, or when large a block of rows at a time."""
+        shape = tuple(self.model.tensors[name].shape)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * numpy_dtype(dtype).itemsize
+        if len(shape) < 2 or shape[0] * row_bytes < STREAM_BYTES:
+            return self._load(name, dtype)
+        return Chunked(shape, dtype, lambda a, b: cast(self.model.tensors[name].load()[a:b], dtype),
+                       max(1, STREAM_BLOCK // max(1, row_bytes)))
+
     def _stack(self, names: list[str], dtype: str) -> np.ndarray:
         parts = [self._load(n, dtype) for n in names]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
@@ -116,6 +130,50 @@ class Builder:
                     out[names["zero_points"]] = data["zero_points"]
                 return out
 
+            def produce_blocks() -> dict[str, Chunked]:
+                # never a whole f32 copy (lm_head: 262 MB): rows [a, b) are quantized as
+                # the codes are written; scales and zero points (a 32nd of the codes'
+                # rows) are kept from that pass and written after them, as one block
+                sources = [self.model.tensors[h].load() for h in hfs]
+                starts = np.cumsum([0] + [src.shape[0] for src in sources])
+                releases = [page_releaser(src) for src in sources]
+                kept: dict[str, list[np.ndarray]] = {"scales": [], "zero_points": []}
+
+                def codes(a: int, b: int) -> np.ndarray:
+                    parts = []
+                    for src, start, release in zip(sources, starts, releases):
+                        lo, hi = max(a - start, 0), min(b - start, src.shape[0])
+                        if lo < hi:
+                            parts.append(cast(src[lo:hi], "f32"))
+                            release(src[lo:hi])
+                    rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+                    data = quantize(rows, self.scheme, {"name": hfs[0]}, registry=self.registry).data
+                    kept["scales"].append(cast(data["scales"], dtype))
+                    if "zero_points" in data:
+                        kept["zero_points"].append(data["zero_points"])
+                    return data["q"]
+
+                def joined(part: str) -> Callable[[int, int], np.ndarray]:
+                    def rows(a: int, b: int) -> np.ndarray:
+                        if a != 0 or not kept[part]:
+                            raise ConvcoreError(f"onnx: {names[part]} is written before its codes")
+                        whole = np.concatenate(kept[part]).reshape(layout[part][1])
+                        kept[part].clear()
+                        return whole[a:b]
+                    return rows
+
+                out = {names["q"]: Chunked(layout["q"][1], "u8", codes,
+                                           max(1, STREAM_BLOCK // (k * 4)))}
+                for part in ("scales", "zero_points"):
+                    if part in layout:
+                        shape = layout[part][1]
+                        out[names[part]] = Chunked(shape, dtype if part == "scales" else layout[part][0],
+                                                   joined(part), shape[0])
+                return out
+
+            if n * k * 4 >= STREAM_BYTES:
+                produce = produce_blocks  # noqa: F811 - the large matrices' producer
+
             group = self.g.group(produce, tuple(hfs))
             inputs = [x]
             for part in ("q", "scales", "zero_points"):
@@ -133,8 +191,34 @@ class Builder:
                              K=k, N=n, bits=bits, block_size=block, accuracy_level=self.accuracy)
         init = f"{prefix}.MatMul.weight"
         dtype = self.dtype
-        group = self.g.group(lambda: {init: transposed([self.model.tensors[h].load() for h in hfs], dtype)},
-                             tuple(hfs))
+
+        def blocks() -> dict[str, Chunked]:
+            # never whole (lm_head in f32 is 262 MB for a 32k x 2048 model): columns
+            # [a, b) of the [K, N] weight are rows [a, b) of the stacked sources,
+            # transposed; each source page is read once and leaves the resident set then
+            sources = [self.model.tensors[h].load() for h in hfs]
+            starts = np.cumsum([0] + [s.shape[0] for s in sources])
+            releases = [page_releaser(s) for s in sources]
+
+            def columns(a: int, b: int) -> np.ndarray:
+                parts = []
+                for src, start, release in zip(sources, starts, releases):
+                    lo, hi = max(a - start, 0), min(b - start, src.shape[0])
+                    if lo < hi:
+                        parts.append((src[lo:hi], release))
+                block = transposed([p for p, _ in parts], dtype)
+                for p, release in parts:
+                    release(p)
+                return block
+
+            step = max(1, STREAM_BLOCK // (k * numpy_dtype(dtype).itemsize))
+            return {init: Chunked((k, n), dtype, columns, step, columns=True)}
+
+        if k * n * numpy_dtype(dtype).itemsize >= STREAM_BYTES:
+            group = self.g.group(blocks, tuple(hfs))
+        else:
+            group = self.g.group(lambda: {init: transposed([self.model.tensors[h].load() for h in hfs], dtype)},
+                                 tuple(hfs))
         for name, s in zip(hfs, shapes):
             self.g.tensors[name] = {"init": init, "transpose": True, "rows": [row, row + s[0]]}
             row += s[0]
@@ -191,7 +275,7 @@ class Builder:
 
         embed = "model.embed_tokens.weight"
         e = g.weight(embed, io, self.model.tensors[embed].shape,
-                     g.group(lambda: {embed: self._load(embed, io)}, (embed,)))
+                     g.group(lambda: {embed: self._rows_of(embed, io)}, (embed,)))
         g.tensors[embed] = {"init": embed}
         h = g.op("Gather", [e, "input_ids"], "/model/embed_tokens/Gather")
         if d.embed_scale:

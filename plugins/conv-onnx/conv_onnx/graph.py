@@ -9,6 +9,7 @@ external-data location, offset and length of its bytes.
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from convcore import ConvcoreError, numpy_dtype
+from convcore import ConvcoreError, dtype_name, numpy_dtype
 
 ONNX_TYPES = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
               "u8": TensorProto.UINT8, "i8": TensorProto.INT8, "i32": TensorProto.INT32,
@@ -36,6 +37,57 @@ class Weight:
     shape: tuple[int, ...]
     group: "Group"
     key: str
+
+
+@dataclass
+class Chunked:
+    """A weight too large to hold whole: ``rows(a, b)`` makes rows [a, b) (C-contiguous,
+    the weight's dtype) as they are written, ``step`` rows at a time. With ``columns``,
+    ``rows(a, b)`` makes columns [a, b) of a 2-D weight instead (shape [rows, b - a]),
+    written row segment by row segment where they belong in the file (a transposed
+    weight is made so from row blocks of its source, each source page read once)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    rows: Callable[[int, int], np.ndarray]
+    step: int
+    columns: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+
+    def blocks(self):
+        for a in range(0, self.shape[0], self.step):
+            yield self.rows(a, min(a + self.step, self.shape[0]))
+
+
+def _write_columns(f, weight: Chunked, offset: int) -> int:
+    """Write ``weight`` (``columns``) at ``offset`` of the open file ``f``: each block of
+    columns as one segment per row, where it belongs; the file position ends after the
+    weight. Returns the bytes written."""
+    itemsize = numpy_dtype(weight.dtype).itemsize
+    n_rows, n_cols = weight.shape
+    f.flush()
+    fd = f.fileno()
+    written = 0
+    for a in range(0, n_cols, weight.step):
+        b = min(a + weight.step, n_cols)
+        block = np.ascontiguousarray(weight.rows(a, b))
+        if tuple(block.shape) != (n_rows, b - a) or dtype_name(block.dtype) != weight.dtype:
+            raise ConvcoreError(f"onnx: a block of columns came out {dtype_name(block.dtype)}"
+                                f"{list(block.shape)}, planned {weight.dtype}{[n_rows, b - a]}")
+        raw = block.view(np.uint8)
+        for j in range(n_rows):
+            segment = memoryview(raw[j])
+            at = offset + (j * n_cols + a) * itemsize
+            while segment:  # a regular file takes it whole, but pwrite may be short
+                done = os.pwrite(fd, segment, at)
+                segment, at = segment[done:], at + done
+        written += block.nbytes
+        del block, raw
+    f.seek(offset + weight.nbytes)
+    return written
 
 
 @dataclass
@@ -123,25 +175,41 @@ class Graph:
                     if index + 1 < len(order) and order[index + 1].result is None:
                         ahead[index + 1] = pool.submit(order[index + 1].producer)
                 array = g.result.pop(w.key)
-                if tuple(array.shape) != w.shape or array.dtype != numpy_dtype(w.dtype):
-                    raise ConvcoreError(f"onnx: {w.name} came out {array.dtype}{list(array.shape)}, "
+                chunked = isinstance(array, Chunked)
+                kind = array.dtype if chunked else dtype_name(array.dtype)
+                if tuple(array.shape) != w.shape or kind != w.dtype:
+                    raise ConvcoreError(f"onnx: {w.name} came out {kind}{list(array.shape)}, "
                                         f"planned {w.dtype}{list(w.shape)}")
-                array = np.ascontiguousarray(array)
-                if array.nbytes >= ALIGN and offset % ALIGN:
+                if not chunked:
+                    array = np.ascontiguousarray(array)
+                nbytes = array.nbytes
+                if nbytes >= ALIGN and offset % ALIGN:
                     pad = ALIGN - offset % ALIGN
                     f.write(b"\0" * pad)
                     offset += pad
-                f.write(array.reshape(-1).view(np.uint8).data)
+                written = 0
+                if chunked and array.columns:
+                    written = _write_columns(f, array, offset)
+                for block in ([] if chunked and array.columns else array.blocks() if chunked else [array]):
+                    block = np.ascontiguousarray(block)
+                    if dtype_name(block.dtype) != w.dtype:
+                        raise ConvcoreError(f"onnx: {w.name}: a block came out {block.dtype}, "
+                                            f"planned {w.dtype}")
+                    f.write(block.reshape(-1).view(np.uint8).data)
+                    written += block.nbytes
+                    del block
+                if written != nbytes:
+                    raise ConvcoreError(f"onnx: {w.name}: wrote {written} bytes, planned {nbytes}")
                 proto = TensorProto()
                 proto.name = w.name
                 proto.data_type = ONNX_TYPES[w.dtype]
                 proto.dims.extend(w.shape)
                 proto.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+                for k, v in (("location", location), ("offset", str(offset)), ("length", str(nbytes))):
                     entry = proto.external_data.add()
                     entry.key, entry.value = k, v
                 protos.append(proto)
-                offset += array.nbytes
+                offset += nbytes
                 del array
                 g.pending -= 1
                 if g.pending == 0:

@@ -149,3 +149,23 @@ def test_onnx_to_gguf_equals_hf_to_gguf(arch: str, tmp_path: Path) -> None:
     convcore.convert(src, direct, to="gguf", quant="f32")
     convcore.convert(onnx_dir, via, to="gguf", quant="f32")
     assert via.read_bytes() == direct.read_bytes()
+
+
+@pytest.mark.parametrize("dtype, quant", [("f32", None), ("f16", None), ("f32", "int4-b32"),
+                                          ("f16", "int4-b32-asym")])
+def test_weights_made_a_block_of_rows_at_a_time_are_the_same_bytes(dtype: str, quant: str | None,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    """The embedding, MatMul weights and quantized matrices of STREAM_BYTES or more (the
+    1.1B model's embedding and lm_head) are made a block at a time as they are written
+    (a transposed weight by columns, written where they belong); with every one made so,
+    in blocks of a few rows or columns, the files are the same bytes."""
+    from conv_onnx import builder
+
+    outs = {}
+    for label, stream_bytes, block in (("whole", 1 << 62, builder.STREAM_BLOCK), ("blocks", 0, 3000)):
+        monkeypatch.setattr(builder, "STREAM_BYTES", stream_bytes)
+        monkeypatch.setattr(builder, "STREAM_BLOCK", block)  # a few rows: blocks end mid-tensor
+        outs[label] = convcore.convert(source("llama"), tmp_path / label, to="onnx", dtype=dtype,
+                                       quant=quant)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (outs["blocks"] / name).read_bytes() == (outs["whole"] / name).read_bytes(), name
