@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from convcore import (
-    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, inside_model, open_tensors,
-    read_companions, read_json, read_tokenizer_files,
+    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, inside_model, numpy_dtype,
+    open_tensors, read_companions, read_json, read_tokenizer_files,
 )
 
 from .layout import BITS, GROUP_SIZES, scheme_name
@@ -106,11 +106,11 @@ def load_mlx(path: Path) -> Model:
             continue
         shape, bits, group = logical_shape(stem, ref, scales, raw.get(f"{stem}.biases"),
                                            quant_params(config, stem, path / "config.json"), ref.source)
-        tensors[name] = TensorRef(name, shape, scales.dtype,
-                                  _dequantizer(registry, ref, scales, raw[f"{stem}.biases"], bits, group,
-                                               shape),
-                                  source=ref.source, stored=f"int{bits}-g{group}",
-                                  stored_nbytes=ref.nbytes + scales.nbytes + raw[f"{stem}.biases"].nbytes)
+        load, pieces = _dequantizer(registry, ref, scales, raw[f"{stem}.biases"], bits, group, shape)
+        tensors[name] = TensorRef(name, shape, scales.dtype, load, source=ref.source,
+                                  stored=f"int{bits}-g{group}",
+                                  stored_nbytes=ref.nbytes + scales.nbytes + raw[f"{stem}.biases"].nbytes,
+                                  chunk_loader=pieces)
     for name, ref in raw.items():
         if name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] + ".weight" not in raw:
             raise ConvcoreError(f"{ref.source}: {name} has no {name.rsplit('.', 1)[0]}.weight")
@@ -122,25 +122,56 @@ def load_mlx(path: Path) -> Model:
                  format="mlx", companions=read_companions(path))
 
 
-def _dequantizer(registry: Any, weight: TensorRef, scales: TensorRef, biases: TensorRef, bits: int, group: int,
-                 shape: tuple[int, ...]):
-    def load() -> np.ndarray:
-        scheme = registry.scheme(scheme_name(bits, group))
-        s, b = scales.load(), biases.load()
-        if scales.dtype == "f32":
-            data = {"weight": weight.load(), "scales": s, "biases": b}
-            return np.asarray(scheme.dequantize(data, shape), dtype=np.float32)
-        # mx.dequantize works in the scales' type: scale*q rounds to it, then +bias rounds
-        # again. Unpack the codes with the scheme (scale 1, bias 0) and repeat that.
-        ones = np.ones(s.shape, np.float32)
-        codes = np.asarray(scheme.dequantize({"weight": weight.load(), "scales": ones,
-                                              "biases": np.zeros_like(ones)}, shape), np.float32)
-        wide_s = np.repeat(cast(s, "f32"), group, axis=-1)
-        wide_b = np.repeat(cast(b, "f32"), group, axis=-1)
-        product = cast(cast(wide_s * codes, scales.dtype), "f32")
-        return cast(product + wide_b, scales.dtype)
+#: rows are dequantized in blocks of about this many values (a few MB of float32 each)
+DEQUANT_ELEMENTS = 1 << 21
 
-    return load
+
+def _dequantizer(registry: Any, weight: TensorRef, scales: TensorRef, biases: TensorRef, bits: int, group: int,
+                 shape: tuple[int, ...]) -> tuple[Callable[[], np.ndarray], Callable[[str], Iterator[np.ndarray]]]:
+    """(load, chunk_loader) of a quantized module's logical weight, dequantized a block of
+    rows at a time (never a whole-tensor float32 temporary: the 1.1B model's embedding
+    would take 262 MB per temporary)."""
+    n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    step = max(1, DEQUANT_ELEMENTS // max(1, shape[-1]))
+
+    def blocks() -> Iterator[np.ndarray]:
+        scheme = registry.scheme(scheme_name(bits, group))
+        q = weight.load()
+        q = q.reshape(-1, q.shape[-1])
+        s = scales.load()
+        s = s.reshape(-1, s.shape[-1])
+        b = biases.load()
+        b = b.reshape(-1, b.shape[-1])
+        for a in range(0, n_rows, step):
+            z = min(a + step, n_rows)
+            rows = (z - a, shape[-1])
+            if scales.dtype == "f32":
+                yield np.asarray(scheme.dequantize({"weight": q[a:z], "scales": s[a:z], "biases": b[a:z]},
+                                                   rows), dtype=np.float32)
+                continue
+            # mx.dequantize works in the scales' type: scale*q rounds to it, then +bias
+            # rounds again. Unpack the codes with the scheme (scale 1, bias 0), repeat that.
+            ones = np.ones(s[a:z].shape, np.float32)
+            codes = np.asarray(scheme.dequantize({"weight": q[a:z], "scales": ones,
+                                                  "biases": np.zeros_like(ones)}, rows), np.float32)
+            wide_s = np.repeat(cast(s[a:z], "f32"), group, axis=-1)
+            product = cast(cast(wide_s * codes, scales.dtype), "f32")
+            del wide_s, codes
+            yield cast(product + np.repeat(cast(b[a:z], "f32"), group, axis=-1), scales.dtype)
+
+    def load() -> np.ndarray:
+        out = np.empty((n_rows, shape[-1]), numpy_dtype(scales.dtype))
+        row = 0
+        for block in blocks():
+            out[row:row + len(block)] = block
+            row += len(block)
+        return out.reshape(shape)
+
+    def pieces(dtype: str) -> Iterator[np.ndarray]:
+        for block in blocks():
+            yield cast(block, dtype).reshape(-1)
+
+    return load, pieces
 
 
 def hf_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -62,3 +62,25 @@ def test_mlx_streamed_float_tensors_write_the_same_files(tiny_model_factory, tmp
     assert files == sorted(p.name for p in outs["streamed"].iterdir())
     for name in files:
         assert (outs["made"] / name).read_bytes() == (outs["streamed"] / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_mlx_reader_dequantizes_a_block_of_rows_at_a_time(tiny_model_factory, tmp_path, monkeypatch,
+                                                          affine_registry, dtype):
+    """Quantized modules are read back a block of rows at a time (load and the hf
+    writer's chunks): one row per block gives the same values as whole tensors, in the
+    scales' own dtype (bf16: mx.dequantize's two roundings) and in f32."""
+    from conv_mlx import reader
+
+    out = convcore.convert(tiny_model_factory("llama"), tmp_path / "m", to="mlx", quant="int4-g64",
+                           dtype=dtype)
+    whole = {n: r.load() for n, r in convcore.load(out).tensors.items() if r.stored}
+    assert whole and all(convcore.dtype_name(a.dtype) == dtype for a in whole.values())
+    monkeypatch.setattr(reader, "DEQUANT_ELEMENTS", 1)
+    model = convcore.load(out)
+    for name, want in whole.items():
+        ref = model.tensors[name]
+        assert ref.load().tobytes() == want.tobytes(), name
+        pieces = list(ref.load_chunks("f16"))
+        assert len(pieces) == int(np.prod(ref.shape[:-1])), name
+        assert np.concatenate(pieces).tobytes() == convcore.cast(want, "f16").reshape(-1).tobytes(), name
