@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
 from convcore import (
-    ConvcoreError, Model, TensorRef, arch_of, get_registry, numpy_dtype, read_companions, read_json,
-    read_tokenizer_files,
+    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, numpy_dtype, page_releaser,
+    read_companions, read_json, read_tokenizer_files,
 )
 
 
@@ -57,7 +57,6 @@ class Initializers:
         self.file = file
         self.root = file.parent.resolve()
         self.protos = {t.name: t for t in model.graph.initializer}
-        self._maps: dict[Path, np.memmap] = {}
 
     def dtype(self, name: str) -> str:
         t = self.protos[name]
@@ -112,9 +111,11 @@ class Initializers:
             array = onnx.numpy_helper.to_array(self.protos[name])
             return array.astype(dtype, copy=False).reshape(shape)
         target, offset, length = ext
-        if target not in self._maps:
-            self._maps[target] = np.memmap(target, dtype=np.uint8, mode="r")
-        raw = self._maps[target][offset:offset + length]
+        if not length:
+            return np.zeros(shape, dtype)
+        # a fresh map per read: its pages leave with the array, so resident memory follows
+        # the tensors in flight, not the part of the data file read so far
+        raw = np.memmap(target, dtype=np.uint8, mode="r", offset=offset, shape=(length,))
         return raw.view(dtype).reshape(shape)
 
 
@@ -129,22 +130,48 @@ def _plain_loader(inits: Initializers, entry: dict[str, Any]) -> Callable[[], np
     return load
 
 
-def _quant_loader(inits: Initializers, entry: dict[str, Any]) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
+#: MatMulNBits rows are dequantized in blocks of about this many values
+DEQUANT_ELEMENTS = 1 << 21
+
+
+def _quant_loader(inits: Initializers, entry: dict[str, Any]
+                  ) -> tuple[Callable[[], np.ndarray], Callable[[str], Iterator[np.ndarray]]]:
+    """(load, chunk_loader) of a MatMulNBits tensor, dequantized a block of rows at a time
+    (a whole float32 lm_head would be 262 MB for a 32k x 2048 model)."""
+    n, k = entry["shape"]
+    a, b = entry.get("rows") or [0, n]
+    step = max(1, DEQUANT_ELEMENTS // max(1, k))
+
+    def blocks() -> Iterator[np.ndarray]:
         scheme = get_registry().schemes.get(entry["scheme"])
         if scheme is None:
             raise ConvcoreError(f"{inits.file}: scheme {entry['scheme']} is not installed "
                                 "(pip install quant-rowwise)")
-        n, k = entry["shape"]
-        a, b = entry.get("rows") or [0, n]
         # every MatMulNBits array is indexed by output row first: dequantize only this
         # tensor's rows of a fused matrix (q/k/v), not the whole matrix once per part
-        data = {"q": inits.read(entry["init"])[a:b],
-                "scales": np.asarray(inits.read(entry["scales"]).reshape(n, -1)[a:b], dtype=np.float32)}
-        if entry.get("zero_points"):
-            data["zero_points"] = inits.read(entry["zero_points"]).reshape(n, -1)[a:b]
-        return np.ascontiguousarray(scheme.dequantize(data, (b - a, k)), dtype=np.float32)
-    return load
+        q = inits.read(entry["init"])
+        scales = inits.read(entry["scales"]).reshape(n, -1)
+        zps = inits.read(entry["zero_points"]).reshape(n, -1) if entry.get("zero_points") else None
+        for r in range(a, b, step):
+            z = min(r + step, b)
+            data = {"q": q[r:z], "scales": np.asarray(scales[r:z], dtype=np.float32)}
+            if zps is not None:
+                data["zero_points"] = zps[r:z]
+            yield np.ascontiguousarray(scheme.dequantize(data, (z - r, k)), dtype=np.float32)
+
+    def load() -> np.ndarray:
+        out = np.empty((b - a, k), np.float32)
+        row = 0
+        for block in blocks():
+            out[row:row + len(block)] = block
+            row += len(block)
+        return out
+
+    def pieces(dtype: str) -> Iterator[np.ndarray]:
+        for block in blocks():
+            yield cast(block, dtype).reshape(-1)
+
+    return load, pieces
 
 
 def _ref(inits: Initializers, hf: str, entry: dict[str, Any]) -> TensorRef:
@@ -161,8 +188,9 @@ def _ref(inits: Initializers, hf: str, entry: dict[str, Any]) -> TensorRef:
         shape = (rows[1] - rows[0], k)
         packed = sum(int(np.prod(inits.shape(entry[p]))) * numpy_dtype(inits.dtype(entry[p])).itemsize
                      for p in ("init", "scales", "zero_points") if entry.get(p))
-        return TensorRef(hf, shape, "f32", _quant_loader(inits, entry), source=str(inits.file),
-                         stored=entry["scheme"], stored_nbytes=packed * (rows[1] - rows[0]) // max(n, 1))
+        load, pieces = _quant_loader(inits, entry)
+        return TensorRef(hf, shape, "f32", load, source=str(inits.file), stored=entry["scheme"],
+                         stored_nbytes=packed * (rows[1] - rows[0]) // max(n, 1), chunk_loader=pieces)
     shape = inits.shape(name)
     if entry.get("transpose"):
         if len(shape) != 2:
@@ -173,7 +201,27 @@ def _ref(inits: Initializers, hf: str, entry: dict[str, Any]) -> TensorRef:
         if not 0 <= a < b <= shape[0]:
             raise ConvcoreError(f"{inits.file}: {hf}: rows {a}:{b} outside {name!r} {list(shape)}")
         shape = (b - a, *shape[1:])
-    return TensorRef(hf, tuple(shape), inits.dtype(name), _plain_loader(inits, entry), source=str(inits.file))
+    pieces = None if entry.get("transpose") else _plain_pieces(inits, entry)
+    return TensorRef(hf, tuple(shape), inits.dtype(name), _plain_loader(inits, entry), source=str(inits.file),
+                     chunk_loader=pieces)
+
+
+def _plain_pieces(inits: Initializers, entry: dict[str, Any]) -> Callable[[str], Iterator[np.ndarray]]:
+    """chunk_loader of an initializer stored as HF lays it out: flat pieces cast to the
+    asked dtype, each piece's mapped pages dropped once it is cast (a 262 MB f32
+    embedding never resident whole)."""
+    def pieces(dtype: str) -> Iterator[np.ndarray]:
+        array = inits.read(entry["init"])
+        if "rows" in entry:
+            array = array[entry["rows"][0]:entry["rows"][1]]
+        flat = array.reshape(-1)
+        release = page_releaser(flat)
+        for start in range(0, flat.size, DEQUANT_ELEMENTS):
+            piece = flat[start:start + DEQUANT_ELEMENTS]
+            out = cast(piece, dtype)
+            release(piece)  # a read-only file map: reading a dropped page maps it back in
+            yield out
+    return pieces
 
 
 def config_problems(file: Path, tensors: dict[str, TensorRef], config: dict[str, Any]) -> list[str]:

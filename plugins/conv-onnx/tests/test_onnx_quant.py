@@ -71,7 +71,14 @@ def test_matmulnbits_bytes_equal_peer(arch: str, bits: int, block: int, symmetri
     assert 0 < ours_err < np.abs(ref).max()
 
 
-def test_int4_read_back_dequantizes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block", [None, 1])
+def test_int4_read_back_dequantizes(tmp_path: Path, monkeypatch, block: int | None) -> None:
+    """MatMulNBits weights read back as the scheme dequantizes them, whole (load) and as
+    the chunks the hf writer streams; ``block`` 1: one row per block."""
+    from conv_onnx import reader
+
+    if block:
+        monkeypatch.setattr(reader, "DEQUANT_ELEMENTS", block)
     src = source("qwen3")
     out = tmp_path / "q"
     convcore.convert(src, out, to="onnx", quant="int4-b64-asym")
@@ -84,6 +91,9 @@ def test_int4_read_back_dequantizes(tmp_path: Path) -> None:
         assert back.tensors[name].stored == "int4-b64-asym"
         want = scheme.dequantize(convcore.quantize(ref, "int4-b64-asym").data, ref.shape)
         assert np.array_equal(got, want), name
+        pieces = list(back.tensors[name].load_chunks("f16"))
+        assert len(pieces) == (ref.shape[0] if block else 1), name
+        assert np.concatenate(pieces).tobytes() == convcore.cast(want, "f16").reshape(-1).tobytes(), name
     # norms stay exact
     name = "model.layers.0.self_attn.q_norm.weight"
     assert np.array_equal(back.tensors[name].load(), orig.tensors[name].load())
