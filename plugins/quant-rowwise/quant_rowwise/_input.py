@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
+from convcore import page_releaser
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MB of f32 per slice
 
@@ -23,6 +24,9 @@ def f32_slices(rows: np.ndarray, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[
     is made. Kernels check for NaN and Inf as they read."""
     step = max(1, chunk // max(1, rows.shape[1]))
     wide = None
+    # a slice of a read-only file map (a safetensors source) leaves the resident set once
+    # the kernel has read it: quantizing a large tensor holds a slice of it, not all
+    release = page_releaser(rows)
     for start in range(0, rows.shape[0], step):
         part = rows[start:start + step]
         if part.dtype == np.float32:
@@ -41,6 +45,7 @@ def f32_slices(rows: np.ndarray, chunk: int = CHUNK_ELEMENTS) -> Iterator[tuple[
         else:
             raise ValueError(f"expects f32, f16 or bf16 input, not {part.dtype}")
         yield start, part
+        release(rows[start:start + step])
 
 
 def faulted_empty(shape, dtype) -> np.ndarray:

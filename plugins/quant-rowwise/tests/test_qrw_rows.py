@@ -94,3 +94,35 @@ def test_least_squares_bytes_do_not_depend_on_address_or_input_type(bits):
     a = convcore.quantize(half, f"int{bits}-row").data
     b = convcore.quantize(convcore.cast(half, "f32"), f"int{bits}-row").data
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("scheme", ["int8-row", "int4-row", "int8-row-sym", "int4-g64"])
+def test_a_mapped_source_dropped_slice_by_slice_gives_the_same_codes(tmp_path, scheme, monkeypatch):
+    """Slices of a read-only file map leave the resident set once quantized
+    (_input.f32_slices); the codes equal those of the same values in memory, and the
+    map still reads back the same values afterwards."""
+    import ml_dtypes
+
+    import convcore
+    from quant_rowwise import _input
+
+    rng = np.random.default_rng(5)
+    values = (rng.standard_normal((96, 256), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    file = tmp_path / "w.bin"
+    file.write_bytes(values.tobytes())
+    mapped = np.memmap(file, dtype=ml_dtypes.bfloat16, mode="r", shape=values.shape)
+    dropped = []
+    real = _input.page_releaser
+
+    def releaser(array):
+        release = real(array)
+        return lambda piece: (dropped.append(piece.shape), release(piece))
+
+    monkeypatch.setattr(_input, "page_releaser", releaser)
+    monkeypatch.setattr(_input.f32_slices, "__defaults__", (16 * 256,))  # 16-row slices
+    got = convcore.quantize(mapped, scheme).data
+    want = convcore.quantize(np.array(values), scheme).data
+    assert len(dropped) >= 96 // 16
+    for key in want:
+        assert np.asarray(got[key]).tobytes() == np.asarray(want[key]).tobytes(), key
+    assert np.array_equal(np.asarray(mapped).view(np.uint16), values.view(np.uint16))
