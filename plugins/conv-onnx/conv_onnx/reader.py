@@ -201,9 +201,38 @@ def _ref(inits: Initializers, hf: str, entry: dict[str, Any]) -> TensorRef:
         if not 0 <= a < b <= shape[0]:
             raise ConvcoreError(f"{inits.file}: {hf}: rows {a}:{b} outside {name!r} {list(shape)}")
         shape = (b - a, *shape[1:])
-    pieces = None if entry.get("transpose") else _plain_pieces(inits, entry)
+    pieces = _transposed_pieces(inits, entry) if entry.get("transpose") else _plain_pieces(inits, entry)
     return TensorRef(hf, tuple(shape), inits.dtype(name), _plain_loader(inits, entry), source=str(inits.file),
                      chunk_loader=pieces)
+
+
+#: a transposed MatMul weight is handed out in blocks of about this many bytes of HF rows
+TRANSPOSE_BYTES = 64 << 20
+TRANSPOSE_SOURCE_ROWS = 256
+
+
+def _transposed_pieces(inits: Initializers, entry: dict[str, Any]) -> Callable[[str], Iterator[np.ndarray]]:
+    """chunk_loader of a MatMul weight stored transposed ([K, N]; HF rows are its columns):
+    a block of HF rows at a time, each made from the stored rows a few at a time, their
+    pages dropped as they are read (a 262 MB f32 lm_head never resident whole). Every
+    block reads the whole stored matrix once, so blocks are large."""
+    def pieces(dtype: str) -> Iterator[np.ndarray]:
+        k, n = inits.shape(entry["init"])
+        a, b = entry.get("rows") or [0, n]
+        width = k * numpy_dtype(inits.dtype(entry["init"])).itemsize
+        step = max(1, TRANSPOSE_BYTES // max(1, width))
+        for r0 in range(a, b, step):
+            r1 = min(r0 + step, b)
+            stored = inits.read(entry["init"])
+            release = page_releaser(stored)
+            block = np.empty((r1 - r0, k), stored.dtype)
+            for k0 in range(0, k, TRANSPOSE_SOURCE_ROWS):
+                rows = stored[k0:k0 + TRANSPOSE_SOURCE_ROWS]
+                block[:, k0:k0 + len(rows)] = rows[:, r0:r1].T
+                release(rows)
+            del stored
+            yield cast(block, dtype).reshape(-1)
+    return pieces
 
 
 def _plain_pieces(inits: Initializers, entry: dict[str, Any]) -> Callable[[str], Iterator[np.ndarray]]:
