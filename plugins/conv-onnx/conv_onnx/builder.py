@@ -31,6 +31,23 @@ STREAM_BYTES = 64 << 20
 STREAM_BLOCK = 16 << 20
 
 
+def _stacked(sources: list[np.ndarray]) -> Callable[[int, int], list[tuple[np.ndarray, Callable]]]:
+    """``rows(a, b)``: rows [a, b) of ``sources`` stacked by rows (a fused q/k/v), as the
+    pieces of each source they span, each with the releaser of its mapped pages."""
+    starts = np.cumsum([0] + [src.shape[0] for src in sources])
+    releases = [page_releaser(src) for src in sources]
+
+    def rows(a: int, b: int) -> list[tuple[np.ndarray, Callable]]:
+        out = []
+        for src, start, release in zip(sources, starts, releases):
+            lo, hi = max(a - start, 0), min(b - start, src.shape[0])
+            if lo < hi:
+                out.append((src[lo:hi], release))
+        return out
+
+    return rows
+
+
 def parse_scheme(scheme: str) -> tuple[int, int, bool]:
     """``int4-b32`` -> (4, 32, False); ``int8-b64-asym`` -> (8, 64, True)."""
     head, _, rest = scheme.partition("-b")
@@ -134,18 +151,14 @@ class Builder:
                 # never a whole f32 copy (lm_head: 262 MB): rows [a, b) are quantized as
                 # the codes are written; scales and zero points (a 32nd of the codes'
                 # rows) are kept from that pass and written after them, as one block
-                sources = [self.model.tensors[h].load() for h in hfs]
-                starts = np.cumsum([0] + [src.shape[0] for src in sources])
-                releases = [page_releaser(src) for src in sources]
+                stacked = _stacked([self.model.tensors[h].load() for h in hfs])
                 kept: dict[str, list[np.ndarray]] = {"scales": [], "zero_points": []}
 
                 def codes(a: int, b: int) -> np.ndarray:
                     parts = []
-                    for src, start, release in zip(sources, starts, releases):
-                        lo, hi = max(a - start, 0), min(b - start, src.shape[0])
-                        if lo < hi:
-                            parts.append(cast(src[lo:hi], "f32"))
-                            release(src[lo:hi])
+                    for piece, release in stacked(a, b):
+                        parts.append(cast(piece, "f32"))
+                        release(piece)
                     rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
                     data = quantize(rows, self.scheme, {"name": hfs[0]}, registry=self.registry).data
                     kept["scales"].append(cast(data["scales"], dtype))
@@ -196,16 +209,10 @@ class Builder:
             # never whole (lm_head in f32 is 262 MB for a 32k x 2048 model): columns
             # [a, b) of the [K, N] weight are rows [a, b) of the stacked sources,
             # transposed; each source page is read once and leaves the resident set then
-            sources = [self.model.tensors[h].load() for h in hfs]
-            starts = np.cumsum([0] + [s.shape[0] for s in sources])
-            releases = [page_releaser(s) for s in sources]
+            stacked = _stacked([self.model.tensors[h].load() for h in hfs])
 
             def columns(a: int, b: int) -> np.ndarray:
-                parts = []
-                for src, start, release in zip(sources, starts, releases):
-                    lo, hi = max(a - start, 0), min(b - start, src.shape[0])
-                    if lo < hi:
-                        parts.append((src[lo:hi], release))
+                parts = stacked(a, b)
                 block = transposed([p for p, _ in parts], dtype)
                 for p, release in parts:
                     release(p)
