@@ -14,6 +14,7 @@ from .model import (
 from .options import Option, parse_size
 from .pipeline import convert, load, ordered_map, prepare, quantize
 from .pooling import Pooling, is_encoder, pool, read_pooling
+from . import hfconfig
 from .registry import Format, Registry, Scheme, get_registry, using
 from .runtime import Session
 from .safetensors_io import (
@@ -28,5 +29,5 @@ __all__ = [
     "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "inside_model", "hookspec", "load", "numpy_dtype",
     "open_tensors", "Option", "ordered_map", "page_releaser", "parse_size", "plan_shards", "prepare", "quantize", "read_header", "read_json",
     "read_companions", "read_tokenizer_files", "write_companions", "using", "write_sharded", "write_tokenizer_files",
-    "Pooling", "is_encoder", "pool", "read_pooling",
+    "Pooling", "is_encoder", "pool", "read_pooling", "hfconfig",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from convcore import ConvcoreError
+from convcore import ConvcoreError, hfconfig
 
 # families the builder writes; the value is the family's layout
 BUILDER_ARCHS = {
@@ -73,23 +73,6 @@ class Decoder:
     @property
     def kv_size(self) -> int:
         return self.kv_heads * self.head_dim
-
-
-def _rope_params(config: dict[str, Any], layer_type: str | None) -> dict[str, Any]:
-    """The rope settings for a layer type, from transformers 5's ``rope_parameters`` or
-    the older ``rope_theta`` + ``rope_scaling`` (+ gemma3's ``rope_local_base_freq``)."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and layer_type and isinstance(params.get(layer_type), dict):
-        return dict(params[layer_type])
-    if isinstance(params, dict) and "rope_theta" in params:
-        return dict(params)
-    out = dict(config.get("rope_scaling") or {})
-    out.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    if layer_type == "sliding_attention" and config.get("rope_local_base_freq"):
-        out = {"rope_theta": config["rope_local_base_freq"], "rope_type": "default"}
-    if "type" in out and "rope_type" not in out:
-        out["rope_type"] = out["type"]
-    return out
 
 
 def make_rope(arch: str, params: dict[str, Any], rotary_dim: int, config: dict[str, Any]) -> Rope:
@@ -180,25 +163,21 @@ def decoder_for(arch: str, config: dict[str, Any]) -> Decoder:
         d.final_softcap = float(c["final_logit_softcapping"])
     if c.get("mlp_bias"):
         raise ConvcoreError(f"onnx: {arch}: mlp_bias is not built directly; use -O path=export")
-    # sliding windows and rope tables per layer
-    layer_types = c.get("layer_types")
+    # sliding windows and rope tables per layer, as transformers derives them when the
+    # config leaves them implicit (Gemma-2/3's patterns, Gemma-3's two rope bases)
     window = c.get("sliding_window")
-    if c.get("use_sliding_window") is False:
-        window = None
-    if isinstance(layer_types, list) and len(layer_types) == layers:
-        types = [str(t) for t in layer_types]
-    else:
-        types = ["sliding_attention" if window else "full_attention"] * layers
+    types = hfconfig.layer_types(c, arch)
     d.windows = [int(window) if t == "sliding_attention" and window else None for t in types]
-    partial = float((c.get("rope_parameters") or {}).get("partial_rotary_factor")
-                    or c.get("partial_rotary_factor") or 1.0)
+    partial = float(hfconfig.rope_parameters(c, "full_attention", arch).get("partial_rotary_factor")
+                    or 1.0)
     rotary_dim = int(head_dim * partial)
-    per_type = isinstance(c.get("rope_parameters"), dict) and any(
-        isinstance(v, dict) for v in c["rope_parameters"].values())
+    full = hfconfig.rope_parameters(c, "full_attention", arch)
+    full.pop("partial_rotary_factor", None)
     for t in types:
-        key = "local" if (t == "sliding_attention" and (per_type or c.get("rope_local_base_freq"))) else "global"
+        params = hfconfig.rope_parameters(c, t, arch)
+        params.pop("partial_rotary_factor", None)
+        key = "global" if params == full else "local"
         if key not in d.ropes:
-            params = _rope_params(c, t if key == "local" else ("full_attention" if per_type else None))
             d.ropes[key] = make_rope(arch, params, rotary_dim, c)
         d.layer_rope.append(key)
     return d
