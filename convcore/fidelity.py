@@ -233,6 +233,8 @@ def check_output(registry: Any, src: Path, out: Path, src_fmt: str | None, out_f
     """``run --check``: compare ``out`` with its source ``src`` on ``tokens`` tokens of the
     bundled text, against the type's tolerance (``kl`` / ``top1`` override it). Returns
     the report, the tolerance used and the limits the output is beyond (empty = passed)."""
+    if not quant and not dtype:
+        dtype = stored_dtype(registry, out, out_fmt)
     tolerance = dict(tolerance_for(registry, quant, dtype) or {})
     if kl is not None:
         tolerance["kl"] = kl
@@ -243,6 +245,15 @@ def check_output(registry: Any, src: Path, out: Path, src_fmt: str | None, out_f
                             "give --check-kl and/or --check-top1")
     report = compare_paths(registry, src, out, src_fmt, out_fmt, limit=tokens)
     return report, tolerance, beyond(report, tolerance)
+
+
+def stored_dtype(registry: Any, path: Path, fmt: str | None) -> str | None:
+    """The float type an output without ``--quant``/``--dtype`` keeps its weights in (the
+    least precise of its matrices' types), so ``--check`` knows which tolerance applies."""
+    order = ("f32", "f16", "bf16")
+    found = {t.dtype for t in registry.load(path, fmt).tensors.values() if len(t.shape) >= 2}
+    found &= set(order)
+    return max(found, key=order.index) if found else None
 
 
 def tolerance_for(registry: Any, quant: str | None, dtype: str | None) -> dict[str, float] | None:

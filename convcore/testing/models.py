@@ -27,8 +27,30 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                     {"sliding_window": 64, "query_pre_attn_scalar": 64}, "gemma"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}, "llama"),
+    # mixtures of experts with their families' routing: Mixtral's 8 experts, top 2;
+    # Qwen1.5/2-MoE's shared expert and gate, unnormalized top-k; Qwen3-MoE's normalized top-k
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}, "llama"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                   "shared_expert_intermediate_size": 512, "norm_topk_prob": False,
+                   "use_sliding_window": False}, "qwen2"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                   "norm_topk_prob": True, "use_sliding_window": False}, "qwen2"),
 }
 TOKENIZER_VOCAB = VOCAB_SIZE
+# Rope scaling as the Hub's long-context checkpoints set it (Llama-3.1/3.2's llama3 rope,
+# Qwen2.5's yarn), with the original context shrunk to 64 tokens so that a 200-token test
+# runs past it and the scaling changes the logits. ``tiny_model(arch, **ROPE_VARIANTS[k])``.
+ROPE_VARIANTS: dict[str, dict[str, Any]] = {
+    "llama3": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}},
+    "yarn": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": 64},
+             "max_position_embeddings": 256},
+}
 
 
 def cache_dir() -> Path:

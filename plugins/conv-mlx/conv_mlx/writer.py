@@ -21,6 +21,7 @@ from convcore import (
 )
 
 from .archs import rules_for
+from .rope import mlx_keys
 from .layout import (
     DTYPE_NAMES, SHARD_BYTES, TORCH_DTYPES, dropped, module_choice, order_key, packed_shapes,
     parse_scheme, quantizable,
@@ -40,6 +41,7 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[list[tuple[TensorRef, s
     """Decide each source tensor's fate: ``[(ref, out_dtype, (bits, group) or None)]``,
     the config's quantization block (None when unquantized) and the names dropped."""
     rules = rules_for(model.arch)
+    mlx_keys(model.config, model.arch, model.source)   # refuse a rope mlx-lm cannot run, first
     dtype = output_dtype(model, options)
     quant = options.get("quant")
     default = parse_scheme(quant) if quant else None
@@ -217,6 +219,7 @@ def write_config(path: Path, model: Model, block: dict[str, Any] | None, dtype: 
     generation_config.json, no ``_name_or_path``, keys sorted, the quantization block
     twice (``quantization`` and ``quantization_config``)."""
     config = dict(model.config)
+    config.update(mlx_keys(model.config, model.arch, model.source))
     config.pop("_name_or_path", None)
     config.pop("quantization", None)
     config.pop("quantization_config", None)

@@ -48,11 +48,18 @@ def mlx_logits(path: Path, tokens=TOKENS) -> np.ndarray:
 
 def mlx_lm_convert(src: Path, dst: Path, *, bits: int | None = None, group: int | None = None,
                    dtype: str | None = None, predicate=None) -> Path:
-    """Run mlx-lm's own converter in-process."""
+    """Run mlx-lm's own converter in-process. mlx_lm.convert copies a transformers-5
+    config without the rope keys its own models read (``rope_theta``, ``rope_scaling``),
+    so its output runs plain rope at its class default; they are added here, as this
+    writer adds them, so the comparisons measure the tensors."""
+    from conv_mlx.rope import mlx_keys
     from mlx_lm import convert
 
     convert(hf_path=str(src), mlx_path=str(dst), quantize=bits is not None, q_bits=bits,
             q_group_size=group, dtype=dtype, quant_predicate=predicate)
+    cfg = config(dst)
+    cfg.update(mlx_keys(config(src), cfg["model_type"]))
+    (Path(dst) / "config.json").write_text(json.dumps(cfg, indent=4))
     return dst
 
 
