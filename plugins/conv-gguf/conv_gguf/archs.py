@@ -18,6 +18,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from convcore import hfconfig
+
+from . import rope
+
 # HF module path -> GGUF tensor name; ".weight"/".bias" are carried over unchanged.
 BASE_NAMES = {
     "model.embed_tokens": "token_embd",
@@ -48,6 +52,29 @@ PHI3_NAMES = {
     "model.layers.{bid}.self_attn.qkv_proj": "blk.{bid}.attn_qkv",
     "model.layers.{bid}.mlp.gate_up_proj": "blk.{bid}.ffn_up",
 }
+# Mixture of experts: each layer's experts are stacked into one 3-D GGUF tensor per
+# projection (llama.cpp's converter's names and order), the router is ffn_gate_inp.
+_DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
+MIXTRAL_NAMES = {**{k: v for k, v in BASE_NAMES.items() if not k.endswith(_DENSE_MLP)},
+                 "model.layers.{bid}.block_sparse_moe.gate": "blk.{bid}.ffn_gate_inp"}
+MIXTRAL_EXPERTS = {   # w1, w2, w3: the order llama.cpp's converter emits them in
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w1": "blk.{bid}.ffn_gate_exps",
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w2": "blk.{bid}.ffn_down_exps",
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w3": "blk.{bid}.ffn_up_exps",
+}
+QWEN_MOE_NAMES = {**{k: v for k, v in BASE_NAMES.items() if not k.endswith(_DENSE_MLP)},
+                  "model.layers.{bid}.mlp.gate": "blk.{bid}.ffn_gate_inp"}
+QWEN_MOE_EXPERTS = {  # down, gate, up: the order llama.cpp's converter emits them in
+    "model.layers.{bid}.mlp.experts.{xid}.down_proj": "blk.{bid}.ffn_down_exps",
+    "model.layers.{bid}.mlp.experts.{xid}.gate_proj": "blk.{bid}.ffn_gate_exps",
+    "model.layers.{bid}.mlp.experts.{xid}.up_proj": "blk.{bid}.ffn_up_exps",
+}
+QWEN2_SHARED_EXPERT = {
+    "model.layers.{bid}.mlp.shared_expert.gate_proj": "blk.{bid}.ffn_gate_shexp",
+    "model.layers.{bid}.mlp.shared_expert.up_proj": "blk.{bid}.ffn_up_shexp",
+    "model.layers.{bid}.mlp.shared_expert.down_proj": "blk.{bid}.ffn_down_shexp",
+    "model.layers.{bid}.mlp.shared_expert_gate": "blk.{bid}.ffn_gate_inp_shexp",
+}
 # BERT encoders (llama.cpp's BertModel; names as gguf-py's tensor_mapping has them):
 # BertModel checkpoints name their modules without a prefix, BertForMaskedLM /
 # BertForPreTraining ones under "bert."; the unprefixed names come last so that files
@@ -74,33 +101,13 @@ BERT_DROPPED = (r"(bert\.)?embeddings\.position_ids", r"(bert\.)?pooler\.dense\.
 
 
 def rope_theta(config: dict[str, Any], layer_type: str = "full_attention") -> float | None:
-    """rope_theta from a v4 (``rope_theta``) or v5 (``rope_parameters``) config."""
-    if config.get("rope_theta") is not None:
-        return float(config["rope_theta"])
-    params = config.get("rope_parameters") or {}
-    if layer_type in params and isinstance(params[layer_type], dict):
-        params = params[layer_type]
-    theta = params.get("rope_theta")
-    return float(theta) if theta is not None else None
-
-
-def rope_type(config: dict[str, Any], layer_type: str = "full_attention") -> str:
-    """HF rope type ("default", "linear", "llama3", "yarn", ...)."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if layer_type in params and isinstance(params[layer_type], dict):
-        params = params[layer_type]
-    return str(params.get("rope_type") or params.get("type") or "default")
-
-
-def rope_factor(config: dict[str, Any]) -> float | None:
-    """The factor of linear rope scaling, or None."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if "full_attention" in params and isinstance(params["full_attention"], dict):
-        params = params["full_attention"]
-    return float(params["factor"]) if rope_type(config) == "linear" and "factor" in params else None
-
-
-SUPPORTED_ROPE = ("default", "linear")
+    """rope_theta as transformers reads it (v4 or v5 config, the family's default base
+    where the config has none); None when the config says nothing of rope and the
+    family has no default of its own (llama.cpp then uses its own, 10000)."""
+    said = any(config.get(k) is not None for k in ("rope_theta", "rope_parameters", "rope_scaling"))
+    if not said and not str(config.get("model_type", "")).startswith("gemma3"):
+        return None
+    return hfconfig.rope_parameters(config, layer_type)["rope_theta"]
 
 
 def head_dim(config: dict[str, Any]) -> int:
@@ -135,9 +142,41 @@ COMMON_HPARAMS: tuple[tuple[str, Callable[[dict], Any], str, str | None], ...] =
     ("rope.freq_base", rope_theta, "f32", None),
     ("rope.dimension_count", rotary_dim, "u32", None),
     ("vocab_size", _cfg("vocab_size"), "u32", "vocab_size"),
-    ("rope.scaling.type", lambda c: "linear" if rope_factor(c) else None, "str", None),
-    ("rope.scaling.factor", rope_factor, "f32", None),
+    *rope.HPARAMS,
 )
+def _experts(c: dict[str, Any]) -> int | None:
+    return c.get("num_local_experts") or c.get("num_experts")
+
+
+def moe_hparams(count_key: str, shared: bool = False) -> tuple:
+    """The expert keys llama.cpp reads; ``count_key`` is the family's HF name for the
+    number of experts (Mixtral: num_local_experts, Qwen: num_experts)."""
+    rows = [("expert_count", _experts, "u32", count_key),
+            ("expert_used_count", _cfg("num_experts_per_tok"), "u32", "num_experts_per_tok"),
+            ("expert_feed_forward_length", _cfg("moe_intermediate_size"), "u32", "moe_intermediate_size")]
+    if shared:
+        rows.append(("expert_shared_feed_forward_length", _cfg("shared_expert_intermediate_size"),
+                     "u32", "shared_expert_intermediate_size"))
+    return tuple(rows)
+
+
+def _moe_problem(norm_topk: bool):
+    """What llama.cpp's Qwen MoE graphs cannot compute: a dense layer among the sparse
+    ones, or top-k weights normalized otherwise than the family always does."""
+    def problem(c: dict[str, Any]) -> str | None:
+        if c.get("mlp_only_layers") or int(c.get("decoder_sparse_step") or 1) != 1:
+            return "dense layers among the expert layers (mlp_only_layers / decoder_sparse_step)"
+        if bool(c.get("norm_topk_prob", norm_topk)) != norm_topk:
+            return (f"norm_topk_prob={c.get('norm_topk_prob')} (llama.cpp's {c.get('model_type')} "
+                    f"{'always' if norm_topk else 'never'} normalizes the top-k weights)")
+        return None
+    return problem
+
+
+def _no_window(c: dict[str, Any]) -> str | None:
+    return f"sliding_window={c['sliding_window']}" if c.get("sliding_window") else None
+
+
 SOFTCAP_HPARAMS = (
     ("attn_logit_softcapping", _cfg("attn_logit_softcapping"), "f32", "attn_logit_softcapping"),
     ("final_logit_softcapping", _cfg("final_logit_softcapping"), "f32", "final_logit_softcapping"),
@@ -172,11 +211,23 @@ def _gemma_query_scale(big_layers: int) -> Callable[[dict[str, Any], dict[str, A
     return fill
 
 
+def _layer_types(config: dict[str, Any], pattern: int) -> None:
+    config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                             for i in range(int(config.get("num_hidden_layers") or 0))]
+
+
+def _gemma2_config(kv: dict[str, Any], config: dict[str, Any]) -> None:
+    _layer_types(config, 2)
+    _gemma_query_scale(46)(kv, config)
+
+
 def _gemma3_config(kv: dict[str, Any], config: dict[str, Any]) -> None:
-    # llama.cpp hard-codes the local (sliding) rope base of Gemma 3 to 10000
+    # llama.cpp hard-codes Gemma 3's layout: every sixth layer global, the local (sliding)
+    # rope base 10000
     full = {k: v for k, v in config["rope_parameters"].items() if k != "partial_rotary_factor"}
     config["rope_parameters"] = {"full_attention": full,
                                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    _layer_types(config, 6)
     _gemma_query_scale(62)(kv, config)
 
 
@@ -252,6 +303,14 @@ class Arch:
     :param extra_keys: ``extra_keys(model, config) -> [(key below "{gguf_arch}.", value,
         type)]`` for keys that come from more than config.json (BERT's pooling type, from
         the sentence-transformers files).
+    :param swa_pattern: llama.cpp runs every ``swa_pattern``-th layer with global
+        attention and the others sliding, whatever the file says (Gemma-2: 2, Gemma-3: 6);
+        a config with other ``layer_types`` is refused, and the reader writes them out.
+    :param experts: HF module path of one expert's projection, with ``{bid}`` and
+        ``{xid}`` (the expert number) -> the GGUF name of the 3-D tensor the layer's
+        experts are stacked into, in the order llama.cpp's converter writes them.
+    :param problem: ``problem(config) -> str | None``: what in a config llama.cpp's graph
+        for this family cannot compute (refused in one line), or None.
     """
 
     model_type: str
@@ -270,6 +329,9 @@ class Arch:
     encoder: bool = False
     base_required: tuple[str, ...] = REQUIRED_KEYS
     extra_keys: Callable[[Any, dict[str, Any]], list[tuple[str, Any, str]]] | None = None
+    swa_pattern: int | None = None
+    experts: dict[str, str] = field(default_factory=dict)
+    problem: Callable[[dict[str, Any]], str | None] | None = None
 
     def drops(self, hf_name: str) -> bool:
         """Whether llama.cpp's converter leaves the HF tensor ``hf_name`` out."""
@@ -288,7 +350,7 @@ LLAMA = Arch("llama", "llama", "LlamaForCausalLM", BASE_NAMES, permute_qk=True,
 GEMMA2 = Arch("gemma2", "gemma2", "Gemma2ForCausalLM", {**BASE_NAMES, **SANDWICH_NORM_NAMES},
               COMMON_HPARAMS + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
               required=("attention.sliding_window",), config_defaults=_GEMMA_DEFAULTS,
-              read_config=_gemma_query_scale(46), tokenizer_class="GemmaTokenizer")
+              read_config=_gemma2_config, tokenizer_class="GemmaTokenizer", swa_pattern=2)
 BERT = Arch("bert", "bert", "BertModel", BERT_NAMES, BERT_HPARAMS, dropped=BERT_DROPPED,
             encoder=True, base_required=BERT_REQUIRED, config_defaults=_BERT_DEFAULTS,
             read_config=_bert_config, extra_keys=_bert_keys, tokenizer_class="BertTokenizer")
@@ -306,7 +368,18 @@ BUILTIN_ARCHS: Mapping[str, Arch] = MappingProxyType({a.model_type: a for a in (
     dataclasses.replace(GEMMA2, model_type="gemma3_text", gguf_arch="gemma3",
                         hf_class="Gemma3ForCausalLM",
                         names={**BASE_NAMES, **SANDWICH_NORM_NAMES, **QK_NORM_NAMES},
-                        read_config=_gemma3_config),
+                        read_config=_gemma3_config, swa_pattern=6),
+    Arch("mixtral", "llama", "MixtralForCausalLM", MIXTRAL_NAMES,
+         COMMON_HPARAMS + moe_hparams("num_local_experts"), permute_qk=True, read_back=False,
+         experts=MIXTRAL_EXPERTS, problem=_no_window, tokenizer_class="LlamaTokenizer"),
+    Arch("qwen2_moe", "qwen2moe", "Qwen2MoeForCausalLM", {**QWEN_MOE_NAMES, **QWEN2_SHARED_EXPERT},
+         COMMON_HPARAMS + moe_hparams("num_experts", shared=True), experts=QWEN_MOE_EXPERTS,
+         config_defaults={"norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+         problem=_moe_problem(False), tokenizer_class="Qwen2Tokenizer"),
+    Arch("qwen3_moe", "qwen3moe", "Qwen3MoeForCausalLM", {**QWEN_MOE_NAMES, **QK_NORM_NAMES},
+         COMMON_HPARAMS + moe_hparams("num_experts"), experts=QWEN_MOE_EXPERTS,
+         config_defaults={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+         problem=_moe_problem(True), tokenizer_class="Qwen2Tokenizer"),
     Arch("phi3", "phi3", "Phi3ForCausalLM", {**BASE_NAMES, **PHI3_NAMES},
          COMMON_HPARAMS + SLIDING_HPARAMS + PHI3_HPARAMS, read_config=_phi3_config,
          tokenizer_class="LlamaTokenizer"),
@@ -342,6 +415,34 @@ def unmap_name(arch: Arch, gguf_name: str) -> str | None:
     """HF name of a GGUF tensor (the inverse of :func:`map_name`)."""
     inverse = {gg: hf for hf, gg in arch.names.items()}
     return map_name(dataclasses.replace(arch, names=inverse), gguf_name)
+
+
+def _expert_patterns(arch: Arch) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for hf, gg in arch.experts.items():
+        pattern = re.escape(hf).replace(r"\{bid\}", r"(?P<bid>\d+)").replace(r"\{xid\}", r"(?P<xid>\d+)")
+        out.append((re.compile(pattern + r"\.weight$"), gg))
+    return out
+
+
+def map_expert(arch: Arch, hf_name: str) -> tuple[str, int] | None:
+    """(GGUF name of the stacked tensor, expert number) of one expert's HF weight, or None."""
+    for pattern, gg in _expert_patterns(arch):
+        m = pattern.match(hf_name)
+        if m:
+            return gg.replace("{bid}", m.group("bid")) + ".weight", int(m.group("xid"))
+    return None
+
+
+def unmap_expert(arch: Arch, gguf_name: str, n_expert: int) -> list[str] | None:
+    """The HF names of the experts stacked in GGUF tensor ``gguf_name``, in order, or None
+    when it is not a stacked expert tensor."""
+    for hf, gg in arch.experts.items():
+        m = re.fullmatch(re.escape(gg).replace(r"\{bid\}", r"(?P<bid>\d+)") + r"\.weight", gguf_name)
+        if m:
+            base = hf.replace("{bid}", m.group("bid"))
+            return [base.replace("{xid}", str(x)) + ".weight" for x in range(n_expert)]
+    return None
 
 
 # weight transforms ------------------------------------------------------------------------

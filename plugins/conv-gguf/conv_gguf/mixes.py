@@ -65,17 +65,24 @@ class MixState:
     n_ffn_down: int
     has_output: bool
     n_gqa: int
+    n_expert: int = 0
+    n_layer: int = 0
     i_attention_wv: int = 0
     i_ffn_down: int = 0
 
 
-def new_state(names: list[str], n_gqa: int) -> MixState:
-    """Counters for a file holding tensors ``names`` (in write order)."""
+def new_state(names: list[str], n_gqa: int, n_expert: int = 0, n_layer: int = 0) -> MixState:
+    """Counters for a file holding tensors ``names`` (in write order); ``n_expert`` and
+    ``n_layer`` for mixtures of experts."""
     return MixState(
         n_attention_wv=sum(1 for n in names if re.search(r"attn_(v|qkv)\.weight", n)),
         # llama.cpp counts layers (n_layer), not tensors: biases (BERT's) do not count
         n_ffn_down=sum(1 for n in names if "ffn_down" in n and n.endswith(".weight")),
-        has_output="output.weight" in names, n_gqa=n_gqa)
+        has_output="output.weight" in names, n_gqa=n_gqa, n_expert=n_expert, n_layer=n_layer)
+
+
+# file types whose attn_output llama.cpp bumps to Q5_K in 8-expert models (Mixtral)
+_ATTN_OUTPUT_8X = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m")
 
 
 def _mix_type(state: MixState, ftype: str, name: str, ncols: int, default: T) -> T:
@@ -100,15 +107,27 @@ def _mix_type(state: MixState, ftype: str, name: str, ncols: int, default: T) ->
             new = T.Q6_K
         elif ftype == "q4_k_s" and i < 4:
             new = T.Q5_K
+        if state.n_expert == 8:   # llama.cpp: "bumping this to Q8_0 trades just ~128MB"
+            new = T.Q8_0
         state.i_attention_wv += 1
+    elif "attn_k.weight" in name:
+        if state.n_expert == 8:
+            new = T.Q8_0
     elif "ffn_down" in name:
         i, n = state.i_ffn_down, state.n_ffn_down
+        if state.n_expert > 1:
+            # experts (and shared experts) are many tensors a layer: llama.cpp takes the
+            # layer from the name and counts layers
+            i, n = int(name.split(".")[1]), state.n_layer
         rule = FFN_DOWN.get(ftype)
         if rule is not None:
             new = rule(i, n, use_more_bits(i, n)) or new
         state.i_ffn_down += 1
     elif "attn_output.weight" in name:
-        new = ATTN_OUTPUT.get(ftype, new)
+        if state.n_expert == 8:
+            new = T.Q5_K if ftype in _ATTN_OUTPUT_8X else new
+        else:
+            new = ATTN_OUTPUT.get(ftype, new)
     return new
 
 
@@ -123,7 +142,11 @@ def choose_type(state: MixState | None, quant: str | None, name: str, shape: tup
     1-D tensors, norms and :data:`ALWAYS_F32` are always F32. ``state`` None means
     llama-quantize's --pure (the file type's default type everywhere). Fallbacks are
     appended to ``notes``."""
-    if len(shape) < 2 or name.endswith("_norm.weight") or name in ALWAYS_F32:
+    if sum(d > 1 for d in shape) < 2 or name.endswith("_norm.weight") or name in ALWAYS_F32:
+        # (a [1, n] tensor is 1-D to ggml: Qwen2-MoE's shared-expert gate)
+        return T.F32
+    if name.endswith("ffn_gate_inp.weight"):
+        # the router: llama.cpp's converter writes it F32, llama-quantize never touches it
         return T.F32
     if quant is None or quant in ("f32", "f16", "bf16"):
         return float_type

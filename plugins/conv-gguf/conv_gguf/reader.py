@@ -14,7 +14,7 @@ import numpy as np
 import convcore
 from convcore import ConvcoreError, Model, TensorRef
 
-from . import arch_table, archs, checks
+from . import arch_table, archs, checks, rope
 from .shards import shard_paths
 
 T = gguf.GGMLQuantizationType
@@ -55,8 +55,10 @@ def _open(paths: list[Path]) -> tuple[dict[str, Any], list[tuple[_Tensor, None, 
     return kv, tensors
 
 
-def rebuild_config(kv: dict[str, Any], spec: archs.Arch, tied: bool) -> dict[str, Any]:
-    """An HF config.json dict from the GGUF hyper-parameters."""
+def rebuild_config(kv: dict[str, Any], spec: archs.Arch, tied: bool,
+                   extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """An HF config.json dict from the GGUF hyper-parameters (and the rope tensors,
+    ``extra``, that llama.cpp keeps as tensors: ``rope_freqs``)."""
     a = spec.gguf_arch
     config: dict[str, Any] = {"architectures": [spec.hf_class], "model_type": spec.model_type,
                               "dtype": "float32", **spec.config_defaults}
@@ -79,11 +81,7 @@ def rebuild_config(kv: dict[str, Any], spec: archs.Arch, tied: bool) -> dict[str
     heads = config.get("num_attention_heads")
     if heads and "hidden_size" in config:
         config.setdefault("head_dim", config["hidden_size"] // heads)
-    theta = kv.get(f"{a}.rope.freq_base", 10000.0)
-    scaling = None
-    if kv.get(f"{a}.rope.scaling.type") == "linear" and f"{a}.rope.scaling.factor" in kv:
-        scaling = {"rope_type": "linear", "factor": float(kv[f"{a}.rope.scaling.factor"])}
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
+    config["rope_parameters"] = rope.read(kv, a, extra or {}, int(config.get("head_dim") or 0))
     rot = kv.get(f"{a}.rope.dimension_count")
     if rot and config.get("head_dim") and rot != config["head_dim"]:
         config["rope_parameters"]["partial_rotary_factor"] = rot / config["head_dim"]
@@ -184,6 +182,27 @@ def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
     return load, (load_as if direct is not None else None), pieces
 
 
+def _expert_refs(path: Path, t: _Tensor, hf_names: list[str], registry: Any) -> dict[str, TensorRef]:
+    """One HF tensor per expert of a stacked GGUF tensor, each reading only its own slab."""
+    gtype = T(t.tensor_type)
+    if len(t.shape) != 3 or t.shape[2] != len(hf_names) or t.n_bytes % len(hf_names):
+        raise ConvcoreError(f"{path}: tensor {t.name!r} has shape {list(t.shape)}, expected "
+                            f"[cols, rows, {len(hf_names)} experts]")
+    if gtype not in FLOAT_VIEWS and gtype not in gguf.quants._type_traits:  # noqa: SLF001
+        raise ConvcoreError(f"{path}: tensor {t.name!r} has type {gtype.name}, which gguf "
+                            "cannot dequantize")
+    slab = t.n_bytes // len(hf_names)
+    shape = (int(t.shape[1]), int(t.shape[0]))
+    out = {}
+    for x, hf in enumerate(hf_names):
+        part = _Tensor(t.name, t.tensor_type, t.shape[:2], t.data_offset + x * slab, slab)
+        load, cast_load, pieces = _loader(path, part, shape, None, registry)
+        out[hf] = TensorRef(hf, shape, FLOAT_VIEWS[gtype][0] if gtype in FLOAT_VIEWS else "f32", load,
+                            source=str(path), stored="" if gtype in FLOAT_VIEWS else gtype.name.lower(),
+                            stored_nbytes=slab, cast_loader=cast_load, chunk_loader=pieces)
+    return out
+
+
 def load_gguf(path: Path) -> Model:
     """Describe a GGUF file (or split set) as a lazy HF-named :class:`Model`."""
     path = Path(path)
@@ -196,12 +215,31 @@ def load_gguf(path: Path) -> Model:
         raise ConvcoreError(f"{path}: GGUF architecture {arch_name!r} cannot be read back to HF "
                             f"(supported: {', '.join(known)})")
     spec = known[arch_name]
+    if not spec.experts and kv.get(f"{arch_name}.expert_count"):
+        # llama.cpp stores some mixtures of experts under the dense architecture (Mixtral
+        # is "llama" with expert tensors): read them back as the family that has experts
+        moe = [a for a in arch_table.registered().items.values()
+               if a.gguf_arch == arch_name and a.experts]
+        spec = moe[0] if moe else spec
     names = {t.name for t, _, _ in tensors}
     tied = "output.weight" not in names
-    config = rebuild_config(kv, spec, tied)
-    refs: dict[str, TensorRef] = {}
     registry = convcore.get_registry()   # captured: tensors may be read from worker threads
+    # tensors llama.cpp's converter makes from config settings become settings again
+    extra = {t.name: np.array(_loader(p, t, tuple(int(d) for d in reversed(t.shape)), None, registry)[0]())
+             for t, _, p in tensors if t.name in rope.TENSORS and T(t.tensor_type) in FLOAT_VIEWS}
+    try:
+        config = rebuild_config(kv, spec, tied, extra)
+    except ConvcoreError as exc:
+        raise ConvcoreError(f"{path}: {exc}") from None
+    refs: dict[str, TensorRef] = {}
+    n_expert = int(kv.get(f"{arch_name}.expert_count") or 0)
     for t, _, p in tensors:
+        if t.name in extra:
+            continue
+        per_expert = archs.unmap_expert(spec, t.name, n_expert) if spec.experts else None
+        if per_expert is not None:
+            refs.update(_expert_refs(p, t, per_expert, registry))
+            continue
         hf = archs.unmap_name(spec, t.name)
         if hf is None:
             raise ConvcoreError(f"{p}: tensor {t.name!r} has no HF name for architecture {arch_name}")

@@ -16,9 +16,9 @@ import gguf
 import numpy as np
 
 import convcore
-from convcore import ConvcoreError, Model, TensorRef, cast
+from convcore import ConvcoreError, Model, TensorRef, cast, hfconfig
 
-from . import arch_table, archs, mixes, vocab as vocab_mod
+from . import arch_table, archs, mixes, rope, vocab as vocab_mod
 from .companions import companion
 
 T = gguf.GGMLQuantizationType
@@ -40,6 +40,7 @@ class Planned:
     gtype: T
     ref: TensorRef
     fn: Callable[[np.ndarray], np.ndarray] | None
+    parts: tuple[TensorRef, ...] = ()   # the experts stacked into this tensor, in order
 
     @property
     def nbytes(self) -> int:
@@ -55,8 +56,16 @@ def flag(options: dict[str, Any], key: str) -> bool:
     return bool(value)
 
 
+def _made(name: str, array: np.ndarray, source: str) -> TensorRef:
+    """A tensor the conversion makes (no HF tensor behind it), as a TensorRef."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return TensorRef(name, tuple(array.shape), "f32", lambda: array, source=source)
+
+
 def _order_key(item: tuple[int, str]) -> tuple:
     index, name = item
+    if index < 0:
+        return (-1, 0, 0)
     m = re.match(r"blk\.(\d+)\.", name)
     if name.startswith("token_embd"):
         return (0, 0, index)
@@ -83,23 +92,55 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planne
     spec = arch_table.arch_for(model.arch, model.source)
     config = {**spec.config_defaults, **model.config}
     tied = bool(config.get("tie_word_embeddings", False))
-    kind = archs.rope_type(config)
-    if kind not in archs.SUPPORTED_ROPE:
-        raise ConvcoreError(f"{model.source}: rope type {kind!r} is not supported by the gguf "
-                            f"writer yet (supported: {', '.join(archs.SUPPORTED_ROPE)})")
+    if not spec.encoder:
+        rope.check(config, model.source)
+    if spec.swa_pattern:
+        # llama.cpp fixes the family's local/global layout; a config that says otherwise
+        # would run with the wrong attention on some layers
+        types = hfconfig.layer_types(config, spec.model_type)
+        if types != ["sliding_attention" if (i + 1) % spec.swa_pattern else "full_attention"
+                     for i in range(len(types))]:
+            raise ConvcoreError(f"{model.source}: layer_types {types} differ from the layout llama.cpp "
+                                f"runs {spec.gguf_arch} with (every {spec.swa_pattern}th layer global)")
+        local = hfconfig.rope_parameters(config, "sliding_attention", spec.model_type)
+        if spec.gguf_arch == "gemma3" and (local["rope_type"], local["rope_theta"]) != ("default", 10000.0):
+            raise ConvcoreError(f"{model.source}: the sliding layers' rope ({local['rope_type']}, base "
+                                f"{local['rope_theta']:g}) differs from the one llama.cpp runs gemma3's "
+                                "with (default, 10000)")
     named: list[tuple[int, str, TensorRef]] = []
     if spec.encoder and config.get("position_embedding_type", "absolute") != "absolute":
         raise ConvcoreError(f"{model.source}: position_embedding_type "
                             f"{config['position_embedding_type']!r} is not supported by llama.cpp's "
                             f"{spec.gguf_arch} (absolute only)")
+    if spec.problem is not None and spec.problem(config):
+        raise ConvcoreError(f"{model.source}: llama.cpp's {spec.gguf_arch} cannot run this "
+                            f"{spec.model_type} model: {spec.problem(config)}")
+    experts: dict[str, dict[int, TensorRef]] = {}
+    last: dict[int, int] = {}    # layer -> index of its last expert tensor
     for i, ref in enumerate(model.tensors.values()):
         if IGNORED.search(ref.name) or (tied and ref.name == "lm_head.weight") or spec.drops(ref.name):
+            continue
+        hit = archs.map_expert(spec, ref.name) if spec.experts else None
+        if hit is not None:
+            experts.setdefault(hit[0], {})[hit[1]] = ref
+            layer = int(hit[0].split(".")[1])
+            last[layer] = max(last.get(layer, -1), i)
             continue
         name = archs.map_name(spec, ref.name)
         if name is None:
             raise ConvcoreError(f"{ref.source or model.source}: tensor {ref.name!r} has no GGUF "
                                 f"name for architecture {spec.model_type}")
         named.append((i, name, ref))
+    stacked = _stack(spec, config, experts, model.source)
+    order = {gg: k for k, gg in enumerate(spec.experts.values())}
+    for name, ref in stacked.items():
+        # llama.cpp's converter writes a layer's stacks once it has seen all its experts
+        layer = int(name.split(".")[1])
+        generic = re.sub(r"^blk\.\d+\.", "blk.{bid}.", name).removesuffix(".weight")
+        named.append((last[layer] + 0.1 * (1 + order[generic]), name, ref))
+    for name, array in ([] if spec.encoder else rope.extra_tensors(config)):
+        # llama.cpp's converter writes the tensors it makes (rope_freqs) before the model's
+        named.append((-1, name, _made(name, array, model.source)))
     named.sort(key=lambda t: _order_key((t[0], t[1])))
     if flag(options, "vocab_only"):
         return spec, [], []
@@ -107,15 +148,48 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planne
     state = None
     if quant and quant not in ("f32", "f16", "bf16") and not flag(options, "pure"):
         n_gqa = config["num_attention_heads"] // (config.get("num_key_value_heads") or config["num_attention_heads"])
-        state = mixes.new_state([n for _, n, _ in named], n_gqa)
+        state = mixes.new_state([n for _, n, _ in named], n_gqa,
+                                n_expert=int(archs._experts(config) or 0) if spec.experts else 0,
+                                n_layer=int(config.get("num_hidden_layers") or 0))
     ftype = float_type(model, options)
     notes: list[str] = []
     planned = []
+    stacked_parts = {name: ref.parts for name, ref in stacked.items()}  # type: ignore[attr-defined]
     for _, name, ref in named:
         gtype = mixes.choose_type(state, quant, name, ref.shape, ftype, notes)
+        parts = stacked_parts.get(name, ())
         planned.append(Planned(name, tuple(ref.shape), gtype, ref,
-                               archs.transform(spec, config, name)))
+                               None if parts else archs.transform(spec, config, name), parts))
     return spec, planned, notes
+
+
+class _Stacked(TensorRef):
+    """The experts of one layer's projection as one 3-D tensor; the writer reads it an
+    expert at a time (``parts``), :meth:`load` stacks them all."""
+
+
+def _stack(spec: archs.Arch, config: dict[str, Any], experts: dict[str, dict[int, TensorRef]],
+           source: str) -> dict[str, TensorRef]:
+    """GGUF name -> a TensorRef over the stacked experts (their refs in ``.parts``),
+    checking every layer has every expert, all of one shape and type."""
+    n = int(archs._experts(config) or 0)
+    out: dict[str, TensorRef] = {}
+    for name, found in experts.items():
+        if sorted(found) != list(range(n)):
+            missing = sorted(set(range(n)) - set(found))
+            raise ConvcoreError(f"{source}: {name} stacks experts {sorted(found)[:8]}..., "
+                                f"config says {n} (missing {missing[:8]})")
+        parts = tuple(found[x] for x in range(n))
+        first = parts[0]
+        odd = next((p for p in parts if (tuple(p.shape), p.dtype) != (tuple(first.shape), first.dtype)), None)
+        if odd is not None:
+            raise ConvcoreError(f"{odd.source or source}: expert tensor {odd.name!r} is "
+                                f"{odd.dtype}{list(odd.shape)}, its siblings {first.dtype}{list(first.shape)}")
+        ref = _Stacked(first.name, (n, *first.shape), first.dtype,
+                       lambda ps=parts: np.stack([p.load() for p in ps]), source=first.source)
+        ref.parts = parts  # type: ignore[attr-defined]
+        out[name] = ref
+    return out
 
 
 def quantize_blocks(array: np.ndarray, gtype: T, name: str) -> np.ndarray:
@@ -153,19 +227,29 @@ def slices(planned: list[Planned]) -> list[Slice]:
     out = []
     for item in planned:
         rows = int(np.prod(item.shape[:-1], dtype=np.int64)) if len(item.shape) > 1 else 1
-        step = rows if item.fn is not None else max(1, CHUNK_ELEMENTS // max(1, item.shape[-1]))
-        out.extend(Slice(item, a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1)))
+        # a stacked tensor's slices stay within one expert (each read from its own source)
+        per = rows // len(item.parts) if item.parts else rows
+        step = per if item.fn is not None else min(per, max(1, CHUNK_ELEMENTS // max(1, item.shape[-1])))
+        for base in range(0, max(rows, 1), max(per, 1)):
+            end = min(base + max(per, 1), max(rows, 1))
+            out.extend(Slice(item, a, min(a + step, end)) for a in range(base, end, max(step, 1)))
     return out
 
 
 def produce(part: Slice) -> np.ndarray:
     """The bytes of a slice of rows as they go into the file (cast or quantized)."""
     item = part.item
-    array = np.asarray(item.ref.load())
+    offset = 0
+    if item.parts:   # one expert's rows of a stacked tensor
+        per = part.rows // len(item.parts)
+        array = np.asarray(item.parts[part.start // per].load())
+        offset = part.start // per * per
+    else:
+        array = np.asarray(item.ref.load())
     if item.fn is not None:
         array = item.fn(array)
     rows = array.reshape(-1, array.shape[-1]) if array.ndim > 1 else array.reshape(1, -1)
-    rows = rows[part.start:part.stop]
+    rows = rows[part.start - offset:part.stop - offset]
     if item.gtype in NUMPY_OF:
         return np.ascontiguousarray(cast(rows, NUMPY_OF[item.gtype]))
     return quantize_blocks(np.ascontiguousarray(cast(rows, "f32")), item.gtype, item.name)

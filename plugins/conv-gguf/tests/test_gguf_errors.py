@@ -137,15 +137,6 @@ def _edited_copy(src, dst, **changes):
     return dst
 
 
-def test_gguf_unsupported_rope_is_refused(tiny_model_factory, tmp_path):
-    src = _edited_copy(tiny_model_factory("llama"), tmp_path / "src", rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    with pytest.raises(ConvcoreError, match="rope type 'llama3' is not supported"):
-        convcore.convert(src, tmp_path / "x.gguf", to="gguf")
-    assert not (tmp_path / "x.gguf").exists()
-
-
 def test_gguf_missing_hparam_fails_validation(tiny_model_factory, tmp_path):
     """A config without max_position_embeddings gives a GGUF without context_length,
     which validation catches before the file is put in place."""

@@ -1,0 +1,114 @@
+"""Rope scaling through GGUF: Llama-3's rope (``rope_freqs``) and YaRN (its keys) as
+llama.cpp's converter stores them, checked in llama.cpp on 200 tokens, past the original
+context, and read back to the same HF config; ropes llama.cpp cannot run are refused."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import convcore
+from convcore import ConvcoreError
+from convcore.testing.models import ROPE_VARIANTS, tiny_model
+from gguf_testlib import rel_err
+
+N_TOKENS = 200   # past the variants' original context of 64
+
+
+def _source(variant: str):
+    arch, extra = {"llama3": ("llama", {"tie": True}), "yarn": ("qwen2", {})}[variant]
+    return tiny_model(arch, **extra, **ROPE_VARIANTS[variant])
+
+
+def _reference(src, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _ids(src) -> list[int]:
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    return [int(t) for t in np.random.default_rng(1).integers(3, vocab, size=N_TOKENS)]
+
+
+@pytest.fixture(scope="module")
+def rope_ggufs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rope")
+    return {v: convcore.convert(_source(v), out / f"{v}.gguf", to="gguf") for v in ROPE_VARIANTS}
+
+
+def test_llama3_rope_is_stored_as_rope_freqs(rope_ggufs):
+    reader = gguf.GGUFReader(rope_ggufs["llama3"])
+    tensors = {t.name: t for t in reader.tensors}
+    assert reader.tensors[0].name == "rope_freqs.weight"   # first, as llama.cpp's converter
+    freqs = tensors["rope_freqs.weight"]
+    assert gguf.GGMLQuantizationType(freqs.tensor_type) == gguf.GGMLQuantizationType.F32
+    # head_dim 64, theta 5e5, original context 64, low/high 1/4: dims with a wavelength
+    # under 16 keep their frequency, over 64 are divided by 8, the ones between ramp
+    values = np.asarray(freqs.data)
+    wavelen = 2 * np.pi * 500000.0 ** (np.arange(0, 64, 2) / 64)
+    assert np.all(values[wavelen < 16] == 1.0) and np.all(values[wavelen > 64] == 8.0)
+    ramp = values[(wavelen >= 16) & (wavelen <= 64)]
+    assert len(ramp) == 3 and np.all((ramp > 1) & (ramp < 8)) and np.all(np.diff(ramp) > 0)
+    assert "llama.rope.scaling.type" not in {f.name for f in reader.fields.values()}
+
+
+def test_yarn_rope_keys(rope_ggufs):
+    fields = gguf.GGUFReader(rope_ggufs["yarn"]).fields
+    def value(key):
+        return fields[key].contents()
+    assert value("qwen2.rope.scaling.type") == "yarn"
+    assert value("qwen2.rope.scaling.factor") == 4.0
+    assert value("qwen2.rope.scaling.original_context_length") == 64
+    assert value("qwen2.rope.freq_base") == 1e6
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("variant", list(ROPE_VARIANTS))
+def test_scaled_rope_logits_in_llamacpp(variant, rope_ggufs):
+    src = _source(variant)
+    ids = _ids(src)
+    ref = _reference(src, ids)
+    got = convcore.get_registry().infer(rope_ggufs[variant], ids, "gguf")
+    err = rel_err(got, ref)
+    assert err <= 1e-3, f"{variant}: llama.cpp vs transformers on {N_TOKENS} tokens: {err:.2e}"
+
+
+@pytest.mark.parametrize("variant", list(ROPE_VARIANTS))
+def test_scaled_rope_reads_back(variant, rope_ggufs, tmp_path):
+    src = _source(variant)
+    back = convcore.convert(rope_ggufs[variant], tmp_path / "hf", to="hf")
+    theirs = json.loads((src / "config.json").read_text())["rope_parameters"]
+    ours = json.loads((back / "config.json").read_text())["rope_parameters"]
+    assert ours == theirs
+    a, b = load_file(src / "model.safetensors"), load_file(back / "model.safetensors")
+    assert set(b) == set(a) - {"lm_head.weight"} | ({"lm_head.weight"} & set(b))
+    for name in b:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def test_rope_llamacpp_cannot_run_is_refused(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConvcoreError, match="rope type 'dynamic' cannot be stored in a GGUF"):
+        convcore.convert(src, tmp_path / "x.gguf", to="gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gemma3_layout_llamacpp_cannot_run_is_refused(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("gemma3_text"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["layer_types"] = ["sliding_attention", "full_attention"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConvcoreError, match="every 6th layer global"):
+        convcore.convert(src, tmp_path / "x.gguf", to="gguf")
