@@ -168,7 +168,36 @@ def _load_torch_model(src: Path, model: Model, dtype: str) -> Any:
     if missing:
         raise ConvcoreError(f"{model.arch}: the checkpoint lacks {len(missing)} weights {cls.__name__} "
                             f"needs, e.g. {missing[0]!r}")
+    dense_experts(torch_model)
     return torch_model.eval()
+
+
+def _dense_experts_forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+    """Every expert on every token, weighted by the router's top-k weights (zero for the
+    rest): the same sum as transformers' experts, with no data-dependent shapes, so it
+    exports (the grouped-matmul and per-expert-loop forms do not)."""
+    import torch
+    weights = torch.zeros(hidden_states.shape[0], self.gate_up_proj.shape[0],
+                          dtype=top_k_weights.dtype, device=hidden_states.device)
+    weights = weights.scatter(1, top_k_index, top_k_weights)
+    gate, up = torch.einsum("th,eoh->teo", hidden_states, self.gate_up_proj).chunk(2, dim=-1)
+    out = torch.einsum("tef,ehf->teh", self.act_fn(gate) * up, self.down_proj)
+    return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1).to(hidden_states.dtype)
+
+
+def dense_experts(torch_model: Any) -> int:
+    """Give transformers' stacked-experts modules (Mixtral, Qwen2/3-MoE: ``gate_up_proj``
+    ``[E, 2F, H]``, ``down_proj`` ``[E, H, F]``, no biases) the exportable forward above;
+    returns how many were changed."""
+    import types
+    n = 0
+    for module in torch_model.modules():
+        up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if (getattr(up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(module, "act_fn")
+                and getattr(module, "gate_up_proj_bias", None) is None):
+            module.forward = types.MethodType(_dense_experts_forward, module)
+            n += 1
+    return n
 
 
 def _turn_end_id(src: Path) -> int | None:

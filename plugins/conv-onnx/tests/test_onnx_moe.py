@@ -1,0 +1,42 @@
+"""Mixtures of experts to ONNX (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE):
+the export path gives transformers' experts a forward without data-dependent shapes
+(every expert on every token, weighted by the router), so torch.onnx.export takes it;
+logits in onnxruntime against transformers, and back to per-expert HF tensors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import convcore
+from convcore.testing.models import tiny_model
+
+pytestmark = [pytest.mark.onnx]
+N_TOKENS = 96
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_export_logits_and_read_back(arch, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    src = tiny_model(arch)
+    out = convcore.convert(src, tmp_path / "onnx", to="onnx", dtype="f32")
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    ids = [int(t) for t in np.random.default_rng(5).integers(3, vocab, size=N_TOKENS)]
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    with convcore.get_registry().open_session(out) as s:
+        got = s.logits(ids)
+        step = s.decode([7])
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
+    with torch.no_grad():
+        ref_step = model(torch.tensor([ids + [7]])).logits[0, -1].numpy()
+    assert np.abs(step[0] - ref_step).max() / np.abs(ref_step).max() <= 1e-4   # the KV cache
+    back = convcore.convert(out, tmp_path / "hf", to="hf")
+    a, b = load_file(src / "model.safetensors"), load_file(back / "model.safetensors")
+    assert set(b) == set(a)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
