@@ -8,7 +8,8 @@ registers an :class:`ArchRules` for it through the ``conv_mlx_register_archs`` h
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -30,16 +31,55 @@ class ArchRules:
         keeps whatever the checkpoint has.
     :param norms: the per-layer norms in the order the model class declares them (the
         order mlx-lm writes them in).
+    :param experts: HF module path of one expert's projection (``{bid}`` the layer,
+        ``{xid}`` the expert) -> the module mlx-lm's ``sanitize()`` stacks a layer's
+        experts into (``switch_mlp``: weights ``(experts, out, in)``).
+    :param module_quant: module-name suffix -> (bits, group) the model class's own
+        ``quant_predicate`` gives it whatever the default (Qwen3-MoE's router: 8 bits).
     """
 
     model_type: str
     tie_default: bool | None
     lm_head: str = "if_untied"
     norms: tuple[str, ...] = NORMS
+    experts: dict[str, str] = field(default_factory=dict)
+    module_quant: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def alias(self, model_type: str) -> "ArchRules":
         """The same rules under another HF ``model_type``."""
         return dataclasses.replace(self, model_type=model_type)
+
+
+MIXTRAL_EXPERTS = {
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w1": "model.layers.{bid}.block_sparse_moe.switch_mlp.gate_proj",
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w2": "model.layers.{bid}.block_sparse_moe.switch_mlp.down_proj",
+    "model.layers.{bid}.block_sparse_moe.experts.{xid}.w3": "model.layers.{bid}.block_sparse_moe.switch_mlp.up_proj",
+}
+QWEN_EXPERTS = {
+    f"model.layers.{{bid}}.mlp.experts.{{xid}}.{p}": f"model.layers.{{bid}}.mlp.switch_mlp.{p}"
+    for p in ("gate_proj", "up_proj", "down_proj")
+}
+
+
+def expert_of(rules: ArchRules, hf_name: str) -> tuple[str, int] | None:
+    """(mlx name of the stacked weight, expert number) of one expert's HF weight, or None."""
+    for hf, mlx in rules.experts.items():
+        pattern = re.escape(hf).replace(r"\{bid\}", r"(?P<bid>\d+)").replace(r"\{xid\}", r"(?P<xid>\d+)")
+        m = re.fullmatch(pattern + r"\.weight", hf_name)
+        if m:
+            return mlx.replace("{bid}", m.group("bid")) + ".weight", int(m.group("xid"))
+    return None
+
+
+def experts_of(rules: ArchRules, mlx_name: str, n_expert: int) -> list[str] | None:
+    """The HF weight names of the experts stacked in mlx tensor ``mlx_name`` (a
+    ``.weight``, ``.scales`` or ``.biases``), in order, or None."""
+    for hf, mlx in rules.experts.items():
+        m = re.fullmatch(re.escape(mlx).replace(r"\{bid\}", r"(?P<bid>\d+)") + r"\.(?P<part>\w+)", mlx_name)
+        if m:
+            base = hf.replace("{bid}", m.group("bid"))
+            return [f"{base.replace('{xid}', str(x))}.{m.group('part')}" for x in range(n_expert)]
+    return None
 
 
 # mlx_lm/models/<arch>.py as of mlx-lm 0.32 (mistral is served by llama.py).
@@ -55,6 +95,10 @@ BUILTIN_ARCHS: Mapping[str, ArchRules] = MappingProxyType({r.model_type: r for r
     ArchRules("gemma3_text", tie_default=True, lm_head="if_present",
               norms=NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm")),
     ArchRules("phi3", tie_default=False),
+    ArchRules("mixtral", tie_default=False, experts=MIXTRAL_EXPERTS),
+    ArchRules("qwen2_moe", tie_default=False, experts=QWEN_EXPERTS),
+    ArchRules("qwen3_moe", tie_default=False, experts=QWEN_EXPERTS,
+              module_quant={"mlp.gate": (8, 64)}),
 )})
 
 

@@ -29,6 +29,9 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # which is the order it fills shards in.
 ATTN_ORDER = ("q_proj", "qkv_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 MLP_ORDER = ("gate_proj", "gate_up_proj", "down_proj", "up_proj")
+MOE_ORDER = ("gate", "switch_mlp.gate_proj", "switch_mlp.up_proj", "switch_mlp.down_proj",
+             "shared_expert.gate_proj", "shared_expert.down_proj", "shared_expert.up_proj",
+             "shared_expert_gate")
 PARAM_ORDER = ("weight", "scales", "biases", "bias")
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -63,6 +66,8 @@ def order_key(name: str, rules: ArchRules) -> tuple:
             sub = (0, _rank(ATTN_ORDER, rest[1]))
         elif rest[:1] == ["mlp"] and len(rest) == 2:
             sub = (1, _rank(MLP_ORDER, rest[1]))
+        elif rest[:1] in (["mlp"], ["block_sparse_moe"]) and len(rest) >= 2:
+            sub = (1, len(MLP_ORDER) + 1 + _rank(MOE_ORDER, ".".join(rest[1:])))
         elif len(rest) == 1 and rest[0] in rules.norms:
             sub = (2, rules.norms.index(rest[0]))
         else:
@@ -95,9 +100,9 @@ def packed_shapes(shape: tuple[int, ...], bits: int, group_size: int) -> tuple[t
 
 
 def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
-    """mlx-lm quantizes Linear and Embedding weights (the 2-D ``.weight`` tensors in these
-    architectures) whose input width divides by the group; norms and biases stay float."""
-    return name.endswith(".weight") and len(shape) == 2 and shape[-1] % group_size == 0
+    """mlx-lm quantizes Linear, SwitchLinear (stacked experts, 3-D) and Embedding weights
+    whose input width divides by the group; norms and biases stay float."""
+    return name.endswith(".weight") and len(shape) in (2, 3) and shape[-1] % group_size == 0
 
 
 # per-module choices -------------------------------------------------------------------

@@ -16,6 +16,7 @@ from convcore import (
     open_tensors, read_companions, read_json, read_tokenizer_files,
 )
 
+from .archs import experts_of, registered
 from .layout import BITS, GROUP_SIZES, scheme_name
 
 
@@ -92,6 +93,7 @@ def load_mlx(path: Path) -> Model:
             if name in raw:
                 raise ConvcoreError(f"{file}: tensor {name!r} also in {raw[name].source}")
             raw[name] = ref
+    raw = _unstacked(raw, config)
     registry = get_registry()  # captured: tensors may be read from worker threads
     tensors: dict[str, TensorRef] = {}
     for name, ref in raw.items():
@@ -120,6 +122,28 @@ def load_mlx(path: Path) -> Model:
     return Model(arch=arch_of(config), config=hf_config(config), tensors=tensors,
                  tokenizer=read_tokenizer_files(path), metadata=metadata, source=str(path),
                  format="mlx", companions=read_companions(path))
+
+
+def _unstacked(raw: dict[str, TensorRef], config: dict[str, Any]) -> dict[str, TensorRef]:
+    """``raw`` with mlx-lm's stacked experts (``switch_mlp``) split back into HF's
+    per-expert tensors, each a view of its own slab (quantized parts included)."""
+    rules = registered().items.get(arch_of(config))
+    if rules is None or not rules.experts:
+        return raw
+    n = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    out: dict[str, TensorRef] = {}
+    for name, ref in raw.items():
+        names = experts_of(rules, name, n)
+        if names is None:
+            out[name] = ref
+            continue
+        if len(ref.shape) < 2 or ref.shape[0] != n:
+            raise ConvcoreError(f"{ref.source}: {name} has shape {list(ref.shape)}, expected "
+                                f"{n} stacked experts first")
+        for x, hf in enumerate(names):
+            out[hf] = TensorRef(hf, tuple(ref.shape[1:]), ref.dtype, lambda r=ref, x=x: r.load()[x],
+                                source=ref.source)
+    return out
 
 
 #: rows are dequantized in blocks of about this many values (a few MB of float32 each)

@@ -20,7 +20,7 @@ from convcore import (
     numpy_dtype, page_releaser, parse_size, quantize, write_companions, write_sharded, write_tokenizer_files,
 )
 
-from .archs import rules_for
+from .archs import expert_of, rules_for
 from .rope import mlx_keys
 from .layout import (
     DTYPE_NAMES, SHARD_BYTES, TORCH_DTYPES, dropped, module_choice, order_key, packed_shapes,
@@ -50,7 +50,7 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[list[tuple[TensorRef, s
     if default:
         block = {"group_size": default[1], "bits": default[0], "mode": "affine"}
     items, skipped = [], []
-    for ref in model.tensors.values():
+    for ref in stacked_view(model, rules):
         if dropped(ref.name, model.config, rules):
             skipped.append(ref.name)
             continue
@@ -59,6 +59,12 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[list[tuple[TensorRef, s
         if default and ref.dtype in FLOAT_DTYPES and quantizable(ref.name, ref.shape, default[1]):
             module = ref.name[: -len(".weight")]
             choice, recorded = module_choice(module, default, options, num_layers)
+            own = next((q for suffix, q in rules.module_quant.items() if module.endswith(suffix)), None)
+            if own is not None and choice is not None and not options.get("quant_overrides"):
+                # the model class's own predicate (mlx-lm's router bits), recorded as
+                # mlx-lm records a predicate's dict: without a mode
+                choice, recorded = own, False
+                block[module] = {"group_size": own[1], "bits": own[0]}
             if choice and ref.shape[-1] % choice[1]:
                 raise ConvcoreError(f"mlx: {ref.name} has {ref.shape[-1]} columns, not a multiple "
                                     f"of group size {choice[1]}")
@@ -67,6 +73,43 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[list[tuple[TensorRef, s
         items.append((ref, out, choice))
     items.sort(key=lambda item: order_key(item[0].name, rules))  # stable: unknowns keep their order
     return items, block, skipped
+
+
+def stacked_view(model: Model, rules: Any) -> list[TensorRef]:
+    """The model's tensors with each layer's experts stacked as mlx-lm's ``sanitize()``
+    stacks them (``switch_mlp.*.weight``: ``(experts, out, in)``), in place of the first
+    expert; other tensors as they are. A stack is read whole when written (one stacked
+    tensor in memory, never all experts of all layers)."""
+    if not rules.experts:
+        return list(model.tensors.values())
+    groups: dict[str, dict[int, TensorRef]] = {}
+    out: list[TensorRef | str] = []
+    for ref in model.tensors.values():
+        hit = expert_of(rules, ref.name)
+        if hit is None:
+            out.append(ref)
+            continue
+        if hit[0] not in groups:
+            groups[hit[0]] = {}
+            out.append(hit[0])
+        groups[hit[0]][hit[1]] = ref
+    n = int(model.config.get("num_local_experts") or model.config.get("num_experts") or 0)
+    result: list[TensorRef] = []
+    for item in out:
+        if isinstance(item, TensorRef):
+            result.append(item)
+            continue
+        found = groups[item]
+        if sorted(found) != list(range(n)):
+            raise ConvcoreError(f"{model.source}: {item} would stack experts {sorted(found)[:8]}..., "
+                                f"config says {n}")
+        parts = [found[x] for x in range(n)]
+        first = parts[0]
+        if any((p.shape, p.dtype) != (first.shape, first.dtype) for p in parts):
+            raise ConvcoreError(f"{model.source}: the experts stacked in {item} differ in shape or type")
+        result.append(TensorRef(item, (n, *first.shape), first.dtype,
+                                lambda ps=parts: np.stack([p.load() for p in ps]), source=first.source))
+    return result
 
 
 def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Callable[[str], None]) -> Path:
@@ -220,6 +263,12 @@ def write_config(path: Path, model: Model, block: dict[str, Any] | None, dtype: 
     twice (``quantization`` and ``quantization_config``)."""
     config = dict(model.config)
     config.update(mlx_keys(model.config, model.arch, model.source))
+    n_expert = config.get("num_experts") or config.get("num_local_experts")
+    if n_expert:
+        # transformers 5 saves Qwen3-MoE's count as num_local_experts; mlx-lm's Qwen
+        # classes require num_experts, its Mixtral num_local_experts: say both
+        config.setdefault("num_experts", n_expert)
+        config.setdefault("num_local_experts", n_expert)
     config.pop("_name_or_path", None)
     config.pop("quantization", None)
     config.pop("quantization_config", None)
