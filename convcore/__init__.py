@@ -15,6 +15,7 @@ from .options import Option, parse_size
 from .pipeline import convert, load, ordered_map, prepare, quantize
 from .pooling import Pooling, is_encoder, pool, read_pooling
 from . import hfconfig
+from .multimodal import is_image_text, text_model
 from .registry import Format, Registry, Scheme, get_registry, using
 from .runtime import Session
 from .safetensors_io import (
@@ -29,5 +30,5 @@ __all__ = [
     "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "inside_model", "hookspec", "load", "numpy_dtype",
     "open_tensors", "Option", "ordered_map", "page_releaser", "parse_size", "plan_shards", "prepare", "quantize", "read_header", "read_json",
     "read_companions", "read_tokenizer_files", "write_companions", "using", "write_sharded", "write_tokenizer_files",
-    "Pooling", "is_encoder", "pool", "read_pooling", "hfconfig",
+    "Pooling", "is_encoder", "pool", "read_pooling", "hfconfig", "is_image_text", "text_model",
 ]

@@ -330,3 +330,66 @@ def tiny_encoder(**kwargs: Any) -> Path:
         except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# image-text checkpoints ------------------------------------------------------------------
+# family -> (config class, model class, text model_type, vision config, tokenizer family)
+IMAGE_TEXT: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", "gemma3_text",
+               {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "image_size": 28, "patch_size": 14}, "gemma"),
+    "mistral3": ("Mistral3Config", "Mistral3ForConditionalGeneration", "mistral",
+                 {"model_type": "pixtral", "hidden_size": 64, "intermediate_size": 128,
+                  "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 32,
+                  "image_size": 28, "patch_size": 14}, "llama"),
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration", "llama",
+              {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28,
+               "patch_size": 14}, "llama"),
+}
+
+
+def make_tiny_image_text(path: str | os.PathLike, family: str = "gemma3", *, hidden: int = 256,
+                         layers: int = 2, heads: int = 4, kv_heads: int = 2, ffn: int = 512,
+                         seed: int = 0, **text_overrides: Any) -> Path:
+    """A tiny ``*ForConditionalGeneration`` checkpoint (Gemma-3, Mistral-3 or LLaVA
+    layout: vision tower, projector, language model in ``text_config``) with random
+    weights and the text family's real tokenizer, saved as transformers saves it."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, text_type, vision, tok_family = IMAGE_TEXT[family]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path, tok_family)
+    text = dict(model_type=text_type, vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=hidden // heads, max_position_embeddings=512, rms_norm_eps=1e-6,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **text_overrides)
+    if text_type == "gemma3_text":
+        text.update(sliding_window=64, query_pre_attn_scalar=64)
+    extra = {"mm_tokens_per_image": 4} if family == "gemma3" else {}
+    config = getattr(transformers, config_cls)(text_config=text, vision_config=dict(vision), **extra)
+    torch.manual_seed(seed)
+    model = _perturbed(getattr(transformers, model_cls)(config), "f32")
+    model.save_pretrained(str(path))
+    return path
+
+
+def tiny_image_text(family: str = "gemma3", **kwargs: Any) -> Path:
+    """A cached :func:`make_tiny_image_text` checkpoint."""
+    import transformers
+
+    key = json.dumps({"arch": f"image-text-{family}", "transformers": transformers.__version__,
+                      "corpus": CORPUS.stat().st_size, "v": 1, "tokenizer_build": BUILD_VERSION,
+                      **kwargs}, sort_keys=True)
+    path = cache_dir() / "tiny-models" / f"{family}-it-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_tiny_image_text(tmp, family, **kwargs)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -95,7 +95,7 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
     if fmt != FORMAT:
         return None
     from .writer import write_gguf
-    return write_gguf(model, Path(path), options, progress)
+    return write_gguf(convcore.text_model(model, "llama.cpp"), Path(path), options, progress)
 
 
 @convcore.hookimpl

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import convcore
 from convcore import ConvcoreError, Format, Model, Option, hookimpl
 
 from .archs import BUILTIN_ARCHS, ArchRules
@@ -108,7 +109,7 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
                    progress: Callable[[str], None]) -> Path | None:
     if fmt != "mlx":
         return None
-    return write_mlx(model, Path(path), options, progress)
+    return write_mlx(convcore.text_model(model, "mlx-lm"), Path(path), options, progress)
 
 
 @hookimpl

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import convcore
 from convcore import ConvcoreError, Format, Model, Option, hookimpl
 
 from .archs import BUILDER_ARCHS
@@ -68,6 +69,7 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
                    progress: Callable[[str], None]) -> Path | None:
     if fmt != "onnx":
         return None
+    model = convcore.text_model(model, "onnxruntime")
     how = options.get("path") or "auto"
     if how == "auto":
         how = "builder" if model.arch in BUILDER_ARCHS else "export"
