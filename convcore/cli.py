@@ -151,9 +151,16 @@ def plugins(as_json: bool, show_all: bool) -> None:
 @cli.command()
 @click.argument("name", required=False, metavar="[FMT]")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
-def formats(name: str | None, as_json: bool) -> None:
+@click.option("--archs", is_flag=True,
+              help="The architecture x format matrix: w written, r read back, + checked in the runtime.")
+def formats(name: str | None, as_json: bool, archs: bool = False) -> None:
     """List formats: read/write, the schemes each can store and its options (-O)."""
     registry = get_registry()
+    if archs:
+        from .archmatrix import markdown, matrix
+        table = matrix(registry)
+        click.echo(json.dumps(table, indent=2) if as_json else markdown(table), nl=as_json)
+        return
     chosen = [registry.format(name)] if name else sorted(registry.formats.values(), key=lambda f: f.name)
     rows = [{"format": f.name, "read": f.can_read, "write": f.can_write,
              "kind": "directory" if f.directory else "file", "plugin": f.plugin,

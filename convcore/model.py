@@ -316,7 +316,9 @@ class Model:
     ``companions`` maps relative POSIX paths (``README.md``, ``1_Pooling/config.json``)
     to the bytes of the files of the source directory that are neither weights, config
     nor tokenizer files, carried over unchanged (see ``convcore.read_companions`` and
-    ``convcore.write_companions``).
+    ``convcore.write_companions``). A reader that can describe a file but not map it to
+    HF names (an architecture it does not know) sets ``metadata["unmapped"]`` to the
+    reason: ``inspect`` shows such a model, ``convert`` refuses it with that reason.
     """
 
     arch: str

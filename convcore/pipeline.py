@@ -143,6 +143,9 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
         check_replaceable(dst, out_fmt)
 
     model = registry.load(src, from_)
+    if model.metadata.get("unmapped"):
+        # a reader that could describe the file but not map it (inspect shows it)
+        raise ConvcoreError(f"{src}: {model.metadata['unmapped']}; it can be inspected, not converted")
     model.metadata.update(metadata or {})
     if not allow_nonfinite:
         for name, ref in list(model.tensors.items()):

@@ -60,6 +60,11 @@ class Format:
         ``--dry-run``); anything else is refused before work starts.
     :param scheme_package: the distribution that implements the schemes it lists, named
         in the error when one of them is not installed (e.g. ``"my-kernels"``).
+    :param architectures: ``architectures() -> {model_type: {"write": bool, "read": bool,
+        "checked": bool, "note": str}}``: the HF architectures the format converts (its
+        writer's tables), whether its reader gives them back and whether the plugin's
+        tests check them in the format's runtime; None for formats that take any
+        architecture (weight stores). ``convcore formats --archs`` tabulates them.
     """
 
     name: str
@@ -74,6 +79,7 @@ class Format:
     options: tuple[Option, ...] = ()
     scheme_package: str = ""
     plugin: str = ""
+    architectures: Callable[[], dict[str, dict[str, Any]]] | None = None
 
     @property
     def all_schemes(self) -> tuple[str, ...]:

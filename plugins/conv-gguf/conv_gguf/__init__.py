@@ -59,7 +59,20 @@ def convcore_register_formats(register: Callable[..., None]) -> None:
     register(convcore.Format(
         name=FORMAT, description="GGUF, llama.cpp's single-file model (split files too)",
         directory=False, extensions=(".gguf",), schemes=mixes.SCHEMES, detect=detect,
-        options=OPTIONS, scheme_package="quant-rowwise"))
+        options=OPTIONS, scheme_package="quant-rowwise", architectures=architectures))
+
+
+#: the architectures conv-gguf's own tests run in llama.cpp against transformers
+CHECKED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "bert",
+           "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def architectures() -> dict[str, dict[str, Any]]:
+    """Every registered architecture (conv-gguf's and other plugins'), as Format declares."""
+    from .arch_table import registered
+    return {mt: {"write": True, "read": True, "checked": mt in CHECKED,
+                 "note": "" if a.gguf_arch == mt else f"as {a.gguf_arch}"}
+            for mt, a in registered().items.items()}
 
 
 @convcore.hookimpl

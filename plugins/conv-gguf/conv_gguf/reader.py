@@ -203,6 +203,30 @@ def _expert_refs(path: Path, t: _Tensor, hf_names: list[str], registry: Any) -> 
     return out
 
 
+def _unmapped(path: Path, kv: dict[str, Any], tensors: list, reason: str) -> Model:
+    """A GGUF this reader cannot map to HF, described as it is (GGUF tensor names, its
+    keys as metadata) so that ``inspect`` shows it; converting it stops with ``reason``."""
+    registry = convcore.get_registry()
+    refs = {}
+    for t, _, p in tensors:
+        gtype = T(t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if gtype not in FLOAT_VIEWS and gtype not in gguf.quants._type_traits:  # noqa: SLF001
+            continue
+        load = _loader(p, t, shape, None, registry)[0]
+        refs[t.name] = TensorRef(t.name, shape, FLOAT_VIEWS[gtype][0] if gtype in FLOAT_VIEWS else "f32",
+                                 load, source=str(p), stored="" if gtype in FLOAT_VIEWS else gtype.name.lower(),
+                                 stored_nbytes=int(t.n_bytes))
+    metadata = {k.removeprefix("general."): v for k, v in kv.items()
+                if k.startswith("general.") and isinstance(v, (str, int, float, bool))}
+    metadata.update(source=str(path), unmapped=reason)
+    arch = str(kv.get("general.architecture") or "unknown")
+    config = {k.removeprefix(f"{arch}."): v for k, v in kv.items()
+              if k.startswith(f"{arch}.") and isinstance(v, (str, int, float, bool))}
+    return Model(arch=arch, config={"model_type": arch, **config}, tensors=refs, metadata=metadata,
+                 source=str(path), format="gguf")
+
+
 def load_gguf(path: Path) -> Model:
     """Describe a GGUF file (or split set) as a lazy HF-named :class:`Model`."""
     path = Path(path)
@@ -212,8 +236,8 @@ def load_gguf(path: Path) -> Model:
     arch_name = kv.get("general.architecture")
     known = arch_table.read_back()
     if arch_name not in known:
-        raise ConvcoreError(f"{path}: GGUF architecture {arch_name!r} cannot be read back to HF "
-                            f"(supported: {', '.join(known)})")
+        return _unmapped(path, kv, tensors, f"GGUF architecture {arch_name!r} cannot be read back "
+                                            f"to HF (supported: {', '.join(known)})")
     spec = known[arch_name]
     if not spec.experts and kv.get(f"{arch_name}.expert_count"):
         # llama.cpp stores some mixtures of experts under the dense architecture (Mixtral
@@ -242,7 +266,8 @@ def load_gguf(path: Path) -> Model:
             continue
         hf = archs.unmap_name(spec, t.name)
         if hf is None:
-            raise ConvcoreError(f"{p}: tensor {t.name!r} has no HF name for architecture {arch_name}")
+            return _unmapped(path, kv, tensors, f"tensor {t.name!r} has no HF name for architecture "
+                                                f"{arch_name}")
         gtype = T(t.tensor_type)
         if gtype not in FLOAT_VIEWS and gtype not in gguf.quants._type_traits:  # noqa: SLF001
             raise ConvcoreError(f"{p}: tensor {t.name!r} has type {gtype.name}, which gguf "

@@ -180,3 +180,27 @@ def test_llamacpp_mixtral_gguf_inspects(moe_gguf, run_cli):
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["arch"] == "mixtral"
+
+
+def test_unknown_architecture_inspects_but_does_not_convert(tmp_path, run_cli):
+    """A GGUF of an architecture conv-gguf cannot map (here starcoder2) shows its header
+    and tensors in ``inspect``; ``run`` refuses it in one line and writes nothing."""
+    path = tmp_path / "sc2.gguf"
+    w = gguf.GGUFWriter(path, "starcoder2")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_tensor("token_embd.weight", np.ones((8, 32), np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.ones((32, 32), np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    shown = run_cli("inspect", path, "--json")
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert info["arch"] == "starcoder2" and info["tensors"] == 2 and info["params"] == 8 * 32 + 32 * 32
+    refused = run_cli("run", path, "-o", tmp_path / "hf", "--to", "hf")
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {path}: GGUF architecture 'starcoder2'")
+    assert "can be inspected, not converted" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "hf").exists()

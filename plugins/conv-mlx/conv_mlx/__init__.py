@@ -82,7 +82,19 @@ def convcore_register_formats(register: Callable[..., None]) -> None:
                     directory=True, schemes=SCHEMES, detect=detect,
                     outputs=("config.json", "model.safetensors", "model-*-of-*.safetensors",
                              "model.safetensors.index.json"), options=OPTIONS,
-                    scheme_package="quant-rowwise"))
+                    scheme_package="quant-rowwise", architectures=architectures))
+
+
+#: the architectures conv-mlx's own tests run in mlx-lm against transformers
+CHECKED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+           "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def architectures() -> dict[str, dict[str, Any]]:
+    """Every registered architecture (conv-mlx's and other plugins'), as Format declares."""
+    from .archs import registered
+    return {mt: {"write": True, "read": True, "checked": mt in CHECKED, "note": ""}
+            for mt in registered().items}
 
 
 @hookimpl

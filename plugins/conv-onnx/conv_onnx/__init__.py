@@ -53,7 +53,21 @@ def convcore_register_formats(register: Callable[..., None]) -> None:
     register(Format(name="onnx", description="ONNX directory for ONNX Runtime / onnxruntime-genai "
                     "(f32, f16, MatMulNBits int4/int8)",
                     directory=True, schemes=SCHEMES, detect=detect, outputs=OUTPUTS,
-                    options=OPTIONS, scheme_package="quant-rowwise"))
+                    options=OPTIONS, scheme_package="quant-rowwise", architectures=architectures))
+
+
+#: architectures the export path is tested on in onnxruntime (the builder's all are);
+#: it takes others transformers and torch.onnx.export can handle, unchecked
+EXPORT_CHECKED = ("mixtral", "qwen2_moe", "qwen3_moe", "bert")
+
+
+def architectures() -> dict[str, dict[str, Any]]:
+    """The builder's architectures and the export path's checked ones, as Format declares."""
+    out = {mt: {"write": True, "read": True, "checked": True, "note": "builder"} for mt in BUILDER_ARCHS}
+    for mt in EXPORT_CHECKED:
+        out[mt] = {"write": True, "read": True, "checked": True,
+                   "note": "export, f32/f16" if mt != "bert" else "export, encoder"}
+    return out
 
 
 @hookimpl
