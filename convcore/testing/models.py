@@ -42,7 +42,8 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any], str]] = {
 TOKENIZER_VOCAB = VOCAB_SIZE
 # Rope scaling as the Hub's long-context checkpoints set it (Llama-3.1/3.2's llama3 rope,
 # Qwen2.5's yarn), with the original context shrunk to 64 tokens so that a 200-token test
-# runs past it and the scaling changes the logits. ``tiny_model(arch, **ROPE_VARIANTS[k])``.
+# runs past it and the scaling changes the logits. ``tiny_model(arch, **ROPE_VARIANTS[k])``
+# (longrope's factors fit phi3's head of 64).
 ROPE_VARIANTS: dict[str, dict[str, Any]] = {
     "llama3": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -50,6 +51,12 @@ ROPE_VARIANTS: dict[str, dict[str, Any]] = {
     "yarn": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
                                  "original_max_position_embeddings": 64},
              "max_position_embeddings": 256},
+    # Phi-3-128k's LongRoPE: per-frequency long/short factors, original context 64 of 512
+    "longrope": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                     "long_factor": [1.0 + 0.5 * i for i in range(32)],
+                                     "short_factor": [1.0 + 0.02 * i for i in range(32)],
+                                     "original_max_position_embeddings": 64},
+                 "original_max_position_embeddings": 64},
 }
 
 

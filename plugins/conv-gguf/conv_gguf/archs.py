@@ -185,7 +185,7 @@ SLIDING_HPARAMS = (
     ("attention.sliding_window", _cfg("sliding_window"), "u32", "sliding_window"),
 )
 PHI3_HPARAMS = (
-    ("rope.scaling.original_context_length", _cfg("original_max_position_embeddings"), "u32",
+    ("rope.scaling.original_context_length", rope.original_context, "u32",
      "original_max_position_embeddings"),
 )
 # What llama.cpp's converter writes for BERT (TextModel.set_gguf_parameters: no rope, no

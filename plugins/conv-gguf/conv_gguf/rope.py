@@ -7,6 +7,9 @@
 - ``llama3``: no keys; a 1-D F32 tensor ``rope_freqs.weight`` of per-frequency divisors
   (1 for the high frequencies, ``factor`` for the low ones, a smooth ramp between) that
   llama.cpp divides each rotary frequency by.
+- ``longrope`` (Phi-3 128k): F32 tensors ``rope_factors_long`` / ``rope_factors_short`` and
+  ``rope.scaling.attn_factor``; llama.cpp takes the long factors when its context exceeds
+  ``rope.scaling.original_context_length``, transformers when the sequence does.
 
 Read back, the llama3 parameters are recovered from ``rope_freqs``: its divisors depend on
 the four llama3 settings only through a line in the frequency, which two ramp points fix.
@@ -21,10 +24,11 @@ import numpy as np
 from convcore import ConvcoreError, hfconfig
 
 #: rope types the gguf writer stores (transformers' names)
-SUPPORTED = ("default", "linear", "llama3", "yarn")
+SUPPORTED = ("default", "linear", "llama3", "yarn", "longrope")
 ROPE_FREQS = "rope_freqs.weight"
+LONG, SHORT = "rope_factors_long.weight", "rope_factors_short.weight"
 #: GGUF tensors that hold rope settings rather than weights
-TENSORS = (ROPE_FREQS,)
+TENSORS = (ROPE_FREQS, LONG, SHORT)
 # transformers' yarn keys -> llama.cpp's keys below "{arch}.rope.scaling."
 _YARN_OPTIONAL = (("extrapolation_factor", "yarn_ext_factor"),
                   ("attention_factor", "yarn_attn_factor"),
@@ -68,6 +72,25 @@ def scaling_factor(config: dict[str, Any]) -> float | None:
     return float(params(config)["factor"]) if scaling_type(config) else None
 
 
+def original_context(config: dict[str, Any]) -> int | None:
+    """The pre-training context a long-context rope extends (rope settings first)."""
+    value = params(config).get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+    return int(value) if value else None
+
+
+def longrope_attn_factor(config: dict[str, Any]) -> float | None:
+    """LongRoPE's cos/sin scale: the config's, else transformers' default from the
+    context ratio (what llama.cpp's converter writes as rope.scaling.attn_factor)."""
+    p = params(config)
+    if p["rope_type"] != "longrope":
+        return None
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+    original = original_context(config) or int(config["max_position_embeddings"])
+    factor = float(p.get("factor") or int(config["max_position_embeddings"]) / original)
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 # (key below "{arch}.", value from the HF config, GGUF type, HF key): the hparams rows
 HPARAMS = (
     ("rope.scaling.type", scaling_type, "str", None),
@@ -75,6 +98,7 @@ HPARAMS = (
     ("rope.scaling.original_context_length", _get("yarn", "original_max_position_embeddings", int),
      "u32", None),
     *((f"rope.scaling.{gg}", _get("yarn", hf), "f32", None) for hf, gg in _YARN_OPTIONAL),
+    ("rope.scaling.attn_factor", longrope_attn_factor, "f32", None),
 )
 
 
@@ -109,7 +133,13 @@ def llama3_divisors(config: dict[str, Any]) -> np.ndarray | None:
 def extra_tensors(config: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
     """GGUF tensors the rope needs beside the model's own: ``(gguf name, array)``."""
     divisors = llama3_divisors(config)
-    return [] if divisors is None else [(ROPE_FREQS, divisors)]
+    if divisors is not None:
+        return [(ROPE_FREQS, divisors)]
+    p = params(config)
+    if p["rope_type"] == "longrope":
+        return [(LONG, np.asarray(p["long_factor"], np.float32)),
+                (SHORT, np.asarray(p["short_factor"], np.float32))]
+    return []
 
 
 def _llama3_from_divisors(divisors: np.ndarray, theta: float, dim: int) -> dict[str, Any]:
@@ -154,6 +184,20 @@ def read(kv: dict[str, Any], arch: str, extra: dict[str, np.ndarray], head_dim: 
     key = f"{arch}.rope.scaling."
     if ROPE_FREQS in extra:
         return _llama3_from_divisors(np.asarray(extra[ROPE_FREQS]), theta, head_dim)
+    if LONG in extra and SHORT in extra:
+        out = {"rope_type": "longrope", "rope_theta": theta,
+               # the shortest decimals that are these float32 values (1.02, not 1.0199999809)
+               "long_factor": [float(str(np.float32(x))) for x in extra[LONG]],
+               "short_factor": [float(str(np.float32(x))) for x in extra[SHORT]]}
+        if f"{key}original_context_length" in kv:
+            out["original_max_position_embeddings"] = int(kv[f"{key}original_context_length"])
+        attn, ctx = kv.get(f"{key}attn_factor"), kv.get(f"{arch}.context_length")
+        original = out.get("original_max_position_embeddings")
+        if attn is not None and not (ctx and original and math.isclose(
+                float(attn), longrope_attn_factor({"max_position_embeddings": ctx, "rope_parameters": dict(out)}),
+                rel_tol=1e-6)):
+            out["attention_factor"] = float(attn)   # only when it is not transformers' default
+        return out
     if kind == "linear" and f"{key}factor" in kv:
         return {"rope_type": "linear", "rope_theta": theta, "factor": float(kv[f"{key}factor"])}
     if kind == "yarn" and f"{key}factor" in kv:

@@ -1,4 +1,5 @@
-"""Rope scaling through GGUF: Llama-3's rope (``rope_freqs``) and YaRN (its keys) as
+"""Rope scaling through GGUF: Llama-3's rope (``rope_freqs``), YaRN (its keys) and
+Phi-3's LongRoPE (long/short factor tensors) as
 llama.cpp's converter stores them, checked in llama.cpp on 200 tokens, past the original
 context, and read back to the same HF config; ropes llama.cpp cannot run are refused."""
 from __future__ import annotations
@@ -20,7 +21,7 @@ N_TOKENS = 200   # past the variants' original context of 64
 
 
 def _source(variant: str):
-    arch, extra = {"llama3": ("llama", {"tie": True}), "yarn": ("qwen2", {})}[variant]
+    arch, extra = {"llama3": ("llama", {"tie": True}), "yarn": ("qwen2", {}), "longrope": ("phi3", {})}[variant]
     return tiny_model(arch, **extra, **ROPE_VARIANTS[variant])
 
 
@@ -59,6 +60,18 @@ def test_llama3_rope_is_stored_as_rope_freqs(rope_ggufs):
     assert "llama.rope.scaling.type" not in {f.name for f in reader.fields.values()}
 
 
+def test_longrope_is_stored_as_factor_tensors(rope_ggufs):
+    reader = gguf.GGUFReader(rope_ggufs["longrope"])
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    rope = ROPE_VARIANTS["longrope"]["rope_parameters"]
+    assert np.array_equal(tensors["rope_factors_long.weight"], np.float32(rope["long_factor"]))
+    assert np.array_equal(tensors["rope_factors_short.weight"], np.float32(rope["short_factor"]))
+    fields = reader.fields
+    assert fields["phi3.rope.scaling.original_context_length"].contents() == 64
+    # transformers' default: sqrt(1 + ln(512 / 64) / ln(64))
+    assert fields["phi3.rope.scaling.attn_factor"].contents() == pytest.approx(np.sqrt(1 + np.log(8) / np.log(64)))
+
+
 def test_yarn_rope_keys(rope_ggufs):
     fields = gguf.GGUFReader(rope_ggufs["yarn"]).fields
     def value(key):
@@ -86,6 +99,11 @@ def test_scaled_rope_reads_back(variant, rope_ggufs, tmp_path):
     back = convcore.convert(rope_ggufs[variant], tmp_path / "hf", to="hf")
     theirs = json.loads((src / "config.json").read_text())["rope_parameters"]
     ours = json.loads((back / "config.json").read_text())["rope_parameters"]
+    if theirs.get("partial_rotary_factor") == 1.0:   # phi3's config says the default
+        theirs.pop("partial_rotary_factor")
+    for key in ("long_factor", "short_factor"):   # stored as float32, as llama.cpp keeps them
+        if key in theirs:
+            assert np.array_equal(np.float32(ours.pop(key)), np.float32(theirs.pop(key))), key
     assert ours == theirs
     a, b = load_file(src / "model.safetensors"), load_file(back / "model.safetensors")
     assert set(b) == set(a) - {"lm_head.weight"} | ({"lm_head.weight"} & set(b))

@@ -43,7 +43,11 @@ def mlx_keys(config: dict[str, Any], arch: str, source: str = "model") -> dict[s
             scaling["original_max_position_embeddings"] = int(config["max_position_embeddings"])
         scaling.pop("attention_factor", None)
     if kind != "default":
-        out["rope_scaling"] = scaling
+        # "type" too: mlx-lm's phi3 insists on the v4 key
+        out["rope_scaling"] = {**scaling, "type": kind}
+    if kind == "longrope" and p.get("original_max_position_embeddings"):
+        # mlx-lm's phi3 reads the original context at the top level (default 4096)
+        out["original_max_position_embeddings"] = int(p["original_max_position_embeddings"])
     elif config.get("rope_scaling") is not None:
         out["rope_scaling"] = None
     if p.get("partial_rotary_factor", 1.0) != 1.0 and config.get("partial_rotary_factor") is None:

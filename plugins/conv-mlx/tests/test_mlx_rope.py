@@ -19,7 +19,7 @@ N_TOKENS = 200
 
 
 def _source(variant: str):
-    arch, extra = {"llama3": ("llama", {"tie": True}), "yarn": ("qwen2", {})}[variant]
+    arch, extra = {"llama3": ("llama", {"tie": True}), "yarn": ("qwen2", {}), "longrope": ("phi3", {})}[variant]
     return tiny_model(arch, **extra, **ROPE_VARIANTS[variant])
 
 
