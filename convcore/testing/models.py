@@ -27,6 +27,21 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                     {"sliding_window": 64, "query_pre_attn_scalar": 64}, "gemma"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None}, "llama"),
+    # more dense families, with their published settings: OLMo-2's q/k norms over the whole
+    # projection and post-norms; Granite-3's four multipliers; SmolLM3's rope-less every
+    # 4th layer; StarCoder2's biases, LayerNorm and GELU; Phi-2's partial rotary and
+    # parallel attention + MLP
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"rope_theta": 500000.0}, "qwen2"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                 "attention_multiplier": 0.015625, "logits_scaling": 8.0}, "qwen2"),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                {"no_rope_layer_interval": 4, "use_sliding_window": False, "pad_token_id": None}, "qwen2"),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM",
+                   {"use_bias": True, "hidden_act": "gelu_pytorch_tanh", "norm_epsilon": 1e-5,
+                    "sliding_window": None}, "qwen2"),
+    "phi": ("PhiConfig", "PhiForCausalLM",
+            {"partial_rotary_factor": 0.5, "hidden_act": "gelu_new", "layer_norm_eps": 1e-5}, "qwen2"),
     # mixtures of experts with their families' routing: Mixtral's 8 experts, top 2;
     # Qwen1.5/2-MoE's shared expert and gate, unnormalized top-k; Qwen3-MoE's normalized top-k
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
@@ -163,9 +178,11 @@ def tiny_model(arch: str = "llama", **kwargs: Any) -> Path:
         raise ValueError(f"unknown tiny arch {arch!r}; known: {', '.join(ARCHS)}")
     # the tokenizer family's settings are part of the key: changing them rebuilds
     tok = FAMILIES[family(kwargs.get("tokenizer") or ARCHS[arch][3])]
+    # the arch's own settings are part of the key too: changing them rebuilds
     key = json.dumps({"arch": arch, "transformers": transformers.__version__,
                       "corpus": CORPUS.stat().st_size, "v": 3, "tokenizer_settings": tok,
-                      "tokenizer_build": BUILD_VERSION, **kwargs}, sort_keys=True)
+                      "tokenizer_build": BUILD_VERSION, "arch_settings": ARCHS[arch][2], **kwargs},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "tiny-models" / f"{arch}-{digest}"
     if not (path / "config.json").exists():

@@ -75,6 +75,21 @@ QWEN2_SHARED_EXPERT = {
     "model.layers.{bid}.mlp.shared_expert.down_proj": "blk.{bid}.ffn_down_shexp",
     "model.layers.{bid}.mlp.shared_expert_gate": "blk.{bid}.ffn_gate_inp_shexp",
 }
+# More dense families, as gguf-py's tensor map names them
+OLMO2_NAMES = {**{k: v for k, v in BASE_NAMES.items() if "layernorm" not in k}, **QK_NORM_NAMES,
+               "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.post_attention_norm",
+               "model.layers.{bid}.post_feedforward_layernorm": "blk.{bid}.post_ffw_norm"}
+STARCODER2_NAMES = {**{k: v for k, v in BASE_NAMES.items() if not k.endswith(_DENSE_MLP)},
+                    "model.layers.{bid}.mlp.c_fc": "blk.{bid}.ffn_up",
+                    "model.layers.{bid}.mlp.c_proj": "blk.{bid}.ffn_down"}
+PHI2_NAMES = {"model.embed_tokens": "token_embd", "model.final_layernorm": "output_norm",
+              "lm_head": "output", "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm",
+              "model.layers.{bid}.self_attn.q_proj": "blk.{bid}.attn_q",
+              "model.layers.{bid}.self_attn.k_proj": "blk.{bid}.attn_k",
+              "model.layers.{bid}.self_attn.v_proj": "blk.{bid}.attn_v",
+              "model.layers.{bid}.self_attn.dense": "blk.{bid}.attn_output",
+              "model.layers.{bid}.mlp.fc1": "blk.{bid}.ffn_up",
+              "model.layers.{bid}.mlp.fc2": "blk.{bid}.ffn_down"}
 # BERT encoders (llama.cpp's BertModel; names as gguf-py's tensor_mapping has them):
 # BertModel checkpoints name their modules without a prefix, BertForMaskedLM /
 # BertForPreTraining ones under "bert."; the unprefixed names come last so that files
@@ -175,6 +190,36 @@ def _moe_problem(norm_topk: bool):
 
 def _no_window(c: dict[str, Any]) -> str | None:
     return f"sliding_window={c['sliding_window']}" if c.get("sliding_window") else None
+
+
+def layer_norm_hparams(eps_key: str) -> tuple:
+    """COMMON_HPARAMS for LayerNorm families: the epsilon under llama.cpp's LayerNorm key."""
+    return tuple(row for row in COMMON_HPARAMS if row[0] != "attention.layer_norm_rms_epsilon") + (
+        ("attention.layer_norm_epsilon", _cfg(eps_key), "f32", eps_key),)
+
+
+GRANITE_HPARAMS = (
+    ("attention.scale", _cfg("attention_multiplier"), "f32", "attention_multiplier"),
+    ("embedding_scale", _cfg("embedding_multiplier"), "f32", "embedding_multiplier"),
+    ("residual_scale", _cfg("residual_multiplier"), "f32", "residual_multiplier"),
+    ("logit_scale", _cfg("logits_scaling"), "f32", "logits_scaling"),
+)
+LN_REQUIRED = tuple(k if k != "attention.layer_norm_rms_epsilon" else "attention.layer_norm_epsilon"
+                    for k in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                              "attention.head_count", "attention.layer_norm_rms_epsilon"))
+
+
+def _smollm3_problem(c: dict[str, Any]) -> str | None:
+    # llama.cpp leaves rope out of every 4th layer, whatever the file says
+    n = int(c.get("num_hidden_layers") or 0)
+    expected = [int((i + 1) % 4 != 0) for i in range(n)]
+    said = c.get("no_rope_layers") or [int((i + 1) % int(c.get("no_rope_layer_interval") or 4) != 0)
+                                       for i in range(n)]
+    return None if list(said) == expected else f"no_rope_layers {list(said)} (llama.cpp: every 4th layer)"
+
+
+def _phi2_config(kv: dict[str, Any], config: dict[str, Any]) -> None:
+    config.pop("head_dim", None)   # PhiConfig derives it; a stray key would not be used
 
 
 SOFTCAP_HPARAMS = (
@@ -369,6 +414,16 @@ BUILTIN_ARCHS: Mapping[str, Arch] = MappingProxyType({a.model_type: a for a in (
                         hf_class="Gemma3ForCausalLM",
                         names={**BASE_NAMES, **SANDWICH_NORM_NAMES, **QK_NORM_NAMES},
                         read_config=_gemma3_config, swa_pattern=6),
+    Arch("olmo2", "olmo2", "Olmo2ForCausalLM", OLMO2_NAMES, tokenizer_class=None),
+    Arch("granite", "granite", "GraniteForCausalLM", BASE_NAMES, COMMON_HPARAMS + GRANITE_HPARAMS,
+         permute_qk=True),
+    Arch("smollm3", "smollm3", "SmolLM3ForCausalLM", BASE_NAMES, permute_qk=True,
+         problem=_smollm3_problem),
+    Arch("starcoder2", "starcoder2", "Starcoder2ForCausalLM", STARCODER2_NAMES,
+         layer_norm_hparams("norm_epsilon"), base_required=LN_REQUIRED,
+         config_defaults={"use_bias": True, "hidden_act": "gelu_pytorch_tanh"}),
+    Arch("phi", "phi2", "PhiForCausalLM", PHI2_NAMES, layer_norm_hparams("layer_norm_eps"),
+         base_required=LN_REQUIRED, config_defaults={"hidden_act": "gelu_new"}, read_config=_phi2_config),
     Arch("mixtral", "llama", "MixtralForCausalLM", MIXTRAL_NAMES,
          COMMON_HPARAMS + moe_hparams("num_local_experts"), permute_qk=True, read_back=False,
          experts=MIXTRAL_EXPERTS, problem=_no_window, tokenizer_class="LlamaTokenizer"),

@@ -87,7 +87,7 @@ def convcore_register_formats(register: Callable[..., None]) -> None:
 
 #: the architectures conv-mlx's own tests run in mlx-lm against transformers
 CHECKED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-           "mixtral", "qwen2_moe", "qwen3_moe")
+           "mixtral", "qwen2_moe", "qwen3_moe", "olmo2", "granite", "smollm3", "starcoder2", "phi")
 
 
 def architectures() -> dict[str, dict[str, Any]]:

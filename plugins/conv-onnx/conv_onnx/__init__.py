@@ -58,7 +58,8 @@ def convcore_register_formats(register: Callable[..., None]) -> None:
 
 #: architectures the export path is tested on in onnxruntime (the builder's all are);
 #: it takes others transformers and torch.onnx.export can handle, unchecked
-EXPORT_CHECKED = ("mixtral", "qwen2_moe", "qwen3_moe", "bert")
+EXPORT_CHECKED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmo2", "granite", "smollm3", "starcoder2",
+                  "phi", "bert")
 
 
 def architectures() -> dict[str, dict[str, Any]]:
