@@ -266,6 +266,10 @@ def load_gguf(path: Path) -> Model:
             continue
         hf = archs.unmap_name(spec, t.name)
         if hf is None:
+            known_to_llamacpp = checks.tensor_names(arch_name)
+            if known_to_llamacpp is None or not known_to_llamacpp.fullmatch(t.name):
+                raise ConvcoreError(f"{p}: tensor {t.name!r} has no HF name for architecture {arch_name}")
+            # a tensor llama.cpp knows and this reader does not map: describe the file as is
             return _unmapped(path, kv, tensors, f"tensor {t.name!r} has no HF name for architecture "
                                                 f"{arch_name}")
         gtype = T(t.tensor_type)
