@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
 STAMP   := .venv/.installed
 
-.PHONY: install demo test test-fast fuzz bench clean
+.PHONY: install demo test test-full test-fast fuzz bench clean
 
 install: $(STAMP)
 
@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml constraints.txt requirements-dev.txt $(PLUGINS) scripts
 demo: install
 	bash scripts/demo.sh
 
+# the default tier: every plugin and command end to end, exhaustive variants sampled
+# (tests marked "full" run in test-full); the 20 slowest tests are listed so growth shows
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not full" --durations=20
+
+test-full: install
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow"
