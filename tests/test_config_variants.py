@@ -68,6 +68,16 @@ def test_onnx_builder_derives_layers_as_transformers(name, tmp_path):
     assert err <= 1e-4, f"{name}: onnxruntime vs transformers: {err:.2e}"
 
 
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", VARIANTS)
+def test_gguf_derives_layers_as_transformers(name, tmp_path):
+    src = _variant(tmp_path, name)
+    ids = _ids(src)
+    out = convcore.convert(src, tmp_path / "m.gguf", to="gguf")
+    err = _rel(convcore.get_registry().infer(out, ids, "gguf"), _reference(src, ids))
+    assert err <= 1e-3, f"{name}: llama.cpp vs transformers: {err:.2e}"
+
+
 @pytest.mark.mlx
 @pytest.mark.parametrize("name", ["gemma3-explicit", "gemma3-pattern", "gemma3-implicit"])
 def test_mlx_derives_layers_as_transformers(name, tmp_path):

@@ -256,23 +256,32 @@ def _gemma_query_scale(big_layers: int) -> Callable[[dict[str, Any], dict[str, A
     return fill
 
 
-def _layer_types(config: dict[str, Any], pattern: int) -> None:
-    config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
-                             for i in range(int(config.get("num_hidden_layers") or 0))]
+def _layer_types(config: dict[str, Any], pattern: int, kv: dict[str, Any] | None = None,
+                 arch: str = "") -> None:
+    """layer_types: the file's per-layer pattern when it has one, else llama.cpp's default."""
+    said = (kv or {}).get(f"{arch}.attention.sliding_window_pattern")
+    n = int(config.get("num_hidden_layers") or 0)
+    if isinstance(said, (list, tuple)) and len(said) == n:
+        config["layer_types"] = ["sliding_attention" if v else "full_attention" for v in said]
+        return
+    if isinstance(said, int) and not isinstance(said, bool) and said > 0:
+        pattern = said
+    config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
 
 
 def _gemma2_config(kv: dict[str, Any], config: dict[str, Any]) -> None:
-    _layer_types(config, 2)
+    _layer_types(config, 2, kv, "gemma2")
     _gemma_query_scale(46)(kv, config)
 
 
 def _gemma3_config(kv: dict[str, Any], config: dict[str, Any]) -> None:
-    # llama.cpp hard-codes Gemma 3's layout: every sixth layer global, the local (sliding)
-    # rope base 10000
+    # llama.cpp's defaults for Gemma 3: every sixth layer global, the local (sliding) rope
+    # base 10000, unless the file says otherwise
     full = {k: v for k, v in config["rope_parameters"].items() if k != "partial_rotary_factor"}
+    local = float(kv.get("gemma3.rope.freq_base_swa", 10000.0))
     config["rope_parameters"] = {"full_attention": full,
-                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
-    _layer_types(config, 6)
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+    _layer_types(config, 6, kv, "gemma3")
     _gemma_query_scale(62)(kv, config)
 
 
@@ -348,9 +357,10 @@ class Arch:
     :param extra_keys: ``extra_keys(model, config) -> [(key below "{gguf_arch}.", value,
         type)]`` for keys that come from more than config.json (BERT's pooling type, from
         the sentence-transformers files).
-    :param swa_pattern: llama.cpp runs every ``swa_pattern``-th layer with global
-        attention and the others sliding, whatever the file says (Gemma-2: 2, Gemma-3: 6);
-        a config with other ``layer_types`` is refused, and the reader writes them out.
+    :param swa_pattern: llama.cpp's default layout for the family: every ``swa_pattern``-th
+        layer global, the others sliding (Gemma-2: 2, Gemma-3: 6); a config with other
+        ``layer_types`` gets ``attention.sliding_window_pattern`` (per layer, true =
+        sliding), and the reader writes the layer types out either way.
     :param experts: HF module path of one expert's projection, with ``{bid}`` and
         ``{xid}`` (the expert number) -> the GGUF name of the 3-D tensor the layer's
         experts are stacked into, in the order llama.cpp's converter writes them.

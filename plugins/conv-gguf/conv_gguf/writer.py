@@ -94,19 +94,11 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planne
     tied = bool(config.get("tie_word_embeddings", False))
     if not spec.encoder:
         rope.check(config, model.source)
-    if spec.swa_pattern:
-        # llama.cpp fixes the family's local/global layout; a config that says otherwise
-        # would run with the wrong attention on some layers
-        types = hfconfig.layer_types(config, spec.model_type)
-        if types != ["sliding_attention" if (i + 1) % spec.swa_pattern else "full_attention"
-                     for i in range(len(types))]:
-            raise ConvcoreError(f"{model.source}: layer_types {types} differ from the layout llama.cpp "
-                                f"runs {spec.gguf_arch} with (every {spec.swa_pattern}th layer global)")
+    if spec.swa_pattern and spec.gguf_arch == "gemma3":
         local = hfconfig.rope_parameters(config, "sliding_attention", spec.model_type)
-        if spec.gguf_arch == "gemma3" and (local["rope_type"], local["rope_theta"]) != ("default", 10000.0):
-            raise ConvcoreError(f"{model.source}: the sliding layers' rope ({local['rope_type']}, base "
-                                f"{local['rope_theta']:g}) differs from the one llama.cpp runs gemma3's "
-                                "with (default, 10000)")
+        if local["rope_type"] != "default":
+            raise ConvcoreError(f"{model.source}: the sliding layers' rope type {local['rope_type']!r} "
+                                "cannot be stored in a GGUF (llama.cpp gives them a base only)")
     named: list[tuple[int, str, TensorRef]] = []
     if spec.encoder and config.get("position_embedding_type", "absolute") != "absolute":
         raise ConvcoreError(f"{model.source}: position_embedding_type "
@@ -268,8 +260,28 @@ def _begin_tensor(writer: gguf.GGUFWriter, item: Planned):
     return fout, info
 
 
+def _layout_keys(spec: archs.Arch, config: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """Keys for the local/global layer layout of families llama.cpp runs with a default
+    pattern (Gemma-2: every 2nd layer global, Gemma-3: every 6th): the per-layer pattern
+    (true = sliding) only where the config's layers differ from it, and Gemma-3's local
+    rope base (as llama.cpp's converter writes it)."""
+    if not spec.swa_pattern:
+        return []
+    out: list[tuple[str, Any, str]] = []
+    types = hfconfig.layer_types(config, spec.model_type)
+    if types != ["sliding_attention" if (i + 1) % spec.swa_pattern else "full_attention"
+                 for i in range(len(types))]:
+        out.append(("attention.sliding_window_pattern", [t == "sliding_attention" for t in types], "bools"))
+    if spec.gguf_arch == "gemma3":
+        out.append(("rope.freq_base_swa",
+                    hfconfig.rope_parameters(config, "sliding_attention", spec.model_type)["rope_theta"], "f32"))
+    return out
+
+
 def _add_value(writer: gguf.GGUFWriter, key: str, value: Any, kind: str) -> None:
-    if kind == "u32":
+    if kind == "bools":
+        writer.add_array(key, [bool(v) for v in value])
+    elif kind == "u32":
         writer.add_uint32(key, int(value))
     elif kind == "f32":
         writer.add_float32(key, float(value))
@@ -319,7 +331,7 @@ def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, option
         value = fn(config)
         if value is not None:
             _add_value(writer, f"{spec.gguf_arch}.{key}", value, kind)
-    for key, value, kind in (spec.extra_keys(model, config) if spec.extra_keys else []):
+    for key, value, kind in _layout_keys(spec, config) + (spec.extra_keys(model, config) if spec.extra_keys else []):
         _add_value(writer, f"{spec.gguf_arch}.{key}", value, kind)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)   # as llama.cpp's converter

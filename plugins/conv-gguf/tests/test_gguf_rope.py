@@ -122,11 +122,24 @@ def test_rope_llamacpp_cannot_run_is_refused(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_gemma3_layout_llamacpp_cannot_run_is_refused(tmp_path):
+@pytest.mark.llamacpp
+def test_gemma3_layout_and_local_base_reach_llamacpp(tmp_path):
+    """A Gemma-3 whose layers are not llama.cpp's default 5:1 and whose local rope base is
+    not 10000 is written with the per-layer pattern and freq_base_swa llama.cpp reads, runs
+    as transformers runs it past the window, and reads back to the same settings."""
     src = tmp_path / "src"
-    shutil.copytree(tiny_model("gemma3_text"), src)
+    shutil.copytree(tiny_model("gemma3_text", sliding_window=16, init_std=0.1), src)
     config = json.loads((src / "config.json").read_text())
     config["layer_types"] = ["sliding_attention", "full_attention"]
+    config["rope_parameters"]["sliding_attention"]["rope_theta"] = 20000.0
     (src / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConvcoreError, match="every 6th layer global"):
-        convcore.convert(src, tmp_path / "x.gguf", to="gguf")
+    out = convcore.convert(src, tmp_path / "g.gguf", to="gguf")
+    fields = gguf.GGUFReader(out).fields
+    assert list(fields["gemma3.attention.sliding_window_pattern"].contents()) == [True, False]
+    assert fields["gemma3.rope.freq_base_swa"].contents() == 20000.0
+    ids = _ids(src)[:80]
+    err = rel_err(convcore.get_registry().infer(out, ids, "gguf"), _reference(src, ids))
+    assert err <= 1e-3, f"llama.cpp vs transformers: {err:.2e}"
+    back = json.loads((convcore.convert(out, tmp_path / "hf", to="hf") / "config.json").read_text())
+    assert back["layer_types"] == config["layer_types"]
+    assert back["rope_parameters"]["sliding_attention"]["rope_theta"] == 20000.0
