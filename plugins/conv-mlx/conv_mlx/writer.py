@@ -107,8 +107,10 @@ def stacked_view(model: Model, rules: Any) -> list[TensorRef]:
         first = parts[0]
         if any((p.shape, p.dtype) != (first.shape, first.dtype) for p in parts):
             raise ConvcoreError(f"{model.source}: the experts stacked in {item} differ in shape or type")
-        result.append(TensorRef(item, (n, *first.shape), first.dtype,
-                                lambda ps=parts: np.stack([p.load() for p in ps]), source=first.source))
+        ref = TensorRef(item, (n, *first.shape), first.dtype,
+                        lambda ps=parts: np.stack([p.load() for p in ps]), source=first.source)
+        ref.parts = parts   # type: ignore[attr-defined]  # the writer reads a stack an expert at a time
+        result.append(ref)
     return result
 
 
@@ -123,7 +125,14 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
         ref, out, choice = item
         if choice is None:
             return {ref.name: cast_rows(ref.load(), out)}
-        data = quantize_rows(ref.load(), out, f"int{choice[0]}-g{choice[1]}", ref.name, registry)
+        scheme = f"int{choice[0]}-g{choice[1]}"
+        parts = getattr(ref, "parts", None)
+        if parts:   # a stack of experts, quantized an expert at a time (groups run along rows)
+            each = [quantize_rows(p.load(), out, scheme, ref.name, registry) for p in parts]
+            data = {key: np.stack([e[key] for e in each]) for key in each[0]}
+            del each
+        else:
+            data = quantize_rows(ref.load(), out, scheme, ref.name, registry)
         stem = ref.name[: -len(".weight")]
         return {f"{stem}.{part}": data[part] for part in ("weight", "scales", "biases")}
 
@@ -190,12 +199,13 @@ CHUNK_ELEMENTS = 1 << 22
 def cast_stream(ref: TensorRef, dtype: str, chunk: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
     """``ref`` cast to ``dtype`` as flat C-order chunks (what ``cast_rows`` gives, a piece
     at a time); the source's mapped pages leave the resident set once a chunk is cast."""
-    flat = np.ascontiguousarray(ref.load()).reshape(-1)
-    release = page_releaser(flat)
-    for start in range(0, flat.size, chunk):
-        piece = flat[start:start + chunk]
-        yield cast(piece, dtype)
-        release(piece)
+    for part in getattr(ref, "parts", None) or (ref,):   # a stack of experts: one at a time
+        flat = np.ascontiguousarray(part.load()).reshape(-1)
+        release = page_releaser(flat)
+        for start in range(0, flat.size, chunk):
+            piece = flat[start:start + chunk]
+            yield cast(piece, dtype)
+            release(piece)
 
 
 def prefetch(fn: Callable[[Any], Any], items: list, sizes: list[int], jobs: int, budget: int) -> Iterator[Any]:
