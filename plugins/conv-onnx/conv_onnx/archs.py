@@ -27,12 +27,18 @@ class Rope:
 
     inv_freq: np.ndarray
     attention_scaling: float = 1.0
+    #: LongRoPE: the inverse frequencies used once the sequence is longer than
+    #: ``threshold`` tokens (``inv_freq`` holds the short ones), as transformers switches
+    long_inv_freq: np.ndarray | None = None
+    threshold: int = 0
 
-    def tables(self, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    def tables(self, positions: int, long: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``cos``, ``sin`` of shape ``(positions, rotary_dim / 2)`` in float32, computed as
-        transformers does (f32 outer product, then cos/sin, then the scaling)."""
+        transformers does (f32 outer product, then cos/sin, then the scaling); ``long``:
+        LongRoPE's long-context table."""
+        inv = self.long_inv_freq if long else self.inv_freq
         pos = np.arange(positions, dtype=np.float32)
-        freqs = np.outer(pos, self.inv_freq.astype(np.float32)).astype(np.float32)
+        freqs = np.outer(pos, inv.astype(np.float32)).astype(np.float32)
         cos = (np.cos(freqs) * np.float32(self.attention_scaling)).astype(np.float32)
         sin = (np.sin(freqs) * np.float32(self.attention_scaling)).astype(np.float32)
         return cos, sin
@@ -77,7 +83,7 @@ class Decoder:
 
 def make_rope(arch: str, params: dict[str, Any], rotary_dim: int, config: dict[str, Any]) -> Rope:
     """Inverse frequencies for the rope types the builder supports (default, linear,
-    dynamic below its threshold, llama3, yarn), by transformers' formulas."""
+    dynamic below its threshold, llama3, yarn, longrope), by transformers' formulas."""
     base = float(params.get("rope_theta", 10000.0))
     kind = str(params.get("rope_type") or "default")
     exps = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
@@ -118,6 +124,19 @@ def make_rope(arch: str, params: dict[str, Any], rotary_dim: int, config: dict[s
         inter, extra = 1.0 / (factor * pos_freqs), 1.0 / pos_freqs
         inv = (inter * (1 - extrapolation) + extra * extrapolation).astype(np.float32)
         return Rope(inv, float(mscale))
+    if kind == "longrope":
+        original = int(params.get("original_max_position_embeddings")
+                       or config.get("original_max_position_embeddings") or config["max_position_embeddings"])
+        factor = float(params.get("factor") or int(config["max_position_embeddings"]) / original)
+        scale = params.get("attention_factor")
+        if scale is None:
+            scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        base_freqs = np.float32(base) ** exps
+
+        def scaled(ext: Any) -> np.ndarray:
+            return (1.0 / (np.asarray(ext, np.float32) * base_freqs)).astype(np.float32)
+        return Rope(scaled(params["short_factor"]), float(scale),
+                    long_inv_freq=scaled(params["long_factor"]), threshold=original)
     raise ConvcoreError(f"onnx: {arch}: rope type {kind!r} is not built directly; "
                         "use -O path=export")
 

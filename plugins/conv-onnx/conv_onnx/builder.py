@@ -279,6 +279,8 @@ class Builder:
                                                             f"sin_cache{x}": cast(s, io)}, ())
             caches[key] = (g.weight(f"cos_cache{suffix}", io, cos.shape, group),
                            g.weight(f"sin_cache{suffix}", io, sin.shape, group))
+            if rope.long_inv_freq is not None:
+                caches[key] = self._longrope(key, rope, caches[key], suffix, io)
 
         embed = "model.embed_tokens.weight"
         e = g.weight(embed, io, self.model.tensors[embed].shape,
@@ -326,6 +328,20 @@ class Builder:
             for kind in ("key", "value"):
                 g.io(f"present.{i}.{kind}", io,
                      ["batch_size", d.kv_heads, "total_sequence_length", d.head_dim], output=True)
+
+    def _longrope(self, key: str, rope: Any, short: tuple[str, str], suffix: str, io: str) -> tuple[str, str]:
+        """LongRoPE's tables chosen per run as transformers chooses them: the long ones
+        once the total sequence is longer than the original context, else the short."""
+        g = self.g
+        cos, sin = rope.tables(self.context, long=True)
+        group = g.group(lambda c=cos, s=sin, x=suffix: {f"cos_cache_long{x}": cast(c, io),
+                                                        f"sin_cache_long{x}": cast(s, io)}, ())
+        long = (g.weight(f"cos_cache_long{suffix}", io, cos.shape, group),
+                g.weight(f"sin_cache_long{suffix}", io, sin.shape, group))
+        is_long = g.op("Greater", [self.total, g.const(np.array(rope.threshold, dtype=np.int32))],
+                       f"/rope{suffix}/is_long")
+        return (g.op("Where", [is_long, long[0], short[0]], f"/rope{suffix}/cos"),
+                g.op("Where", [is_long, long[1], short[1]], f"/rope{suffix}/sin"))
 
     def attention(self, i: int, x: str, names: dict[str, str], cache: tuple[str, str]) -> str:
         d, g = self.d, self.g

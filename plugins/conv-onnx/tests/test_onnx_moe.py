@@ -41,3 +41,4 @@ def test_moe_export_logits_and_read_back(arch, tmp_path):
     assert set(b) == set(a)
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+
