@@ -55,10 +55,17 @@ def bench_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 def bench_model() -> Path:
     """The TinyLlama-1.1B-shaped bf16 model (random weights, 1 GB shards, a real
     SentencePiece tokenizer), built once under the cache dir and reused."""
+    return random_bf16_model("tinyllama-1.1b-bf16", BENCH_CONFIG, bench_tensors(BENCH_CONFIG))
+
+
+def random_bf16_model(name: str, config: dict, tensors: list[tuple[str, tuple[int, ...]]]) -> Path:
+    """A bf16 HF model ``name`` under the bench cache: ``tensors`` (name, shape) with random
+    weights (matrices N(0, 0.02), vectors 1 + N(0, 0.1)), ``config`` and a SentencePiece
+    tokenizer; built once, reused."""
     import convcore
     from convcore.testing.models import spm_tokenizer
 
-    path = cache_root() / "tinyllama-1.1b-bf16"
+    path = cache_root() / name
     if (path / "config.json").exists():
         return path
     tmp = path.with_name(path.name + ".tmp")
@@ -69,15 +76,15 @@ def bench_model() -> Path:
     def produce(shape):
         def make():
             x = rng.standard_normal(shape, dtype=np.float32)
-            x *= 0.02 if len(shape) == 2 else 0.1
+            x *= 0.02 if len(shape) >= 2 else 0.1
             if len(shape) == 1:
                 x += 1.0
             return convcore.cast(x, "bf16")
         return make
 
-    planned = [convcore.PlannedTensor(n, "bf16", s, produce(s)) for n, s in bench_tensors(BENCH_CONFIG)]
+    planned = [convcore.PlannedTensor(n, "bf16", s, produce(s)) for n, s in tensors]
     convcore.write_sharded(tmp, planned, max_shard_size=1_000_000_000, metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(BENCH_CONFIG, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     spm_tokenizer(tmp)
     tmp.rename(path)
     return path

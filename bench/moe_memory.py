@@ -7,16 +7,13 @@ tensor plus the usual 400 MB.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from harness import cache_root, measure, python, table
+from harness import measure, python, random_bf16_model, table
 
 CONFIG = {
     "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 2048,
@@ -45,27 +42,7 @@ def tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def model() -> Path:
-    import convcore
-    from convcore.testing.models import spm_tokenizer
-    path = cache_root() / "mixtral-4l-bf16"
-    if (path / "config.json").exists():
-        return path
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def make(shape):
-        def produce():
-            x = rng.standard_normal(shape, dtype=np.float32) * (0.02 if len(shape) == 2 else 0.1)
-            return convcore.cast(x + (1.0 if len(shape) == 1 else 0.0), "bf16")
-        return produce
-    planned = [convcore.PlannedTensor(n, "bf16", s, make(s)) for n, s in tensors(CONFIG)]
-    convcore.write_sharded(tmp, planned, max_shard_size=1_000_000_000, metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    spm_tokenizer(tmp)
-    tmp.rename(path)
-    return path
+    return random_bf16_model("mixtral-4l-bf16", CONFIG, tensors(CONFIG))
 
 
 def main() -> None:

@@ -75,6 +75,29 @@ ROPE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# the family each rope variant is published with (Llama-3.2 tied; Qwen2.5; Phi-3 128k)
+ROPE_ARCHS = {"llama3": ("llama", {"tie": True}), "yarn": ("qwen2", {}), "longrope": ("phi3", {})}
+
+
+def rope_model(variant: str) -> Path:
+    """The cached tiny model of ``variant``'s family with that rope (ROPE_VARIANTS)."""
+    arch, extra = ROPE_ARCHS[variant]
+    return tiny_model(arch, **extra, **ROPE_VARIANTS[variant])
+
+
+def reference_logits(path: str | os.PathLike, ids: list[int]) -> Any:
+    """transformers' float32 logits of the model at ``path`` for ``ids`` (one sequence)."""
+    import torch
+    import transformers
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    cls = getattr(transformers, (config.get("architectures") or ["AutoModelForCausalLM"])[0], None) \
+        or transformers.AutoModelForCausalLM
+    model = cls.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get("CONVCORE_CACHE", Path.home() / ".cache" / "convcore"))
     root.mkdir(parents=True, exist_ok=True)
@@ -183,12 +206,18 @@ def tiny_model(arch: str = "llama", **kwargs: Any) -> Path:
                       "corpus": CORPUS.stat().st_size, "v": 3, "tokenizer_settings": tok,
                       "tokenizer_build": BUILD_VERSION, "arch_settings": ARCHS[arch][2], **kwargs},
                      sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = cache_dir() / "tiny-models" / f"{arch}-{digest}"
+    return _cached(f"{arch}-{hashlib.sha256(key.encode()).hexdigest()[:16]}",
+                   lambda tmp: make_tiny_model(tmp, arch, **kwargs))
+
+
+def _cached(name: str, build: Any) -> Path:
+    """``cache_dir()/tiny-models/name``, made by ``build(tmp_dir)`` the first time (in a
+    temporary sibling renamed into place, so concurrent test processes never see half)."""
+    path = cache_dir() / "tiny-models" / name
     if not (path / "config.json").exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_model(tmp, arch, **kwargs)
+        build(tmp)
         try:
             tmp.rename(path)
         except OSError:  # another process won the race
@@ -407,13 +436,5 @@ def tiny_image_text(family: str = "gemma3", **kwargs: Any) -> Path:
     key = json.dumps({"arch": f"image-text-{family}", "transformers": transformers.__version__,
                       "corpus": CORPUS.stat().st_size, "v": 1, "tokenizer_build": BUILD_VERSION,
                       **kwargs}, sort_keys=True)
-    path = cache_dir() / "tiny-models" / f"{family}-it-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    if not (path / "config.json").exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_image_text(tmp, family, **kwargs)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return _cached(f"{family}-it-{hashlib.sha256(key.encode()).hexdigest()[:16]}",
+                   lambda tmp: make_tiny_image_text(tmp, family, **kwargs))

@@ -14,23 +14,18 @@ from safetensors.numpy import load_file
 
 import convcore
 from convcore import ConvcoreError
-from convcore.testing.models import ROPE_VARIANTS, tiny_model
+from convcore.testing.models import ROPE_VARIANTS, reference_logits, rope_model, tiny_model
 from gguf_testlib import rel_err
 
 N_TOKENS = 200   # past the variants' original context of 64
 
 
 def _source(variant: str):
-    arch, extra = {"llama3": ("llama", {"tie": True}), "yarn": ("qwen2", {}), "longrope": ("phi3", {})}[variant]
-    return tiny_model(arch, **extra, **ROPE_VARIANTS[variant])
+    return rope_model(variant)
 
 
 def _reference(src, ids):
-    import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
+    return reference_logits(src, ids)
 
 
 def _ids(src) -> list[int]:

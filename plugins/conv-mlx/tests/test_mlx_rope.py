@@ -12,23 +12,18 @@ from click.testing import CliRunner
 
 import convcore
 from convcore.cli import cli
-from convcore.testing.models import ROPE_VARIANTS, tiny_model
+from convcore.testing.models import ROPE_VARIANTS, reference_logits, rope_model
 from mlx_helpers import config, mlx_logits
 
 N_TOKENS = 200
 
 
 def _source(variant: str):
-    arch, extra = {"llama3": ("llama", {"tie": True}), "yarn": ("qwen2", {}), "longrope": ("phi3", {})}[variant]
-    return tiny_model(arch, **extra, **ROPE_VARIANTS[variant])
+    return rope_model(variant)
 
 
 def _reference(src, ids):
-    import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
+    return reference_logits(src, ids)
 
 
 @pytest.mark.parametrize("variant", list(ROPE_VARIANTS))
