@@ -78,10 +78,16 @@ def original_context(config: dict[str, Any]) -> int | None:
     return int(value) if value else None
 
 
-def longrope_attn_factor(config: dict[str, Any]) -> float | None:
-    """LongRoPE's cos/sin scale: the config's, else transformers' default from the
-    context ratio (what llama.cpp's converter writes as rope.scaling.attn_factor)."""
+def attn_factor(config: dict[str, Any]) -> float | None:
+    """``rope.scaling.attn_factor``, the cos/sin scale llama.cpp multiplies in last.
+    LongRoPE: the config's, else transformers' default from the context ratio (as llama.cpp's
+    converter writes it). YaRN with an explicit ``attention_factor``: transformers scales by
+    it alone, llama.cpp by its own 1 + 0.1 ln(factor) times this key (it ignores
+    ``yarn_attn_factor`` in YaRN mode, which its converter writes: 1.7e-2 rel err for
+    attention_factor 1.0 at factor 4), so the key holds the quotient."""
     p = params(config)
+    if p["rope_type"] == "yarn" and p.get("attention_factor") is not None:
+        return float(p["attention_factor"]) / _yarn_mscale(float(p.get("factor") or 1.0))
     if p["rope_type"] != "longrope":
         return None
     if p.get("attention_factor") is not None:
@@ -91,6 +97,11 @@ def longrope_attn_factor(config: dict[str, Any]) -> float | None:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def _yarn_mscale(factor: float) -> float:
+    """The cos/sin scale llama.cpp's YaRN applies itself: 1 + 0.1 ln(factor)."""
+    return 1.0 + 0.1 * math.log(factor) if factor > 1.0 else 1.0
+
+
 # (key below "{arch}.", value from the HF config, GGUF type, HF key): the hparams rows
 HPARAMS = (
     ("rope.scaling.type", scaling_type, "str", None),
@@ -98,7 +109,7 @@ HPARAMS = (
     ("rope.scaling.original_context_length", _get("yarn", "original_max_position_embeddings", int),
      "u32", None),
     *((f"rope.scaling.{gg}", _get("yarn", hf), "f32", None) for hf, gg in _YARN_OPTIONAL),
-    ("rope.scaling.attn_factor", longrope_attn_factor, "f32", None),
+    ("rope.scaling.attn_factor", attn_factor, "f32", None),
 )
 
 
@@ -194,7 +205,7 @@ def read(kv: dict[str, Any], arch: str, extra: dict[str, np.ndarray], head_dim: 
         attn, ctx = kv.get(f"{key}attn_factor"), kv.get(f"{arch}.context_length")
         original = out.get("original_max_position_embeddings")
         if attn is not None and not (ctx and original and math.isclose(
-                float(attn), longrope_attn_factor({"max_position_embeddings": ctx, "rope_parameters": dict(out)}),
+                float(attn), attn_factor({"max_position_embeddings": ctx, "rope_parameters": dict(out)}),
                 rel_tol=1e-6)):
             out["attention_factor"] = float(attn)   # only when it is not transformers' default
         return out
@@ -205,8 +216,10 @@ def read(kv: dict[str, Any], arch: str, extra: dict[str, np.ndarray], head_dim: 
         if f"{key}original_context_length" in kv:
             out["original_max_position_embeddings"] = int(kv[f"{key}original_context_length"])
         for hf, gg in _YARN_OPTIONAL:
-            if f"{key}{gg}" in kv:
+            if f"{key}{gg}" in kv and hf != "attention_factor":   # llama.cpp ignores that one
                 out[hf] = float(kv[f"{key}{gg}"])
+        if f"{key}attn_factor" in kv:   # the scale llama.cpp computes with this key
+            out["attention_factor"] = float(str(np.float32(kv[f"{key}attn_factor"] * _yarn_mscale(out["factor"]))))
         return out
     if kind not in (None, "none", "linear", "yarn"):
         raise ConvcoreError(f"rope scaling type {kind!r} cannot be read back to HF")

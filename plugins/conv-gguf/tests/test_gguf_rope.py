@@ -138,3 +138,24 @@ def test_gemma3_layout_and_local_base_reach_llamacpp(tmp_path):
     back = json.loads((convcore.convert(out, tmp_path / "hf", to="hf") / "config.json").read_text())
     assert back["layer_types"] == config["layer_types"]
     assert back["rope_parameters"]["sliding_attention"]["rope_theta"] == 20000.0
+
+
+@pytest.mark.llamacpp
+def test_yarn_explicit_attention_factor(tmp_path):
+    """An explicit YaRN attention_factor scales cos/sin alone in transformers; llama.cpp
+    ignores yarn_attn_factor in YaRN mode and scales by its own 1 + 0.1 ln(factor) times
+    rope.scaling.attn_factor, which therefore holds the quotient (written as the converter
+    does, the file is 1.7e-2 off)."""
+    src = tmp_path / "src"
+    shutil.copytree(rope_model("yarn"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"]["attention_factor"] = 1.0
+    (src / "config.json").write_text(json.dumps(config))
+    out = convcore.convert(src, tmp_path / "y.gguf", to="gguf")
+    fields = gguf.GGUFReader(out).fields
+    assert fields["qwen2.rope.scaling.attn_factor"].contents() == pytest.approx(1 / (1 + 0.1 * np.log(4)))
+    ids = _ids(src)
+    err = rel_err(convcore.get_registry().infer(out, ids, "gguf"), _reference(src, ids))
+    assert err <= 1e-3, f"llama.cpp vs transformers: {err:.2e}"
+    back = json.loads((convcore.convert(out, tmp_path / "hf", to="hf") / "config.json").read_text())
+    assert back["rope_parameters"]["attention_factor"] == 1.0
