@@ -34,8 +34,12 @@ def mlx_keys(config: dict[str, Any], arch: str, source: str = "model") -> dict[s
         default_mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
         given = p.get("attention_factor")
         if given is not None and not math.isclose(float(given), default_mscale, rel_tol=1e-6):
-            raise ConvcoreError(f"{source}: yarn attention_factor {given} is not expressible for "
-                                "mlx-lm (it derives the factor from the scaling factor)")
+            if factor <= 1:
+                raise ConvcoreError(f"{source}: yarn attention_factor {given} with factor {factor:g} is "
+                                    "not expressible for mlx-lm (it scales only when factor > 1)")
+            # mlx-lm scales by (0.1 mscale ln f + 1) / (0.1 mscale_all_dim ln f + 1)
+            scaling["mscale"] = (float(given) - 1.0) / (0.1 * math.log(factor))
+            scaling["mscale_all_dim"] = 0.0
         if p.get("truncate") is False:
             raise ConvcoreError(f"{source}: yarn rope with truncate=false is not built by mlx-lm")
         if p.get("original_max_position_embeddings") is None and config.get("max_position_embeddings"):

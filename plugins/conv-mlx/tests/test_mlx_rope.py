@@ -61,13 +61,18 @@ def test_check_flags_rope_mlx_lm_cannot_see(tmp_path, monkeypatch):
     assert "beyond tolerance" in bad.output
 
 
-def test_yarn_attention_factor_mlx_lm_ignores_is_refused(tmp_path):
+def test_yarn_explicit_attention_factor_in_mlx_lm(tmp_path):
+    """transformers scales YaRN's cos/sin by an explicit attention_factor alone; mlx-lm
+    derives its scale from mscale / mscale_all_dim, which are set to give the same."""
     import shutil
     src = tmp_path / "src"
     shutil.copytree(_source("yarn"), src)
     cfg = json.loads((src / "config.json").read_text())
     cfg["rope_parameters"]["attention_factor"] = 1.0
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(convcore.ConvcoreError, match="attention_factor 1.0 is not expressible"):
-        convcore.convert(src, tmp_path / "mlx", to="mlx")
-    assert not (tmp_path / "mlx").exists()
+    out = convcore.convert(src, tmp_path / "mlx", to="mlx")
+    assert config(out)["rope_scaling"]["mscale"] == 0.0
+    ids = [int(t) for t in np.random.default_rng(2).integers(3, cfg["vocab_size"], size=N_TOKENS)]
+    ref = _reference(src, ids)
+    err = float(np.abs(mlx_logits(out, ids) - ref).max() / np.abs(ref).max())
+    assert err <= 1e-3, f"mlx-lm vs transformers: {err:.2e}"
