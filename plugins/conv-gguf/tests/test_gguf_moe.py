@@ -183,10 +183,10 @@ def test_llamacpp_mixtral_gguf_inspects(moe_gguf, run_cli):
 
 
 def test_unknown_architecture_inspects_but_does_not_convert(tmp_path, run_cli):
-    """A GGUF of an architecture conv-gguf cannot map (here starcoder2) shows its header
+    """A GGUF of an architecture conv-gguf cannot map (here mamba) shows its header
     and tensors in ``inspect``; ``run`` refuses it in one line and writes nothing."""
-    path = tmp_path / "sc2.gguf"
-    w = gguf.GGUFWriter(path, "starcoder2")
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(path, "mamba")
     w.add_block_count(1)
     w.add_context_length(64)
     w.add_tensor("token_embd.weight", np.ones((8, 32), np.float32))
@@ -198,9 +198,9 @@ def test_unknown_architecture_inspects_but_does_not_convert(tmp_path, run_cli):
     shown = run_cli("inspect", path, "--json")
     assert shown.returncode == 0, shown.stderr
     info = json.loads(shown.stdout)
-    assert info["arch"] == "starcoder2" and info["tensors"] == 2 and info["params"] == 8 * 32 + 32 * 32
+    assert info["arch"] == "mamba" and info["tensors"] == 2 and info["params"] == 8 * 32 + 32 * 32
     refused = run_cli("run", path, "-o", tmp_path / "hf", "--to", "hf")
     assert refused.returncode != 0
-    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {path}: GGUF architecture 'starcoder2'")
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {path}: GGUF architecture 'mamba'")
     assert "can be inspected, not converted" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "hf").exists()
