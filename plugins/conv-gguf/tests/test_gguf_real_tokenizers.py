@@ -2,7 +2,7 @@
 Gemma, Llama-3, Llama-2, Qwen3, Qwen2.5 as their repositories ship them, from the npm
 registry) tokenize a real text — prose, code with spaces and tabs, CJK, emoji, runs of
 spaces and newlines — the same in transformers on the source, in llama.cpp on our GGUF,
-and in transformers on the HF tokenizer rebuilt from that GGUF."""
+and in transformers and mlx-lm on the tokenizer rebuilt from that GGUF."""
 from __future__ import annotations
 
 import pytest
@@ -53,3 +53,6 @@ def test_published_tokenizer_survives_gguf(family, tmp_path):
     assert at is None, (f"{family}: the HF tokenizer rebuilt from the GGUF parts at token {at}: "
                         f"{tok.convert_ids_to_tokens(ref[at:at + 3])} vs "
                         f"{tok.convert_ids_to_tokens(again[at:at + 3])}")
+    # an MLX folder made from the GGUF carries these files; mlx-lm loads them its own way
+    mlx_tokenizer = pytest.importorskip("mlx_lm.tokenizer_utils").load(rebuilt)
+    assert mlx_tokenizer.encode(text) == ref, f"{family}: mlx-lm's tokenizer differs"
