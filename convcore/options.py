@@ -18,6 +18,17 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    """``("k=v", ...)`` as a dict; ``what`` names the option in the one-line error."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConvcoreError(f"{what} {pair!r} is not KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
 def parse_size(text: Any) -> int:
     """``"2G"``, ``"500M"``, ``"123"`` or an int -> bytes (decimal units, as llama.cpp's
     ``--split-max-size`` counts them)."""

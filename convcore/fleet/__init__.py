@@ -7,7 +7,17 @@ plugin on this machine or a cluster, and the model registry they are recorded in
 - :mod:`.batch` plans, resumes, dispatches and reports;
 - :mod:`.registry` reads, validates and updates ``model_registry.json``.
 """
-from .executors import Executor, run_isolated
-from .jobs import Job
+from typing import Any
 
 __all__ = ["Executor", "Job", "run_isolated"]
+
+
+def __getattr__(name: str) -> Any:
+    # imported on first use: the CLI loads this package for its commands at every start
+    if name in ("Executor", "run_isolated"):
+        from . import executors
+        return getattr(executors, name)
+    if name == "Job":
+        from .jobs import Job
+        return Job
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
