@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import gguf
 
 from convcore import ConvcoreError
+
+from .vocab_model import Vocab
 
 TT = gguf.TokenType
 
@@ -37,27 +38,6 @@ PRE_TOKENIZERS = {
 # SentencePiece vocabularies have no pre-tokenizer; llama.cpp's converter still records
 # "default" for them, and tools that read the key expect it present.
 SPM_PRE = "default"
-
-
-@dataclass
-class Vocab:
-    """What goes under ``tokenizer.*`` in a GGUF file."""
-
-    model: str                                   # "llama" (SentencePiece), "gpt2" (BPE), "bert"
-    tokens: list[str]
-    types: list[int]
-    scores: list[float] | None = None
-    merges: list[str] | None = None
-    pre: str | None = None                       # tokenizer.ggml.pre
-    special: dict[str, int] = field(default_factory=dict)   # bos/eos/unk/pad/sep/mask -> id
-    add_bos: bool | None = None
-    add_eos: bool | None = None
-    add_sep: bool | None = None
-    token_type_count: int | None = None          # BERT's token type (segment) embeddings
-    flags: dict[str, bool] = field(default_factory=dict)   # other boolean tokenizer.ggml.* keys
-    add_space_prefix: bool | None = None
-    chat_template: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 def _json(files: dict[str, bytes], name: str) -> Any:

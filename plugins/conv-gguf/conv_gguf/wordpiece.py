@@ -25,7 +25,7 @@ import gguf
 
 from convcore import ConvcoreError
 
-from .vocab import Vocab
+from .vocab_model import Vocab
 
 TT = gguf.TokenType
 SPACE = "\u2581"
