@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
-from .kquants import QK_K
+from ._qk import QK_K
 
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)

@@ -16,7 +16,7 @@ from numba import njit
 from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
 from ._bits import bits_from_f32
 from .kquant_bits import get_f16
-from .kquants import QK_K
+from ._qk import QK_K
 
 # Output modes: the values as float32 bits (two uint16 each, low half first) or as f16.
 OUT_F32, OUT_F16 = 0, 1

@@ -13,7 +13,7 @@ from .kquant_bits import (F0, F1, FM, arena, f16_to_f32, f32_to_f16, load_block,
 from .kquant_refine import affine_refine, sym_refine
 from .kquant_search import (GROUP_MAX_EPS, K_WT, LANE_SCRATCH, make_q3x16, make_qkx2,
                             make_qkx2_lanes, make_qx16)
-from .kquants import QK_K
+from ._qk import QK_K
 
 # Refinement rounds for q4_K, q5_K, q2_K: one; a second lowers the error little for its
 # time (docs/benchmarks.md).

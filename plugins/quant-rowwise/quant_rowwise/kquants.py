@@ -23,7 +23,8 @@ The Numba kernels live beside this module, one concern each: ``kquant_bits`` (f1
 rounding, widening input), ``kquant_search`` (llama.cpp's searches), ``kquant_refine``
 (the refinement), ``kquant_pack`` (the per-type block packers and their row
 drivers) and ``kquant_dequant``. They are imported on first use, so importing this module
-(as registering the schemes does) does not import numba; they take ``QK_K`` from here.
+(as registering the schemes does) does not import numba; they and this module take
+``QK_K`` from the leaf ``_qk``.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ import numpy as np
 import convcore
 
 from ._input import faulted_empty
+from ._qk import QK_K  # re-exported: kquants.QK_K
 
-QK_K = 256
 TYPE_SIZE = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 BITS = {name: size * 8 / QK_K for name, size in TYPE_SIZE.items()}
 _KIND = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6}
