@@ -166,17 +166,3 @@ def variants(data: dict[str, Any]) -> Iterable[tuple[dict[str, Any], dict[str, A
     for model in data["models"]:
         for variant in model["variants"]:
             yield model, variant
-
-
-def served_models(registry_path: Path) -> list[Any]:
-    """The registry's variants as ``convcore serve`` models, ids ``MODEL/VARIANT``."""
-    from ..serve import ServedModel
-
-    data = read(registry_path)
-    out = []
-    for model, variant in variants(data):
-        out.append(ServedModel(id=f"{model['id']}/{variant['id']}",
-                               path=resolve(registry_path, variant["file"]), fmt=variant["format"],
-                               meta={"model": model["id"], "variant": variant["id"],
-                                     "quant": variant.get("quant"), "format": variant["format"]}))
-    return out

@@ -3,7 +3,7 @@ HTTP API (the app itself is :mod:`convcore.serve.app`).
 
 What is served is a list of :class:`ServedModel`: one per path given on the command
 line (its id is the file or directory name, ``x`` for ``x.gguf``), or those a fleet's
-``model_registry.json`` lists (:func:`convcore.fleet.registry.served_models`). Each
+``model_registry.json`` lists (:func:`served_models`). Each
 model's format is detected at startup, so a path no plugin reads fails before the
 server starts; its weights load on the first request that names it.
 
@@ -62,6 +62,17 @@ def is_registry(args: Sequence[Path]) -> bool:
     return len(args) == 1 and Path(args[0]).is_file() and Path(args[0]).name.endswith(".json")
 
 
+def served_models(registry: Any, registry_path: Path) -> list[ServedModel]:
+    """A model registry's variants (read with the fleet's ``registry`` module) as models
+    to serve, ids ``MODEL/VARIANT``."""
+    data = registry.read(registry_path)
+    return [ServedModel(id=f"{model['id']}/{variant['id']}",
+                        path=registry.resolve(registry_path, variant["file"]), fmt=variant["format"],
+                        meta={"model": model["id"], "variant": variant["id"],
+                              "quant": variant.get("quant"), "format": variant["format"]})
+            for model, variant in registry.variants(data)]
+
+
 def models_from_args(args: Sequence[Path]) -> list[ServedModel]:
     """The models to serve: one per path, or those of one ``model_registry.json``; each
     checked to exist and its format detected, ids checked to be unique."""
@@ -69,13 +80,13 @@ def models_from_args(args: Sequence[Path]) -> list[ServedModel]:
         raise ConvcoreError("nothing to serve: give model paths or one model_registry.json")
     if is_registry(args):
         try:
-            from ..fleet.registry import served_models
+            from ..fleet import registry as fleet_registry
         except ModuleNotFoundError as exc:
             if not (exc.name or "").startswith("convcore.fleet"):
                 raise
             raise ConvcoreError(f"{args[0]}: serving a model registry needs convcore.fleet, "
                                 "which this install lacks") from None
-        models = list(served_models(Path(args[0])))
+        models = served_models(fleet_registry, Path(args[0]))
         if not models:
             raise ConvcoreError(f"{args[0]}: the registry lists no models to serve")
     else:
