@@ -191,6 +191,9 @@ class TensorRef:
     #: ``dtype``, which joined equal ``load_as(dtype)`` (a reader that dequantizes a slice
     #: at a time hands them out, so a writer streams the tensor without holding it)
     chunk_loader: Callable[[str], Iterable[np.ndarray]] | None = field(default=None, repr=False)
+    #: for a tensor made by stacking others (a layer's experts): those tensors, in order;
+    #: ``load()`` stacks them, a streaming writer reads them one at a time
+    parts: tuple["TensorRef", ...] = field(default=(), repr=False)
 
     @property
     def numel(self) -> int:
@@ -342,6 +345,24 @@ class Model:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def stack_tensors(name: str, found: dict[int, TensorRef], count: int, source: str = "") -> TensorRef:
+    """One tensor ``name`` of shape ``(count, *part)`` stacking ``found`` (index -> tensor,
+    e.g. a layer's experts), its parts kept in :attr:`TensorRef.parts`; one-line errors
+    when an index is missing or the parts differ in shape or type."""
+    if sorted(found) != list(range(count)):
+        missing = sorted(set(range(count)) - set(found))
+        raise ConvcoreError(f"{source}: {name} stacks {sorted(found)[:8]}..., expected {count} "
+                            f"(missing {missing[:8]})")
+    parts = tuple(found[i] for i in range(count))
+    first = parts[0]
+    odd = next((p for p in parts if (tuple(p.shape), p.dtype) != (tuple(first.shape), first.dtype)), None)
+    if odd is not None:
+        raise ConvcoreError(f"{odd.source or source}: tensor {odd.name!r} is {odd.dtype}{list(odd.shape)}, "
+                            f"the others stacked into {name} {first.dtype}{list(first.shape)}")
+    return TensorRef(name, (count, *first.shape), first.dtype,
+                     lambda: np.stack([p.load() for p in parts]), source=first.source, parts=parts)
 
 
 def arch_of(config: dict[str, Any]) -> str:

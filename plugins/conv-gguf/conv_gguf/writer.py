@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 
 import convcore
-from convcore import ConvcoreError, Model, TensorRef, cast, hfconfig
+from convcore import ConvcoreError, Model, TensorRef, cast, hfconfig, stack_tensors
 
 from . import arch_table, archs, mixes, rope, vocab as vocab_mod
 from .companions import companion
@@ -40,7 +40,11 @@ class Planned:
     gtype: T
     ref: TensorRef
     fn: Callable[[np.ndarray], np.ndarray] | None
-    parts: tuple[TensorRef, ...] = ()   # the experts stacked into this tensor, in order
+
+    @property
+    def parts(self) -> tuple[TensorRef, ...]:
+        """The experts stacked into this tensor, in order (empty for others)."""
+        return self.ref.parts
 
     @property
     def nbytes(self) -> int:
@@ -123,7 +127,8 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planne
             raise ConvcoreError(f"{ref.source or model.source}: tensor {ref.name!r} has no GGUF "
                                 f"name for architecture {spec.model_type}")
         named.append((i, name, ref))
-    stacked = _stack(spec, config, experts, model.source)
+    n_expert = int(archs._experts(config) or 0)
+    stacked = {name: stack_tensors(name, found, n_expert, model.source) for name, found in experts.items()}
     order = {gg: k for k, gg in enumerate(spec.experts.values())}
     for name, ref in stacked.items():
         # llama.cpp's converter writes a layer's stacks once it has seen all its experts
@@ -146,42 +151,11 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planne
     ftype = float_type(model, options)
     notes: list[str] = []
     planned = []
-    stacked_parts = {name: ref.parts for name, ref in stacked.items()}  # type: ignore[attr-defined]
     for _, name, ref in named:
         gtype = mixes.choose_type(state, quant, name, ref.shape, ftype, notes)
-        parts = stacked_parts.get(name, ())
         planned.append(Planned(name, tuple(ref.shape), gtype, ref,
-                               None if parts else archs.transform(spec, config, name), parts))
+                               None if ref.parts else archs.transform(spec, config, name)))
     return spec, planned, notes
-
-
-class _Stacked(TensorRef):
-    """The experts of one layer's projection as one 3-D tensor; the writer reads it an
-    expert at a time (``parts``), :meth:`load` stacks them all."""
-
-
-def _stack(spec: archs.Arch, config: dict[str, Any], experts: dict[str, dict[int, TensorRef]],
-           source: str) -> dict[str, TensorRef]:
-    """GGUF name -> a TensorRef over the stacked experts (their refs in ``.parts``),
-    checking every layer has every expert, all of one shape and type."""
-    n = int(archs._experts(config) or 0)
-    out: dict[str, TensorRef] = {}
-    for name, found in experts.items():
-        if sorted(found) != list(range(n)):
-            missing = sorted(set(range(n)) - set(found))
-            raise ConvcoreError(f"{source}: {name} stacks experts {sorted(found)[:8]}..., "
-                                f"config says {n} (missing {missing[:8]})")
-        parts = tuple(found[x] for x in range(n))
-        first = parts[0]
-        odd = next((p for p in parts if (tuple(p.shape), p.dtype) != (tuple(first.shape), first.dtype)), None)
-        if odd is not None:
-            raise ConvcoreError(f"{odd.source or source}: expert tensor {odd.name!r} is "
-                                f"{odd.dtype}{list(odd.shape)}, its siblings {first.dtype}{list(first.shape)}")
-        ref = _Stacked(first.name, (n, *first.shape), first.dtype,
-                       lambda ps=parts: np.stack([p.load() for p in ps]), source=first.source)
-        ref.parts = parts  # type: ignore[attr-defined]
-        out[name] = ref
-    return out
 
 
 def quantize_blocks(array: np.ndarray, gtype: T, name: str) -> np.ndarray:

@@ -169,7 +169,7 @@ def test_moe_routing_llama_cpp_cannot_run_is_refused(tmp_path):
 
 def test_moe_missing_expert_is_one_line(tmp_path):
     src = _edited(tmp_path, "mixtral", num_local_experts=9)
-    with pytest.raises(ConvcoreError, match=r"config says 9 \(missing \[8\]\)"):
+    with pytest.raises(ConvcoreError, match=r"expected 9 \(missing \[8\]\)"):
         convcore.convert(src, tmp_path / "x.gguf", to="gguf")
 
 

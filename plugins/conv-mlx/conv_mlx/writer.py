@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from convcore import (
     FLOAT_DTYPES, ConvcoreError, Model, PlannedTensor, TensorRef, cast, dtype_name, get_registry,
-    numpy_dtype, page_releaser, parse_size, quantize, write_companions, write_sharded, write_tokenizer_files,
+    numpy_dtype, page_releaser, parse_size, quantize, stack_tensors, write_companions, write_sharded,
+    write_tokenizer_files,
 )
 
 from .archs import expert_of, rules_for
@@ -94,24 +95,8 @@ def stacked_view(model: Model, rules: Any) -> list[TensorRef]:
             out.append(hit[0])
         groups[hit[0]][hit[1]] = ref
     n = int(model.config.get("num_local_experts") or model.config.get("num_experts") or 0)
-    result: list[TensorRef] = []
-    for item in out:
-        if isinstance(item, TensorRef):
-            result.append(item)
-            continue
-        found = groups[item]
-        if sorted(found) != list(range(n)):
-            raise ConvcoreError(f"{model.source}: {item} would stack experts {sorted(found)[:8]}..., "
-                                f"config says {n}")
-        parts = [found[x] for x in range(n)]
-        first = parts[0]
-        if any((p.shape, p.dtype) != (first.shape, first.dtype) for p in parts):
-            raise ConvcoreError(f"{model.source}: the experts stacked in {item} differ in shape or type")
-        ref = TensorRef(item, (n, *first.shape), first.dtype,
-                        lambda ps=parts: np.stack([p.load() for p in ps]), source=first.source)
-        ref.parts = parts   # type: ignore[attr-defined]  # the writer reads a stack an expert at a time
-        result.append(ref)
-    return result
+    return [item if isinstance(item, TensorRef) else stack_tensors(item, groups[item], n, model.source)
+            for item in out]
 
 
 def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Callable[[str], None]) -> Path:
@@ -126,7 +111,7 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
         if choice is None:
             return {ref.name: cast_rows(ref.load(), out)}
         scheme = f"int{choice[0]}-g{choice[1]}"
-        parts = getattr(ref, "parts", None)
+        parts = ref.parts
         if parts:   # a stack of experts, quantized an expert at a time (groups run along rows)
             each = [quantize_rows(p.load(), out, scheme, ref.name, registry) for p in parts]
             data = {key: np.stack([e[key] for e in each]) for key in each[0]}
@@ -199,7 +184,7 @@ CHUNK_ELEMENTS = 1 << 22
 def cast_stream(ref: TensorRef, dtype: str, chunk: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
     """``ref`` cast to ``dtype`` as flat C-order chunks (what ``cast_rows`` gives, a piece
     at a time); the source's mapped pages leave the resident set once a chunk is cast."""
-    for part in getattr(ref, "parts", None) or (ref,):   # a stack of experts: one at a time
+    for part in ref.parts or (ref,):   # a stack of experts: one at a time
         flat = np.ascontiguousarray(part.load()).reshape(-1)
         release = page_releaser(flat)
         for start in range(0, flat.size, chunk):
