@@ -5,12 +5,10 @@ v4's ``rope_theta`` + ``rope_scaling`` (+ Gemma-3's ``rope_local_base_freq``) or
 ``rope_parameters`` (flat, or one dict per layer type), and the per-layer attention
 pattern as ``layer_types``, Gemma-3's older ``sliding_window_pattern``, or nothing at all
 (the model class's default). Writers read them here, in one place, so that every format
-computes what transformers computes; readers write them back explicitly with
-:func:`explicit`.
+computes what transformers computes.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 #: rope bases a family's config class falls back to: (global, sliding) layers
@@ -18,8 +16,6 @@ _THETA_DEFAULTS = {
     "gemma3_text": (1_000_000.0, 10_000.0),
     "gemma3": (1_000_000.0, 10_000.0),
 }
-#: rope types each reader of a config understands (transformers' names)
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 _PER_TYPE = ("full_attention", "sliding_attention")
 
 
@@ -106,24 +102,3 @@ def sliding_pattern(types: list[str], only: int | None = None) -> int | None:
         if types == ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]:
             return p
     return None
-
-
-def explicit(config: dict[str, Any], model_type: str | None = None) -> dict[str, Any]:
-    """A copy of ``config`` that says what transformers would derive: ``layer_types`` for
-    families with sliding layers, and the rope settings as v5 ``rope_parameters`` (per
-    layer type where the family keeps two)."""
-    out = copy.deepcopy(config)
-    mt = _model_type(config, model_type)
-    if mt in ("gemma2", "gemma3_text", "gemma3") or config.get("layer_types") is not None:
-        out["layer_types"] = layer_types(config, mt)
-    if config.get("num_hidden_layers") is None:
-        return out
-    if mt in _THETA_DEFAULTS:
-        out["rope_parameters"] = {t: rope_parameters(config, t, mt) for t in _PER_TYPE}
-        for t in _PER_TYPE:
-            out["rope_parameters"][t].pop("partial_rotary_factor", None)
-    else:
-        out["rope_parameters"] = rope_parameters(config, "full_attention", mt)
-    for key in ("rope_theta", "rope_scaling", "rope_local_base_freq", "sliding_window_pattern"):
-        out.pop(key, None)
-    return out
