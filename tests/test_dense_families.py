@@ -57,3 +57,31 @@ def test_smollm3_layout_llamacpp_cannot_run_is_refused(tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(convcore.ConvcoreError, match="every 4th layer"):
         convcore.convert(src, tmp_path / "x.gguf", to="gguf")
+
+
+@pytest.mark.onnx
+@pytest.mark.parametrize("family,scheme", [
+    ("starcoder2", "int4-b32"),
+    *[pytest.param(f, "int8-b32-asym", marks=pytest.mark.full) for f in ("olmo2", "granite", "smollm3", "phi")],
+])
+def test_onnx_export_path_quantized(family, scheme, tmp_path):
+    """The export path's int4/int8: MatMulNBits on every projection (biases stay Adds),
+    onnxruntime equal to transformers on the weights the reader dequantizes back."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+    src = tiny_model(family, **KW.get(family, {}))
+    out = convcore.convert(src, tmp_path / "q", to="onnx", quant=scheme, options={"accuracy_level": 1})
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert not [n for n in graph.node if n.op_type == "MatMul" and
+                any(i.endswith(".weight.T") for i in n.input)]
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) >= 6 * json.loads(
+        (src / "config.json").read_text())["num_hidden_layers"]
+    hf = convcore.convert(out, tmp_path / "hf", to="hf")
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    ids = [int(t) for t in np.random.default_rng(2).integers(3, vocab, size=80)]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()(
+            torch.tensor([ids])).logits[0].numpy()
+    got = convcore.get_registry().infer(out, ids, "onnx")
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4

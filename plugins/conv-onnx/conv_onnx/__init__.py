@@ -6,7 +6,7 @@ gemma3_text) writes the graph straight from the weights, streaming each into
 ``model.onnx.data``: memory stays at a few tensors for any model size. The **export
 path** (``-O path=export``, and automatically for other architectures) runs
 ``torch.onnx.export`` on the transformers model, encoders included. Weight-only int4 /
-int8 go into com.microsoft ``MatMulNBits`` (schemes ``int{4,8}-b{16..256}[-asym]`` from
+int8 go into com.microsoft ``MatMulNBits`` on both paths (schemes ``int{4,8}-b{16..256}[-asym]`` from
 quant-rowwise). The reader maps initializers back to HF names (``convcore.tensors``
 metadata), dequantizing MatMulNBits; the runtime session is plain onnxruntime with the
 KV cache.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import convcore
-from convcore import ConvcoreError, Format, Model, Option, hookimpl
+from convcore import Format, Model, Option, hookimpl
 
 from .archs import BUILDER_ARCHS
 
@@ -67,7 +67,7 @@ def architectures() -> dict[str, dict[str, Any]]:
     out = {mt: {"write": True, "read": True, "checked": True, "note": "builder"} for mt in BUILDER_ARCHS}
     for mt in EXPORT_CHECKED:
         out[mt] = {"write": True, "read": True, "checked": True,
-                   "note": "export, f32/f16" if mt != "bert" else "export, encoder"}
+                   "note": "export, f32/f16/int4/int8" if mt != "bert" else "export, encoder"}
     return out
 
 
@@ -94,9 +94,6 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
     if how == "builder":
         from .builder import write_builder
         return write_builder(model, Path(path), options, progress)
-    if options.get("quant"):
-        raise ConvcoreError("onnx: --quant works with the builder only; the export path writes "
-                            "f32 or f16")
     from .export import export_onnx
     return export_onnx(model, Path(path), options, progress)
 

@@ -21,6 +21,7 @@ from convcore import (
 
 from .archs import Decoder, decoder_for, layer_names
 from .export_genai import genai_config_for
+from .export_quant import parse_scheme
 from .graph import Chunked, Graph, tensors_metadata
 from .kernels import transposed
 
@@ -46,13 +47,6 @@ def _stacked(sources: list[np.ndarray]) -> Callable[[int, int], list[tuple[np.nd
         return out
 
     return rows
-
-
-def parse_scheme(scheme: str) -> tuple[int, int, bool]:
-    """``int4-b32`` -> (4, 32, False); ``int8-b64-asym`` -> (8, 64, True)."""
-    head, _, rest = scheme.partition("-b")
-    block, _, asym = rest.partition("-")
-    return int(head.removeprefix("int")), int(block), asym == "asym"
 
 
 def io_dtype(model: Model, options: dict[str, Any]) -> str:

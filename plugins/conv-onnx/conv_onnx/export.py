@@ -17,6 +17,7 @@ import functools
 import inspect
 import json
 import logging
+import re
 import shutil
 import tempfile
 import warnings
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator
 from convcore import ConvcoreError, Model, get_registry, numpy_dtype, write_companions, write_tokenizer_files
 
 from .export_genai import genai_config_for
+from .export_quant import quantize_matmuls
 from .export_graph import (
     METADATA_KEY, Placement, check_placements, fold_weight_transposes, optimize_keeping,
     place_tensors, rename_initializers, save_with_external_data, strip_debug_metadata,
@@ -45,6 +47,7 @@ def export_onnx(model: Model, path: Path, options: dict[str, Any],
     dtype = options.get("dtype") or "f32"
     if dtype not in EXPORT_DTYPES:
         raise ConvcoreError(f"the onnx export path writes {' or '.join(EXPORT_DTYPES)}, not {dtype!r}")
+    scheme = options.get("quant") or None
     opset = options.get("opset")
     if opset is not None and int(opset) < MIN_OPSET:
         raise ConvcoreError(f"the onnx export path needs opset >= {MIN_OPSET}, not {opset}")
@@ -61,7 +64,9 @@ def export_onnx(model: Model, path: Path, options: dict[str, Any],
     path = Path(path)
     path.mkdir(parents=True)
     try:
-        _export_into(model, path, dtype, None if opset is None else int(opset), progress)
+        _export_into(model, path, dtype, None if opset is None else int(opset), progress,
+                     quant=(scheme, int(options.get("accuracy_level", 4)),
+                            bool(options.get("quantize_lm_head", True))) if scheme else None)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
@@ -69,7 +74,7 @@ def export_onnx(model: Model, path: Path, options: dict[str, Any],
 
 
 def _export_into(model: Model, path: Path, dtype: str, opset: int | None,
-                 progress: Callable[[str], None]) -> None:
+                 progress: Callable[[str], None], quant: tuple[str, int, bool] | None = None) -> None:
     config = model.config
     with _hf_directory(model, path) as src:
         torch_model = _load_torch_model(src, model, dtype)
@@ -78,10 +83,16 @@ def _export_into(model: Model, path: Path, dtype: str, opset: int | None,
         placed = _finish_graph(program.model, torch_model, model, dtype)
         turn_end = _turn_end_id(src) if exporter.causal else None
     ir_model = program.model
-    ir_model.metadata_props[METADATA_KEY] = json.dumps(
-        {name: {"init": p.init, "transpose": p.transpose} for name, p in placed.items()})
+    entries: dict[str, dict[str, Any]] = {name: {"init": p.init, "transpose": p.transpose}
+                                          for name, p in placed.items()}
+    if quant is not None:
+        scheme, accuracy, lm_head = quant
+        entries.update(quantize_matmuls(ir_model, placed, model, scheme, dtype, accuracy, lm_head))
+        ir_model.metadata_props["convcore.quant"] = scheme
+    ir_model.metadata_props[METADATA_KEY] = json.dumps(entries)
     strip_debug_metadata(ir_model)
-    save_with_external_data(ir_model, path / "model.onnx", {p.init for p in placed.values()})
+    stored = {e[k] for e in entries.values() for k in ("init", "scales", "zero_points") if k in e}
+    save_with_external_data(ir_model, path / "model.onnx", stored)
     del program, ir_model, torch_model
     for name in placed:
         progress(name)
@@ -168,7 +179,7 @@ def _load_torch_model(src: Path, model: Model, dtype: str) -> Any:
     if missing:
         raise ConvcoreError(f"{model.arch}: the checkpoint lacks {len(missing)} weights {cls.__name__} "
                             f"needs, e.g. {missing[0]!r}")
-    dense_experts(torch_model)
+    torch_model.convcore_expert_fqns = dense_experts(torch_model)
     return torch_model.eval()
 
 
@@ -177,27 +188,56 @@ def _dense_experts_forward(self: Any, hidden_states: Any, top_k_index: Any, top_
     rest): the same sum as transformers' experts, with no data-dependent shapes, so it
     exports (the grouped-matmul and per-expert-loop forms do not)."""
     import torch
-    weights = torch.zeros(hidden_states.shape[0], self.gate_up_proj.shape[0],
+    weights = torch.zeros(hidden_states.shape[0], len(self.convcore_experts),
                           dtype=top_k_weights.dtype, device=hidden_states.device)
-    weights = weights.scatter(1, top_k_index, top_k_weights)
-    gate, up = torch.einsum("th,eoh->teo", hidden_states, self.gate_up_proj).chunk(2, dim=-1)
-    out = torch.einsum("tef,ehf->teh", self.act_fn(gate) * up, self.down_proj)
-    return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1).to(hidden_states.dtype)
+    weights = weights.scatter(1, top_k_index, top_k_weights).to(hidden_states.dtype)
+    out = None
+    for e, expert in enumerate(self.convcore_experts):
+        y = expert.down_proj(self.act_fn(expert.gate_proj(hidden_states)) * expert.up_proj(hidden_states))
+        y = y * weights[:, e:e + 1]
+        out = y if out is None else out + y
+    return out
 
 
-def dense_experts(torch_model: Any) -> int:
+#: the per-expert HF checkpoint names: (layer, expert, role) by the role's names
+EXPERT_NAME = re.compile(r"\.layers\.(\d+)\..*\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+EXPERT_ROLE = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def dense_experts(torch_model: Any) -> dict[tuple[int, int, str], str]:
     """Give transformers' stacked-experts modules (Mixtral, Qwen2/3-MoE: ``gate_up_proj``
-    ``[E, 2F, H]``, ``down_proj`` ``[E, H, F]``, no biases) the exportable forward above;
-    returns how many were changed."""
+    ``[E, 2F, H]``, ``down_proj`` ``[E, H, F]``, no biases) one ``Linear`` per expert and
+    part, as the checkpoint has them (so each is an initializer of its own, under its HF
+    name, and can be quantized like any matrix), and the exportable forward above.
+    Returns ``{(layer, expert, role): module FQN of the weight}``."""
     import types
-    n = 0
-    for module in torch_model.modules():
+
+    import torch
+    from torch import nn
+    found: dict[tuple[int, int, str], str] = {}
+    for fqn, module in list(torch_model.named_modules()):
         up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-        if (getattr(up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(module, "act_fn")
+        if not (getattr(up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(module, "act_fn")
                 and getattr(module, "gate_up_proj_bias", None) is None):
-            module.forward = types.MethodType(_dense_experts_forward, module)
-            n += 1
-    return n
+            continue
+        layer = re.search(r"layers\.(\d+)\b", fqn)
+        n_experts, two_f, hidden = up.shape
+        f = two_f // 2
+        experts = nn.ModuleList()
+        with torch.no_grad():
+            for e in range(n_experts):
+                expert = nn.Module()
+                for role, weight in (("gate_proj", up[e, :f]), ("up_proj", up[e, f:]), ("down_proj", down[e])):
+                    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+                    linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+                    setattr(expert, role, linear)
+                    if layer is not None:
+                        found[(int(layer.group(1)), e, role)] = f"{fqn}.convcore_experts.{e}.{role}.weight"
+                experts.append(expert)
+        del module.gate_up_proj, module.down_proj
+        module.convcore_experts = experts
+        module.forward = types.MethodType(_dense_experts_forward, module)
+    return found
 
 
 def _turn_end_id(src: Path) -> int | None:
@@ -447,6 +487,12 @@ def _hf_to_fqn(torch_model: Any, model: Model) -> dict[str, str]:
             if hf_name.startswith(prefix + "."):
                 candidates.append(hf_name[len(prefix) + 1:])
             candidates.append(f"{prefix}.{hf_name}")
+        expert = EXPERT_NAME.search(hf_name)
+        if expert is not None:
+            layer, e, role = int(expert.group(1)), int(expert.group(2)), expert.group(3)
+            fqn = getattr(torch_model, "convcore_expert_fqns", {}).get((layer, e, EXPERT_ROLE.get(role, role)))
+            if fqn is not None:
+                candidates.insert(0, fqn)
         for fqn in candidates:
             tensor = named.get(fqn)
             if tensor is not None and tuple(tensor.shape) == tuple(ref.shape):

@@ -42,3 +42,45 @@ def test_moe_export_logits_and_read_back(arch, tmp_path):
     for name in a:
         assert np.array_equal(a[name], b[name]), name
 
+
+
+@pytest.mark.parametrize("arch,scheme", [("qwen2_moe", "int4-b32"),
+                                         pytest.param("mixtral", "int8-b32-asym", marks=pytest.mark.full)])
+def test_moe_export_quantized(arch, scheme, tmp_path):
+    """--quant on the export path: every expert, attention and shared-expert matrix (and
+    the lm_head) in MatMulNBits, routers float; onnxruntime computes what transformers
+    computes on the dequantized weights the reader gives back; the file holds each weight
+    once (no float copy beside the codes)."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+    src = tiny_model(arch)
+    out = convcore.convert(src, tmp_path / "onnx", to="onnx", quant=scheme,
+                           options={"path": "export", "accuracy_level": 1})
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    config = json.loads((src / "config.json").read_text())
+    layers, experts = config["num_hidden_layers"], config.get("num_local_experts") or config["num_experts"]
+    shared = 3 if "shared_expert_intermediate_size" in config else 0
+    assert len(nbits) == layers * (4 + 3 * experts + shared) + 1
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.output[0] == "logits"]
+    back = convcore.load(out)
+    routers = [n for n in back.tensors if n.endswith(".gate.weight")]
+    assert len(routers) == layers and all(back.tensors[n].stored == "" for n in routers)
+    stored = {back.tensors[n].stored for n in back.tensors if ".experts." in n}
+    assert stored == {scheme}
+    data = (out / "model.onnx.data").stat().st_size
+    assert data < 0.5 * (src / "model.safetensors").stat().st_size   # codes only, no f32 copies
+
+    hf = convcore.convert(out, tmp_path / "hf", to="hf")
+    vocab = config["vocab_size"]
+    ids = [int(t) for t in np.random.default_rng(6).integers(3, vocab, size=N_TOKENS)]
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    with convcore.get_registry().open_session(out) as s:
+        got = s.logits(ids)
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
+    a = load_file(src / "model.safetensors")
+    for name in routers:
+        assert np.array_equal(back.tensors[name].load(), a[name]), name
