@@ -25,12 +25,16 @@ demo: install
 	bash scripts/demo.sh
 
 # the default tier: every plugin and command end to end, exhaustive variants sampled
-# (tests marked "full" run in test-full); the 20 slowest tests are listed so growth shows
+# (tests marked "full" run in test-full); the 20 slowest tests are listed so growth shows.
+# Test files run in parallel, one per core (pytest-xdist; a file's tests stay together,
+# so module fixtures are built once); PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= auto
+XDIST   := -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not full" --durations=20
+	$(PY) -m pytest -q -p no:cacheprovider $(XDIST) -m "not full" --durations=20
 
 test-full: install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=20
+	$(PY) -m pytest -q -p no:cacheprovider $(XDIST) --durations=20
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow"

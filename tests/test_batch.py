@@ -183,6 +183,7 @@ def test_output_not_ours_is_not_replaced(src, tmp_path):
     assert mine.read_bytes() == b"my own file"
 
 
+@pytest.mark.full
 def test_killed_batch_leaves_nothing_counted_as_done(first, src, tmp_path):
     """SIGKILL the batch and its job processes mid-run: whatever is on disk is either a
     complete output or a temporary one; the rerun finishes every job, removes the

@@ -42,6 +42,7 @@ def test_hf_session_pools_as_sentence_transformers(pooling: str) -> None:
     assert np.abs(got - want).max() <= 1e-5
 
 
+@pytest.mark.full
 @pytest.mark.onnx
 @pytest.mark.slow
 def test_onnx_export_of_an_encoder_embeds_as_the_source(tmp_path: Path, run_cli) -> None:
@@ -90,7 +91,7 @@ def test_a_task_checkpoint_runs_its_base_model_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("quant,floor", [("f16", 0.999), ("q8_0", 0.99)])
+@pytest.mark.parametrize("quant,floor", [("f16", 0.999), pytest.param("q8_0", 0.99, marks=pytest.mark.full)])
 def test_gguf_encoder_compare_and_infer(quant: str, floor: float, tmp_path: Path, run_cli) -> None:
     src = tiny_encoder()
     out = tmp_path / f"e-{quant}.gguf"

@@ -84,6 +84,7 @@ def _compare(run_cli, ref: Path, cand: Path, *extra: str) -> dict:
     return json.loads(res.stdout)
 
 
+@pytest.mark.full
 @pytest.mark.llamacpp
 @pytest.mark.slow
 def test_compare_hf_with_gguf_types(src: Path, tmp_path: Path, run_cli) -> None:
@@ -111,6 +112,7 @@ def test_compare_hf_with_mlx(src: Path, tmp_path: Path, run_cli) -> None:
     assert 0 < r["kl_mean"] < 0.05 and r["top1_agreement"] > 0.8
 
 
+@pytest.mark.full
 @pytest.mark.llamacpp
 def test_corrupted_tensor_is_named_and_costs_kl(src: Path, tmp_path: Path, run_cli) -> None:
     import gguf as ggufpy

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import convcore
 from convcore.safetensors_io import open_tensors
@@ -91,6 +92,7 @@ def test_the_core_names_no_plugin():
     assert offenders == []
 
 
+@pytest.mark.full
 def test_warmup_fills_the_kernel_cache_and_names_unknown_schemes(run_cli, tmp_path):
     """``convcore warmup`` compiles the named schemes' kernels into the on-disk cache
     (here an empty one) in worker processes; an unknown name is a one-line error."""

@@ -390,6 +390,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
         busy.close()
 
 
+@pytest.mark.full
 @pytest.mark.mlx
 @pytest.mark.onnx
 def test_mlx_and_onnx_directories_answer_as_infer(tmp_path: Path) -> None:

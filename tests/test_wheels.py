@@ -114,16 +114,22 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
     assert "q4_k_m" in gguf_types and "npz" in formats(run)  # quant-rowwise came along
     run("run", spm, "-o", tmp_path / "spm-q4_k_m.gguf", "--to", "gguf", "--quant", "q4_k_m", "-q")
     run("run", bpe, "-o", tmp_path / "bpe-q4_k_m.gguf", "--to", "gguf", "--quant", "q4_k_m", "-q")
-    out = tmp_path / "all"
-    py("import convcore, sys\n"
-       f"for t in {gguf_types!r}:\n"
-       f"    convcore.convert({str(spm)!r}, {str(out)!r} + '-' + t + '.gguf', to='gguf', quant=t)\n")
-    assert sorted(p.name for p in tmp_path.glob("all-*.gguf")) == sorted(
-        f"all-{t}.gguf" for t in gguf_types)
     # the runtime is an extra: its absence is one line naming it
     r = run("infer", tmp_path / "spm-q4_k_m.gguf", "--tokens", "1,2,3", check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "pip install 'conv-gguf[infer]'" in r.stderr
+
+
+
+@pytest.mark.full
+def test_the_other_distributions_one_at_a_time(fresh, tiny_model_factory, tmp_path):
+    """conv-mlx, conv-parquet, conv-onnx and convcore-ray added one at a time to the venv
+    the test above left with the core and conv-gguf (the default tier's sample)."""
+    install, run, py = fresh
+    spm = tiny_model_factory("llama")
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f'[[model]]\nid = "t"\nsource = "{spm}"\n[[target]]\nto = "hf"\nquant = "f16"\n')
+    run("batch", jobs, "-q")
 
     # 3. conv-mlx: its affine schemes work from the install alone
     install("conv-mlx")
@@ -159,3 +165,19 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
     run("batch", tmp_path / "ray.toml", "-q", "--executor", "ray", "-X", "num_cpus=1")
     assert (tmp_path / "ray-out" / "r" / "hf-f16" / "model.safetensors").read_bytes() == \
         (tmp_path / "jobs-out" / "t" / "hf-f16" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.full
+def test_every_gguf_type_from_the_wheel(fresh, tiny_model_factory, tmp_path):
+    """Every gguf type converts from conv-gguf's install alone (each type's kernels are
+    compiled in the fresh venv: a minute; the default tier converts q4_k_m above)."""
+    install, run, py = fresh
+    spm = tiny_model_factory("llama")
+    install("conv-gguf")
+    gguf_types = formats(run)["gguf"]["schemes"]
+    out = tmp_path / "all"
+    py("import convcore, sys\n"
+       f"for t in {gguf_types!r}:\n"
+       f"    convcore.convert({str(spm)!r}, {str(out)!r} + '-' + t + '.gguf', to='gguf', quant=t)\n")
+    assert sorted(p.name for p in tmp_path.glob("all-*.gguf")) == sorted(
+        f"all-{t}.gguf" for t in gguf_types)

@@ -191,7 +191,8 @@ def test_gguf_unusual_space_prefix_still_tokenizes_as_llama_cpp(arch, cls, tiny_
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])   # SentencePiece, byte-level BPE
+@pytest.mark.parametrize("arch", ["gemma3_text",   # SentencePiece; byte-level BPE in test-full
+                                  pytest.param("qwen2", marks=pytest.mark.full)])
 def test_gguf_infer_prompt_same_greedy_text(arch, converted, rebuilt, tiny_model_factory, run_cli):
     """``convcore infer --prompt`` gives the same greedy text on the source HF dir, on the
     GGUF (llama.cpp) and on the HF dir rebuilt from it."""

@@ -411,9 +411,15 @@ def test_cli_encoder_goes_to_export_with_a_note_and_reads_back(bert_dirs, tmp_pa
     a, b = convcore.load(src), convcore.load(back)
     assert set(a.tensors) == set(b.tensors)
     assert all(np.array_equal(a.tensors[n].load(), b.tensors[n].load()) for n in a.tensors)
-    # --quant on the export path: the encoder's Linear weights in MatMulNBits (the
-    # embeddings stay float); onnxruntime's hidden states equal transformers' on the
-    # dequantized weights the reader gives back
+
+
+@pytest.mark.full
+@pytest.mark.onnx
+def test_cli_encoder_export_path_quantized(bert_dirs, tmp_path, run_cli):
+    """--quant on the export path: the encoder's Linear weights in MatMulNBits (the
+    embeddings stay float); onnxruntime's hidden states equal transformers' on the
+    dequantized weights the reader gives back."""
+    src = bert_dirs["bert"]
     import onnxruntime as ort
     import torch
     q = tmp_path / "q"

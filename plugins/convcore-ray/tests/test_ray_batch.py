@@ -88,6 +88,7 @@ def run_batch(jobs: Path, *extra: str) -> tuple[int, dict]:
     proc = subprocess.run([sys.executable, "-m", "convcore", "batch", str(jobs), "--json", "-q", *extra],
                           capture_output=True, text=True, timeout=600, env=env)
     assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout, f"rc {proc.returncode}, no report; stderr: {proc.stderr[-3000:]}"
     return proc.returncode, json.loads(proc.stdout)
 
 

@@ -212,6 +212,7 @@ print(hashlib.sha256(quantize_kquant(x, sys.argv[1])["blocks"].tobytes()).hexdig
 """
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_first_run_compiles_in_children_and_writes_what_later_runs_write(tmp_path):
     """A cold cache: the first process compiles the row drivers (in child processes) and
