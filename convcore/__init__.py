@@ -16,7 +16,7 @@ from .pipeline import convert, load, ordered_map, prepare, quantize
 from .pooling import Pooling, is_encoder, pool, read_pooling
 from . import hfconfig
 from .multimodal import is_image_text, text_model
-from .registry import Format, Registry, Scheme, get_registry, using
+from .registry import CONTRACT, Format, Registry, Scheme, get_registry, using
 from .runtime import Session
 from .safetensors_io import (
     PlannedTensor, StreamingWriter, index_shards, inside_model, open_tensors, plan_shards, read_header, write_sharded,
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DTYPES", "FLOAT_DTYPES", "ConvcoreError", "Format", "Model", "PlannedTensor",
-    "QuantizedTensor", "Registrations", "Registry", "Scheme", "Session", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
+    "CONTRACT", "QuantizedTensor", "Registrations", "Registry", "Scheme", "Session", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
     "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "inside_model", "hookspec", "load", "numpy_dtype",
     "open_tensors", "Option", "ordered_map", "page_releaser", "parse_size", "plan_shards", "prepare", "quantize", "read_header", "read_json",
     "read_companions", "read_tokenizer_files", "write_companions", "using", "write_sharded", "write_tokenizer_files",

@@ -23,7 +23,7 @@ from .pipeline import convert
 from . import fidelity
 from .fidelity import CHECK_FAILED_EXIT
 from .pooling import is_encoder
-from .registry import get_registry
+from .registry import CONTRACT, get_registry
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -137,6 +137,9 @@ def plugins(as_json: bool, show_all: bool) -> None:
             continue
         click.echo(f"{line}: formats [{', '.join(r['formats'])}] schemes "
                    f"[{len(r['schemes'])}] hooks [{', '.join(h.removeprefix('convcore_') for h in r['hooks'])}]")
+        for note in r["deprecations"]:
+            click.echo(f"  deprecated: {note}")
+    click.echo(f"plugin contract {CONTRACT} (plugins written to earlier versions load; docs/plugins.md)")
 
 
 @cli.command()
@@ -155,7 +158,8 @@ def formats(name: str | None, as_json: bool, archs: bool = False) -> None:
     chosen = [registry.format(name)] if name else sorted(registry.formats.values(), key=lambda f: f.name)
     rows = [{"format": f.name, "read": f.can_read, "write": f.can_write,
              "kind": "directory" if f.directory else "file", "plugin": f.plugin,
-             "schemes": list(f.all_schemes), "options": [o.describe() for o in f.options],
+             "schemes": list(f.all_schemes), "outputs": list(f.outputs),
+             "options": [o.describe() for o in f.options],
              "description": f.description}
             for f in chosen]
     if as_json:

@@ -16,6 +16,7 @@ import contextvars
 import importlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -88,6 +89,12 @@ class Format:
 
 LayoutSpec = dict[str, tuple[str, tuple[int, ...]]]
 
+#: The plugin contract's version. 1: the first (formats, schemes, the load / map-names /
+#: quantize / write / validate / infer hooks); 2: format options and outputs, runtime
+#: sessions, scheme options and declared layouts, plugin-defined hookspecs. A plugin
+#: written to any earlier version still loads (docs/plugins.md, "Compatibility").
+CONTRACT = 2
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -126,7 +133,7 @@ class Scheme:
     name: str
     quantize: Callable[[np.ndarray, dict[str, Any]], dict[str, np.ndarray]]
     dequantize: Callable[[dict[str, np.ndarray], tuple[int, ...]], np.ndarray]
-    layout: Callable[[tuple[int, ...], str], LayoutSpec]
+    layout: Callable[[tuple[int, ...], str], LayoutSpec] | None = None
     block_size: int = 1
     bits: float = 0.0
     family: str = ""
@@ -137,6 +144,44 @@ class Scheme:
                                                                    compare=False)
     dequantize_to: Callable[[dict[str, np.ndarray], tuple[int, ...], str], np.ndarray] | None = \
         field(default=None, hash=False, compare=False)
+    #: what a scheme written to contract 1 had adapted (reported by ``convcore plugins``)
+    legacy: tuple[str, ...] = field(default=(), hash=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        notes = list(self.legacy)
+        if self.layout is not None and not callable(self.layout):
+            # contract 1's positional Scheme(name, quantize, dequantize, block_size, bits,
+            # family, description): every value after dequantize sits one field late
+            block = int(self.layout)
+            if self.block_size != 1:   # bits (and maybe more) given positionally: shift them back
+                bits, family, description = self.block_size, self.bits, self.family
+                object.__setattr__(self, "bits", float(bits))
+                object.__setattr__(self, "family", family if isinstance(family, str) else "")
+                object.__setattr__(self, "description", description if isinstance(description, str) else "")
+            object.__setattr__(self, "layout", None)
+            object.__setattr__(self, "block_size", block)
+            notes.append("block_size given in layout's place (contract 1's positional form): "
+                         "pass block_size=, bits= by keyword")
+        if _takes_one_argument(self.quantize):
+            single = self.quantize
+            object.__setattr__(self, "quantize", lambda array, options, _q=single: _q(array))
+            notes.append("quantize(array) is contract 1: take quantize(array, options)")
+        if self.layout is None and not any("layout" in n for n in notes):
+            notes.append("no layout declared: its packed arrays go unchecked (pass layout=)")
+        object.__setattr__(self, "legacy", tuple(dict.fromkeys(notes)))
+
+
+def _takes_one_argument(fn: Callable[..., Any]) -> bool:
+    """``fn`` accepts exactly one positional argument (contract 1's ``quantize(array)``)."""
+    import inspect
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 1
 
 
 @dataclass
@@ -149,6 +194,8 @@ class PluginInfo:
     formats: list[str] = field(default_factory=list)
     schemes: list[str] = field(default_factory=list)
     error: str = ""
+    #: what of an older contract was adapted so the plugin loads (one line each)
+    deprecations: list[str] = field(default_factory=list)
 
 
 def _env_list(name: str) -> list[str] | None:
@@ -265,6 +312,11 @@ class Registry:
                     info = self.infos.get(_plugin)
                     if info is not None:
                         getattr(info, _kind + "s").append(item.name)
+                        for note in getattr(item, "legacy", ()):
+                            line = f"{_kind} {item.name!r}: {note}"
+                            info.deprecations.append(line)
+                            warnings.warn(f"convcore plugin {_plugin!r}: {line}", DeprecationWarning,
+                                          stacklevel=2)
 
                 try:
                     impl.function(register=register)
