@@ -424,3 +424,24 @@ def test_mlx_and_onnx_directories_answer_as_infer(tmp_path: Path) -> None:
         for proc in [*infers.values(), server]:
             stop(proc)
     assert "Traceback" not in log.read_text()
+
+
+def test_streamed_text_survives_byte_fallback_runs() -> None:
+    """A valid byte followed by bytes that are no UTF-8 (the decoder then writes U+FFFD
+    for every byte of the run, the first too): the pieces joined equal the tokenizer's
+    decode of all the ids, as ``convcore infer`` prints it (before, the first byte's
+    "\\" went out and nothing after it ever did)."""
+    from transformers import AutoTokenizer
+
+    from convcore.serve.generation import IncrementalText
+    from convcore.serve.sessions import Tokenizer
+    tok = Tokenizer(AutoTokenizer.from_pretrained(str(tiny_model("llama"))))
+    byte = {b: tok._tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x5C, 0xE2, 0x82, 0xC3, 0xA9)}
+    word = tok._tok("utable", add_special_tokens=False).input_ids
+    for ids in ([byte[0x5C], byte[0xE2], byte[0x82], *word, byte[0x5C]],
+                [*word, byte[0xC3], byte[0xA9], *word],            # a valid two-byte "é"
+                [byte[0xE2], *word, byte[0xE2], byte[0x82]]):
+        text = IncrementalText(tok)
+        pieces = [text.push(t) for t in ids] + [text.flush()]
+        assert "".join(pieces) == tok.decode(ids), (ids, pieces)
+        assert sum(bool(p) for p in pieces) >= 2   # still streamed, not all at the end

@@ -7,6 +7,7 @@ draws from a NumPy ``Generator`` seeded by the request, so a seed repeats its te
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -66,6 +67,23 @@ def generate(session: Session, prompt_ids: Sequence[int], sampling: Sampling,
         last = session.decode([token])[-1]
 
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_tokens(tokenizer: Any) -> frozenset[int]:
+    """The ids of ``tokenizer``'s byte-fallback tokens (``<0x00>``..``<0xFF>``), found once."""
+    found = getattr(tokenizer, "_convcore_byte_tokens", None)
+    if found is None:
+        inner = getattr(tokenizer, "_tok", tokenizer)   # serve's locked wrapper, or the tokenizer
+        vocab = inner.get_vocab() if hasattr(inner, "get_vocab") else {}
+        found = frozenset(int(i) for t, i in vocab.items() if BYTE_TOKEN.fullmatch(t))
+        try:
+            tokenizer._convcore_byte_tokens = found
+        except AttributeError:
+            pass
+    return found
+
+
 class IncrementalText:
     """The text of a growing list of token ids, handed out in pieces that never change.
 
@@ -83,8 +101,15 @@ class IncrementalText:
         self.stopped = False
 
     def push(self, token: int) -> str:
-        """Add one generated id; returns the text that became final (maybe empty)."""
+        """Add one generated id; returns the text that became final (maybe empty).
+
+        Nothing is released while the ids end with byte-fallback tokens (``<0xNN>``): a
+        SentencePiece decoder turns a run of them into text only as a whole, and when the
+        run is not valid UTF-8 every byte of it becomes U+FFFD, a valid first byte too; so
+        the run's text is final only once a token that is not a byte follows it."""
         self.ids.append(int(token))
+        if int(token) in _byte_tokens(self._tokenizer):
+            return ""
         decoded = self._tokenizer.decode(self.ids)
         cut = self._first_stop(decoded)
         if cut is not None:
