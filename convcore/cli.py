@@ -457,8 +457,12 @@ def sweep(src: Path, to: str, from_: str | None, quant: str | None, use_all: boo
 @click.option("--ctx", type=click.IntRange(min=1),
               help="Context of each model in tokens (default: the model's, at most 4096).")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for each runtime (default: its own).")
+@click.option("--api-key", envvar="CONVCORE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health [env CONVCORE_API_KEY].")
+@click.option("--max-body", default="32M", show_default=True,
+              help="Largest request body accepted (e.g. 1M); larger ones get 413 unparsed.")
 def serve(models: tuple[Path, ...], host: str, port: int, max_loaded: int, ctx: int | None,
-          threads: int | None) -> None:
+          threads: int | None, api_key: str | None = None, max_body: str = "32M") -> None:
     """Serve models over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
     /v1/chat/completions, /v1/embeddings). Give model paths of any format convcore runs,
     served as their file or directory names, or one model_registry.json."""
@@ -466,7 +470,8 @@ def serve(models: tuple[Path, ...], host: str, port: int, max_loaded: int, ctx: 
 
     served = serving.models_from_args(models)
     try:
-        serving.serve(served, host=host, port=port, max_loaded=max_loaded, ctx=ctx, threads=threads)
+        serving.serve(served, host=host, port=port, max_loaded=max_loaded, ctx=ctx, threads=threads,
+                      api_key=api_key or None, max_body=parse_size(max_body))
     except (KeyboardInterrupt, Terminated):
         click.echo("stopped", err=True)  # a signal is how a server ends; not an error
 

@@ -445,3 +445,43 @@ def test_streamed_text_survives_byte_fallback_runs() -> None:
         pieces = [text.push(t) for t in ids] + [text.flush()]
         assert "".join(pieces) == tok.decode(ids), (ids, pieces)
         assert sum(bool(p) for p in pieces) >= 2   # still streamed, not all at the end
+
+
+def test_api_key_and_body_limit_guard_every_route_but_health(tmp_path: Path) -> None:
+    """--api-key: 401 in OpenAI's shape without the bearer key (or with a wrong one) on
+    every route but /health; --max-body: 413 before the body is parsed, whether its
+    Content-Length says so or it arrives in chunks."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from convcore.serve import ServedModel
+    from convcore.serve.app import create_app
+    from convcore.serve.sessions import SessionPool
+    pool = SessionPool([ServedModel("llama", tiny_model("llama"), "hf")])
+    app = create_app(pool, api_key="s3cret", max_body=1000)
+    with TestClient(app) as http:
+        assert http.get("/health").status_code == 200
+        for method, path in (("GET", "/v1/models"), ("GET", "/v1/models/llama"),
+                             ("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("GET", "/nope")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = http.request(method, path, headers=headers, json={"model": "llama"})
+                assert r.status_code == 401, (path, headers)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+                assert r.headers["www-authenticate"] == "Bearer"
+        ok = {"Authorization": "Bearer s3cret"}
+        assert [m["id"] for m in http.get("/v1/models", headers=ok).json()["data"]] == ["llama"]
+        big = {"model": "llama", "prompt": "x" * 2000, "max_tokens": 1}
+        r = http.post("/v1/completions", headers=ok, json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():
+            yield b'{"model": "llama", "prompt": "'
+            for _ in range(20):
+                yield b"y" * 100
+            yield b'"}'
+        r = http.post("/v1/completions", headers={**ok, "Content-Type": "application/json"}, content=chunks())
+        assert r.status_code == 413 and "--max-body" in r.json()["error"]["message"]
+    pool.close()
+    # no key: open, as before
+    with TestClient(create_app(SessionPool([ServedModel("llama", tiny_model("llama"), "hf")]))) as http:
+        assert http.get("/v1/models").status_code == 200

@@ -136,7 +136,8 @@ def log_config() -> dict[str, Any]:
 
 
 def serve(models: Sequence[ServedModel], *, host: str = "127.0.0.1", port: int = 8000,
-          max_loaded: int = 2, ctx: int | None = None, threads: int | None = None) -> None:
+          max_loaded: int = 2, ctx: int | None = None, threads: int | None = None,
+          api_key: str | None = None, max_body: int | None = None) -> None:
     """Serve ``models`` until interrupted; every open session is closed on the way out."""
     if any(importlib.util.find_spec(name) is None for name in ("starlette", "uvicorn")):
         raise ConvcoreError(INSTALL_HINT)
@@ -147,7 +148,7 @@ def serve(models: Sequence[ServedModel], *, host: str = "127.0.0.1", port: int =
 
     pool = SessionPool(models, max_loaded=max_loaded, ctx=ctx, threads=threads)
     sock = listen(host, port)
-    config = uvicorn.Config(create_app(pool), log_config=log_config(), lifespan="off",
+    config = uvicorn.Config(create_app(pool, api_key, max_body), log_config=log_config(), lifespan="off",
                             timeout_graceful_shutdown=5)
     print(f"serving {len(models)} model(s) on {url(sock)}", file=sys.stderr, flush=True)
     try:

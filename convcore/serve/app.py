@@ -373,8 +373,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(ApiError(status, message).body, status)
 
 
-def create_app(pool: SessionPool) -> Starlette:
-    """The ASGI app serving ``pool``'s models."""
+def create_app(pool: SessionPool, api_key: str | None = None, max_body: int | None = None) -> Any:
+    """The ASGI app serving ``pool``'s models, behind :class:`~.guard.Guard` (the key,
+    when given, and the request-size limit)."""
+    from .guard import DEFAULT_MAX_BODY, Guard
     a = Api(pool)
     routes = [
         Route("/health", endpoint(a.health)),
@@ -384,4 +386,5 @@ def create_app(pool: SessionPool) -> Starlette:
         Route("/v1/chat/completions", endpoint(a.chat), methods=["POST"]),
         Route("/v1/embeddings", endpoint(a.embeddings), methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Guard(app, api_key, DEFAULT_MAX_BODY if max_body is None else max_body)
