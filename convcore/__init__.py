@@ -19,7 +19,8 @@ from .multimodal import is_image_text, text_model
 from .registry import CONTRACT, Format, Registry, Scheme, get_registry, using
 from .runtime import Session
 from .safetensors_io import (
-    PlannedTensor, StreamingWriter, index_shards, inside_model, open_tensors, plan_shards, read_header, write_sharded,
+    PlannedTensor, StreamingWriter, index_shards, inside_model, open_tensors, plan_shards, read_header, with_user_metadata,
+    write_sharded,
 )
 
 __version__ = "0.1.0"
@@ -29,6 +30,6 @@ __all__ = [
     "CONTRACT", "QuantizedTensor", "Registrations", "Registry", "Scheme", "Session", "StreamingWriter", "TensorRef", "arch_of", "cast", "cast_chunks",
     "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "inside_model", "hookspec", "load", "numpy_dtype",
     "open_tensors", "Option", "ordered_map", "page_releaser", "parse_size", "plan_shards", "prepare", "quantize", "read_header", "read_json",
-    "read_companions", "read_tokenizer_files", "write_companions", "using", "write_sharded", "write_tokenizer_files",
+    "read_companions", "read_tokenizer_files", "write_companions", "using", "with_user_metadata", "write_sharded", "write_tokenizer_files",
     "Pooling", "is_encoder", "pool", "read_pooling", "stack_tensors", "hfconfig", "is_image_text", "text_model",
 ]

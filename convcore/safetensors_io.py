@@ -298,6 +298,18 @@ def read_ahead(chunks: Iterable[Any], pool: ThreadPoolExecutor) -> Iterator[Any]
                 pass
 
 
+def with_user_metadata(own: dict[str, str], user: dict[str, Any] | None, where: str) -> dict[str, str]:
+    """A safetensors header's ``__metadata__``: the writer's ``own`` entries (``format``,
+    which loaders check) and the user's ``--metadata`` entries as strings. A user key that
+    would replace one of ``own`` is one error line."""
+    user = {str(k): str(v) for k, v in (user or {}).items()}
+    clash = sorted(set(user) & set(own))
+    if clash:
+        raise ConvcoreError(f"--metadata {clash[0]}: {where} keeps its own {clash[0]!r} entry "
+                            "in the safetensors header; choose another key")
+    return {**own, **user}
+
+
 def write_sharded(
     directory: Path,
     tensors: list[PlannedTensor],

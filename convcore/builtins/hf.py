@@ -27,7 +27,7 @@ from ..model import FLOAT_DTYPES, ConvcoreError, Model, TensorRef, arch_of
 from ..options import Option
 from ..registry import Format
 from ..safetensors_io import (AHEAD_BYTES, PlannedTensor, index_shards, inside_model, open_tensors, read_header,
-                              write_sharded)
+                              with_user_metadata, write_sharded)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -335,7 +335,8 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
                 print(f"shard {i + 1}: {t.name} {t.dtype}{list(t.shape)}")
         return path
     path.mkdir(parents=True, exist_ok=True)
-    write_sharded(path, planned, max_shard_size=max_shard, metadata={"format": "pt"},
+    write_sharded(path, planned, max_shard_size=max_shard,
+                  metadata=with_user_metadata({"format": "pt"}, options.get("metadata"), "hf"),
                   ahead_bytes=AHEAD_BYTES,
                   on_written=lambda t: progress(t.name))
     write_config(path, model.config, dtype)

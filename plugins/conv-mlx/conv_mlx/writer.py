@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from convcore import (
     FLOAT_DTYPES, ConvcoreError, Model, PlannedTensor, TensorRef, cast, dtype_name, get_registry,
-    numpy_dtype, page_releaser, parse_size, quantize, stack_tensors, write_companions, write_sharded,
+    numpy_dtype, page_releaser, parse_size, quantize, stack_tensors, with_user_metadata, write_companions, write_sharded,
     write_tokenizer_files,
 )
 
@@ -164,7 +164,8 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
             print(f"{t.name} {t.dtype}{list(t.shape)}")
         return path
     path.mkdir(parents=True, exist_ok=True)
-    write_sharded(path, planned, max_shard_size=max_shard, metadata={"format": "mlx"},
+    write_sharded(path, planned, max_shard_size=max_shard,
+                  metadata=with_user_metadata({"format": "mlx"}, options.get("metadata"), "mlx"),
                   always_index=True, on_written=written)
     index_path = path / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())

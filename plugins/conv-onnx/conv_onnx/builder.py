@@ -21,7 +21,7 @@ from convcore import (
 
 from .archs import Decoder, decoder_for, layer_names
 from .export_genai import genai_config_for
-from .export_quant import parse_scheme
+from .export_quant import parse_scheme, user_metadata
 from .graph import Chunked, Graph, tensors_metadata
 from .kernels import transposed
 
@@ -412,6 +412,7 @@ def write_builder(model: Model, path: Path, options: dict[str, Any], progress: C
             "convcore.dtype": b.dtype}
     if b.scheme:
         meta["convcore.quant"] = b.scheme
+    meta.update(user_metadata(options))
     proto = b.g.model(initializers, meta)
     (path / "model.onnx").write_bytes(proto.SerializeToString())
     config = dict(model.config)

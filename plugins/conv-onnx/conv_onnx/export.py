@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 from convcore import ConvcoreError, Model, get_registry, numpy_dtype, write_companions, write_tokenizer_files
 
 from .export_genai import genai_config_for
-from .export_quant import quantize_matmuls
+from .export_quant import quantize_matmuls, user_metadata
 from .export_graph import (
     METADATA_KEY, Placement, check_placements, fold_weight_transposes, optimize_keeping,
     place_tensors, rename_initializers, save_with_external_data, strip_debug_metadata,
@@ -44,6 +44,8 @@ def export_onnx(model: Model, path: Path, options: dict[str, Any],
                 progress: Callable[[str], None]) -> Path:
     """Export ``model`` to the ONNX directory ``path`` (created here); see the module
     docstring for the layout. ``options``: ``dtype`` f32 (default) or f16, ``opset``."""
+    if options.get("dry_run"):
+        return _dry_run(model, Path(path), options, progress)
     dtype = options.get("dtype") or "f32"
     if dtype not in EXPORT_DTYPES:
         raise ConvcoreError(f"the onnx export path writes {' or '.join(EXPORT_DTYPES)}, not {dtype!r}")
@@ -66,15 +68,30 @@ def export_onnx(model: Model, path: Path, options: dict[str, Any],
     try:
         _export_into(model, path, dtype, None if opset is None else int(opset), progress,
                      quant=(scheme, int(options.get("accuracy_level", 4)),
-                            bool(options.get("quantize_lm_head", True))) if scheme else None)
+                            bool(options.get("quantize_lm_head", True))) if scheme else None,
+                     metadata=user_metadata(options))
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
     return path
 
 
+def _dry_run(model: Model, path: Path, options: dict[str, Any], progress: Callable[[str], None]) -> Path:
+    """``-O dry_run``: the export's initializers (name, type, shape), as the builder lists
+    its own; the graph is exported in a temporary directory and nothing is left at ``path``."""
+    import onnx
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.dry-") as tmp:
+        out = export_onnx(model, Path(tmp) / "onnx", {**options, "dry_run": False}, lambda name: None)
+        proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        for init in proto.graph.initializer:
+            kind = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+            print(f"{init.name} {kind}{list(init.dims)}")
+    return path
+
+
 def _export_into(model: Model, path: Path, dtype: str, opset: int | None,
-                 progress: Callable[[str], None], quant: tuple[str, int, bool] | None = None) -> None:
+                 progress: Callable[[str], None], quant: tuple[str, int, bool] | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
     config = model.config
     with _hf_directory(model, path) as src:
         torch_model = _load_torch_model(src, model, dtype)
@@ -90,6 +107,7 @@ def _export_into(model: Model, path: Path, dtype: str, opset: int | None,
         entries.update(quantize_matmuls(ir_model, placed, model, scheme, dtype, accuracy, lm_head))
         ir_model.metadata_props["convcore.quant"] = scheme
     ir_model.metadata_props[METADATA_KEY] = json.dumps(entries)
+    ir_model.metadata_props.update(metadata or {})
     strip_debug_metadata(ir_model)
     stored = {e[k] for e in entries.values() for k in ("init", "scales", "zero_points") if k in e}
     save_with_external_data(ir_model, path / "model.onnx", stored)

@@ -25,6 +25,17 @@ FLOAT_ONLY = re.compile(r"(\.gate|\.shared_expert_gate)\.weight$")
 PARTS = ("q", "scales", "zero_points")
 
 
+def user_metadata(options: dict[str, Any]) -> dict[str, str]:
+    """``--metadata`` entries for the ModelProto's ``metadata_props``; the ``convcore.``
+    keys are the reader's (one error line)."""
+    user = {str(k): str(v) for k, v in (options.get("metadata") or {}).items()}
+    for key in user:
+        if key.startswith("convcore."):
+            raise ConvcoreError(f"--metadata {key}: the convcore.* keys of an onnx model are its "
+                                "reader's; choose another key")
+    return user
+
+
 def parse_scheme(scheme: str) -> tuple[int, int, bool]:
     """``int4-b32`` -> (4, 32, False); ``int8-b64-asym`` -> (8, 64, True)."""
     head, _, rest = scheme.partition("-b")

@@ -151,7 +151,9 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
             progress(ref.name)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "model": _model_block(model),
+        "model": {**_model_block(model), **({"metadata": {str(k): str(v) for k, v in
+                                                          options["metadata"].items()}}
+                                            if options.get("metadata") else {})},
         "file": npz_name,
         "quantization": {"type": "perrow_int", "bits": bits, "scheme": scheme,
                          "method": "symmetric-absmax" if scheme.startswith("int8-") and scheme != "int8-row"
