@@ -1,4 +1,4 @@
-"""The Parquet weight schemas (fixed in DESIGN.md) and what each column holds.
+"""The Parquet weight schemas (docs/parquet.md) and what each column holds.
 
 One row per tensor:
 

@@ -1,5 +1,5 @@
 """HF -> Parquet -> HF: bit-exact for f32, f16 and bf16 sources; the layout is what
-DESIGN.md fixes (V1 columns, one row group per tensor, zstd, config and tokenizer in the
+docs/parquet.md describes (V1 columns, one row group per tensor, zstd, config and tokenizer in the
 key-value metadata); Parquet -> GGUF works; split outputs are a part-file directory."""
 from __future__ import annotations
 
