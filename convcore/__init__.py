@@ -9,7 +9,7 @@ from .extensions import Registrations, collect_registrations
 from .hookspecs import hookimpl, hookspec
 from .model import (
     DTYPES, FLOAT_DTYPES, ConvcoreError, Model, QuantizedTensor, TensorRef, arch_of, cast,
-    cast_chunks, dtype_name, numpy_dtype, page_releaser, stack_tensors,
+    cast_chunks, dtype_name, first_line, numpy_dtype, one_line, page_releaser, stack_tensors,
 )
 from .options import Option, parse_size
 from .pipeline import convert, load, ordered_map, prepare, quantize
@@ -31,5 +31,5 @@ __all__ = [
     "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "inside_model", "hookspec", "load", "numpy_dtype",
     "open_tensors", "Option", "ordered_map", "page_releaser", "parse_size", "plan_shards", "prepare", "quantize", "read_header", "read_json",
     "read_companions", "read_tokenizer_files", "write_companions", "using", "with_user_metadata", "write_sharded", "write_tokenizer_files",
-    "Pooling", "is_encoder", "pool", "read_pooling", "stack_tensors", "hfconfig", "is_image_text", "text_model",
+    "Pooling", "is_encoder", "pool", "read_pooling", "stack_tensors", "hfconfig", "first_line", "one_line", "is_image_text", "text_model",
 ]

@@ -19,6 +19,12 @@ class ConvcoreError(Exception):
     """An error a user caused or can fix: shown as one ``error: ...`` line, no traceback."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of ``exc``'s message, or its type's name when it has none:
+    what a plugin puts after "file: " in a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip() or type(exc).__name__
+
+
 def one_line(exc: BaseException) -> str:
     """``exc`` as one line for a report: a convcore error's message, else the exception's
     type and the first line of its message."""

@@ -7,11 +7,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from convcore import ConvcoreError, Session
+from convcore import ConvcoreError, Session, first_line
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class MlxSession(Session):
@@ -30,7 +28,7 @@ class MlxSession(Session):
         try:
             self.model, tokenizer = load(str(path))
         except (ValueError, FileNotFoundError, KeyError) as exc:
-            raise ConvcoreError(f"{path}: mlx-lm cannot load it: {_first_line(exc)}") from None
+            raise ConvcoreError(f"{path}: mlx-lm cannot load it: {first_line(exc)}") from None
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or 0)
         self.stop_ids = tuple(sorted(int(t) for t in getattr(tokenizer, "eos_token_ids", ()) or ()))
@@ -43,7 +41,7 @@ class MlxSession(Session):
             mx.eval(out)
         except (IndexError, ValueError, RuntimeError) as exc:  # mlx-lm's own limits
             raise ConvcoreError(f"{self.path}: mlx-lm forward pass failed: "
-                                f"{type(exc).__name__}: {_first_line(exc)}") from None
+                                f"{type(exc).__name__}: {first_line(exc)}") from None
         return np.array(out, dtype=np.float32)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:

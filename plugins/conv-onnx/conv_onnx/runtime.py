@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from convcore import ConvcoreError, Session
+from convcore import ConvcoreError, Session, first_line
 
 from .reader import model_file
 
@@ -18,8 +18,6 @@ PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _stop_ids(root: Path) -> tuple[int, ...]:
@@ -53,7 +51,7 @@ def ort_session(file: Path, options: dict[str, Any]) -> Any:
     try:
         return ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise ConvcoreError(f"{file}: onnxruntime cannot load it: {_first_line(exc)}") from None
+        raise ConvcoreError(f"{file}: onnxruntime cannot load it: {first_line(exc)}") from None
 
 
 class OnnxSession(Session):
@@ -104,7 +102,7 @@ class OnnxSession(Session):
         try:
             results = self.sess.run(None, feed)
         except Exception as exc:
-            raise ConvcoreError(f"{self.file}: onnxruntime run failed: {_first_line(exc)}") from None
+            raise ConvcoreError(f"{self.file}: onnxruntime run failed: {first_line(exc)}") from None
         named = dict(zip(self.outputs, results))
         self._past = {n: named[n.replace("past_key_values", "present")] for n in self.past_names}
         self._length = total
@@ -152,7 +150,7 @@ class OnnxEncoderSession(Session):
         try:
             out = self.sess.run(["last_hidden_state"], feed)[0]
         except Exception as exc:
-            raise ConvcoreError(f"{self.file}: onnxruntime run failed: {_first_line(exc)}") from None
+            raise ConvcoreError(f"{self.file}: onnxruntime run failed: {first_line(exc)}") from None
         return np.asarray(out[0], dtype=np.float32)
 
     def embed(self, token_ids: Sequence[int]) -> np.ndarray:

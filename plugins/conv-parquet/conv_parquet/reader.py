@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from convcore import (
-    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, numpy_dtype, read_json,
+    ConvcoreError, Model, first_line, TensorRef, arch_of, cast, get_registry, numpy_dtype, read_json,
     read_tokenizer_files,
 )
 
@@ -95,8 +95,6 @@ def _check_ends(file: Path) -> None:
         raise ConvcoreError(f"{file}: truncated: no Parquet footer at its end ({size} bytes)")
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class WeightTable:
@@ -115,7 +113,7 @@ class WeightTable:
             try:
                 footer = pq.read_metadata(file)
             except (pa.ArrowException, OSError) as exc:
-                raise ConvcoreError(f"{file}: not a readable Parquet file ({_first_line(exc)})") from None
+                raise ConvcoreError(f"{file}: not a readable Parquet file ({first_line(exc)})") from None
             version = schema_version(footer.schema.to_arrow_schema(), str(file))
             if self.version and version != self.version:
                 raise ConvcoreError(f"{file}: schema V{version}, but {self.files[0].name} is V{self.version}")
@@ -155,7 +153,7 @@ class WeightTable:
             with pq.ParquetFile(file, metadata=footer) as pf:
                 table = pf.read(columns=columns, use_threads=False)
         except (pa.ArrowException, OSError) as exc:
-            raise ConvcoreError(f"{file}: cannot read its columns ({_first_line(exc)})") from None
+            raise ConvcoreError(f"{file}: cannot read its columns ({first_line(exc)})") from None
         values = {c: table.column(c).to_pylist() for c in columns}
         row_group, start = 0, 0
         for i, name in enumerate(values["layer_name"]):
@@ -224,7 +222,7 @@ class WeightTable:
                 table = _read_row_group(mapped if mapped is not None else file, footer, row.row_group, columns)
         except (pa.ArrowException, OSError) as exc:
             raise ConvcoreError(f"{self.where(row)}: cannot read row group {row.row_group} "
-                                f"({_first_line(exc)})") from None
+                                f"({first_line(exc)})") from None
         finally:
             if mapped is not None:
                 _unmap(mapped)
@@ -283,7 +281,7 @@ class WeightTable:
             axis, group, n_scales = quant_params(spec, row.shape, row.dtype)
         except (ConvcoreError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
             raise ConvcoreError(f"{where}: quant_type {row.quant!r} cannot be stored in a row of "
-                                f"shape {list(row.shape)} of {row.dtype}: {_first_line(exc)}") from None
+                                f"shape {list(row.shape)} of {row.dtype}: {first_line(exc)}") from None
         if (row.axis, row.group) != (axis, group):
             raise ConvcoreError(f"{where}: quant_axis {row.axis} / group_size {row.group}, but "
                                 f"{row.quant} on shape {list(row.shape)} has {axis} / {group}")

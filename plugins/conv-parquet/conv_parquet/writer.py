@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from convcore import (
-    FLOAT_DTYPES, ConvcoreError, Model, TensorRef, cast, get_registry, numpy_dtype, plan_shards,
+    FLOAT_DTYPES, ConvcoreError, Model, first_line, TensorRef, cast, get_registry, numpy_dtype, plan_shards,
     quantize,
 )
 
@@ -214,7 +214,7 @@ def write_parquet(model: Model, path: Path, options: dict[str, Any],
         try:
             writer = pq.ParquetWriter(str(file), schema, **settings)
         except (pa.ArrowException, ValueError) as exc:
-            raise ConvcoreError(f"{file}: cannot write Parquet: {_first_line(exc)}") from None
+            raise ConvcoreError(f"{file}: cannot write Parquet: {first_line(exc)}") from None
         try:
             search = options.get("row_search") or "mse"
             for p, built in _rows(part, version, search):
@@ -223,11 +223,9 @@ def write_parquet(model: Model, path: Path, options: dict[str, Any],
                 progress(p.ref.name)
             writer.add_key_value_metadata(kv)
         except (pa.ArrowException, OSError) as exc:
-            raise ConvcoreError(f"{file}: cannot write Parquet: {_first_line(exc)}") from None
+            raise ConvcoreError(f"{file}: cannot write Parquet: {first_line(exc)}") from None
         finally:
             writer.close()
     return path
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
