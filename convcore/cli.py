@@ -23,6 +23,7 @@ from .pipeline import convert
 from . import fidelity
 from .fidelity import CHECK_FAILED_EXIT
 from .pooling import is_encoder
+from .cli_group import Interrupted, _Group
 from .registry import CONTRACT, get_registry
 
 
@@ -31,19 +32,6 @@ def parse_tokens(text: str) -> list[int]:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise ConvcoreError(f"--tokens {text!r} is not a comma list of integers") from None
-
-
-class Interrupted(BaseException):
-    """A KeyboardInterrupt (Ctrl-C) out of a command, re-raised as this so that click does
-    not print a blank line before main's one ``error: interrupted`` line."""
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
-            raise Interrupted from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -444,36 +432,6 @@ def sweep(src: Path, to: str, from_: str | None, quant: str | None, use_all: boo
     if not any(j["error"] is None for j in result["jobs"]):
         click.echo("error: every type failed", err=True)
         raise SystemExit(1)
-
-
-@cli.command()
-@click.argument("models", nargs=-1, required=True, metavar="[REGISTRY | PATH...]",
-                type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="Port to listen on (0: any free port, printed at startup).")
-@click.option("--max-loaded", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Models open at once; the least recently used is closed to load another.")
-@click.option("--ctx", type=click.IntRange(min=1),
-              help="Context of each model in tokens (default: the model's, at most 4096).")
-@click.option("--threads", type=click.IntRange(min=1), help="Threads for each runtime (default: its own).")
-@click.option("--api-key", envvar="CONVCORE_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on every route but /health [env CONVCORE_API_KEY].")
-@click.option("--max-body", default="32M", show_default=True,
-              help="Largest request body accepted (e.g. 1M); larger ones get 413 unparsed.")
-def serve(models: tuple[Path, ...], host: str, port: int, max_loaded: int, ctx: int | None,
-          threads: int | None, api_key: str | None = None, max_body: str = "32M") -> None:
-    """Serve models over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
-    /v1/chat/completions, /v1/embeddings). Give model paths of any format convcore runs,
-    served as their file or directory names, or one model_registry.json."""
-    from . import serve as serving
-
-    served = serving.models_from_args(models)
-    try:
-        serving.serve(served, host=host, port=port, max_loaded=max_loaded, ctx=ctx, threads=threads,
-                      api_key=api_key or None, max_body=parse_size(max_body))
-    except (KeyboardInterrupt, Terminated):
-        click.echo("stopped", err=True)  # a signal is how a server ends; not an error
 
 
 @cli.command()

@@ -177,6 +177,20 @@ def convcore_infer(path: Path, fmt: str, token_ids: list[int]) -> np.ndarray | N
 
 
 @hookspec
+def convcore_register_commands(cli: Any) -> None:
+    """Add commands to the ``convcore`` command line.
+
+    ``cli`` is the ``click.Group`` every ``convcore`` command belongs to: call
+    ``cli.add_command(command)`` with your ``click.Command`` (or decorate with
+    ``@cli.command()``). Called once per process, before the command line is parsed.
+    A name the core or another plugin already uses is an error naming both.
+
+    :param cli: the ``convcore`` click group.
+    :return: nothing.
+    """
+
+
+@hookspec
 def convcore_register_executors(register: Callable[..., None]) -> None:
     """Register the batch executors this plugin provides (``convcore batch --executor``).
 

@@ -91,9 +91,10 @@ LayoutSpec = dict[str, tuple[str, tuple[int, ...]]]
 
 #: The plugin contract's version. 1: the first (formats, schemes, the load / map-names /
 #: quantize / write / validate / infer hooks); 2: format options and outputs, runtime
-#: sessions, scheme options and declared layouts, plugin-defined hookspecs. A plugin
-#: written to any earlier version still loads (docs/plugins.md, "Compatibility").
-CONTRACT = 2
+#: sessions, scheme options and declared layouts, plugin-defined hookspecs; 3: commands
+#: from plugins (``convcore_register_commands``). A plugin written to any earlier
+#: version still loads (docs/plugins.md, "Compatibility").
+CONTRACT = 3
 
 
 @dataclass(frozen=True)

@@ -386,3 +386,38 @@ def test_read_ahead_makes_the_next_chunk_on_a_thread_in_order():
         it.close()  # chunk 1 was asked for: cancelled if not started, else waited for
         assert not busy.locked() and len(made) in (5 + 3 + 1, 5 + 3 + 2)
         assert [i for i, _ in made[:8]] == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def test_hook_convcore_register_commands(run_cli):
+    """A plugin's command joins the CLI; a name already taken is refused naming the
+    plugin; a plugin command whose distribution is missing names it (one line)."""
+    import click
+    from click.testing import CliRunner
+
+    from convcore.cli_group import _Group
+
+    @click.command()
+    @click.argument("who")
+    def hello(who):
+        """Say hello."""
+        click.echo(f"hello {who}")
+
+    def fresh():
+        return _Group(commands={"run": click.Command("run", callback=lambda: None)})
+
+    registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
+        convcore_register_commands=lambda cli: cli.add_command(hello)),))
+    with convcore.using(registry):
+        group = fresh()
+        assert CliRunner().invoke(group, ["hello", "you"]).output == "hello you\n"
+        assert "hello" in CliRunner().invoke(group, ["--help"]).output
+    clash = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
+        convcore_register_commands=lambda cli: cli.add_command(click.Command("run"))),))
+    with convcore.using(clash):
+        r = CliRunner().invoke(fresh(), ["run"])
+    assert isinstance(r.exception, convcore.ConvcoreError) and "'run'" in str(r.exception)
+    assert "already has" in str(r.exception)
+    import os
+    r = run_cli("serve", "x.gguf", env={**os.environ, "CONVCORE_DISABLE_PLUGINS": "serve"})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "pip install convcore-serve" in r.stderr

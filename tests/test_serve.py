@@ -23,7 +23,7 @@ import pytest
 
 import convcore
 from convcore import fidelity
-from convcore.serve.generation import IncrementalText
+from convcore_serve.generation import IncrementalText
 from convcore.testing.models import tiny_encoder, tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
@@ -299,8 +299,8 @@ def test_one_loaded_model_at_a_time_still_answers_alike(stack: dict[str, Any]) -
 def test_the_pool_closes_the_least_recently_used(paths: dict[str, Path]) -> None:
     """Three ids over one gguf, two open at most: the least recently used goes, and one
     evicted while a request holds it keeps answering until that request ends."""
-    from convcore.serve import ServedModel
-    from convcore.serve.sessions import SessionPool
+    from convcore_serve import ServedModel
+    from convcore_serve.sessions import SessionPool
     pool = SessionPool([ServedModel(i, paths["qwen-q8"], "gguf") for i in "abc"], max_loaded=2)
     try:
         want = None
@@ -339,16 +339,16 @@ def test_incremental_text_never_splits_a_character() -> None:
 
 
 def test_without_starlette_the_error_names_the_extra(monkeypatch) -> None:
-    from convcore.serve import ServedModel, serve
+    from convcore_serve import ServedModel, serve
     monkeypatch.setitem(sys.modules, "starlette", None)  # what an install without it finds
-    with pytest.raises(convcore.ConvcoreError, match=r"pip install 'convcore\[serve\]'"):
+    with pytest.raises(convcore.ConvcoreError, match=r"pip install convcore-serve"):
         serve([ServedModel("m", Path("m.gguf"))], port=0)
 
 
 def test_a_model_registry_serves_its_variants(paths: dict[str, Path], tmp_path: Path, run_cli) -> None:
     """One model_registry.json argument: the fleet's variants, ids MODEL/VARIANT."""
     pytest.importorskip("convcore.fleet.registry")
-    from convcore.serve import models_from_args
+    from convcore_serve import models_from_args
     shutil.copy(paths["qwen-q8"], tmp_path / "q.gguf")
     registry = tmp_path / "model_registry.json"
     r = run_cli("registry", "add", registry, tmp_path / "q.gguf", "--model", "qwen", "--quant", "q8_0")
@@ -433,8 +433,8 @@ def test_streamed_text_survives_byte_fallback_runs() -> None:
     "\\" went out and nothing after it ever did)."""
     from transformers import AutoTokenizer
 
-    from convcore.serve.generation import IncrementalText
-    from convcore.serve.sessions import Tokenizer
+    from convcore_serve.generation import IncrementalText
+    from convcore_serve.sessions import Tokenizer
     tok = Tokenizer(AutoTokenizer.from_pretrained(str(tiny_model("llama"))))
     byte = {b: tok._tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x5C, 0xE2, 0x82, 0xC3, 0xA9)}
     word = tok._tok("utable", add_special_tokens=False).input_ids
@@ -454,9 +454,9 @@ def test_api_key_and_body_limit_guard_every_route_but_health(tmp_path: Path) -> 
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    from convcore.serve import ServedModel
-    from convcore.serve.app import create_app
-    from convcore.serve.sessions import SessionPool
+    from convcore_serve import ServedModel
+    from convcore_serve.app import create_app
+    from convcore_serve.sessions import SessionPool
     pool = SessionPool([ServedModel("llama", tiny_model("llama"), "hf")])
     app = create_app(pool, api_key="s3cret", max_body=1000)
     with TestClient(app) as http:

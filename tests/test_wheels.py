@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DISTS = {"convcore": ROOT, "quant-rowwise": ROOT / "plugins" / "quant-rowwise",
          "conv-gguf": ROOT / "plugins" / "conv-gguf", "conv-mlx": ROOT / "plugins" / "conv-mlx",
          "conv-parquet": ROOT / "plugins" / "conv-parquet", "conv-onnx": ROOT / "plugins" / "conv-onnx",
-         "convcore-ray": ROOT / "plugins" / "convcore-ray"}
+         "convcore-ray": ROOT / "plugins" / "convcore-ray",
+         "convcore-serve": ROOT / "plugins" / "convcore-serve"}
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +106,7 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
     r = run("batch", jobs, "--executor", "ray", check=False)
     assert r.returncode == 1 and "no executor named 'ray'" in r.stderr
     r = run("serve", tmp_path / "f16", check=False)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install 'convcore[serve]'" in r.stderr
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install convcore-serve" in r.stderr
 
     # 2. conv-gguf alone brings what its formats list: every gguf type converts, from
     #    both tokenizer kinds (sentencepiece/protobuf and the k-quant kernels included)
@@ -159,7 +160,11 @@ def test_the_other_distributions_one_at_a_time(fresh, tiny_model_factory, tmp_pa
     run("infer", tmp_path / "onnx4", "--tokens", "1,2,3", "--max-tokens", "3")
     run("run", tmp_path / "onnx4", "-o", tmp_path / "onnx-hf", "--to", "hf", "-q")
 
-    # 6. convcore-ray: the same batch as Ray tasks on a Ray started for it (ray from the index)
+    # 6. convcore-serve adds its command (starlette and uvicorn come with it)
+    install("convcore-serve")
+    assert "--api-key" in run("serve", "--help").stdout
+
+    # 7. convcore-ray: the same batch as Ray tasks on a Ray started for it (ray from the index)
     install("convcore-ray")
     (tmp_path / "ray.toml").write_text(jobs.read_text().replace('id = "t"', 'id = "r"'))
     run("batch", tmp_path / "ray.toml", "-q", "--executor", "ray", "-X", "num_cpus=1")

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..runtime import Session
+from convcore.runtime import Session
 
 #: what a decoder writes for bytes that do not (yet) form a character
 REPLACEMENT = "\ufffd"

@@ -1,5 +1,6 @@
-"""``convcore serve``: models in any format convcore runs, behind an OpenAI-compatible
-HTTP API (the app itself is :mod:`convcore.serve.app`).
+"""convcore plugin ``serve``: models in any format convcore runs, behind an
+OpenAI-compatible HTTP API (the app itself is :mod:`convcore_serve.app`; the command,
+added through ``convcore_register_commands``, :mod:`convcore_serve.command`).
 
 What is served is a list of :class:`ServedModel`: one per path given on the command
 line (its id is the file or directory name, ``x`` for ``x.gguf``), or those a fleet's
@@ -7,8 +8,8 @@ line (its id is the file or directory name, ``x`` for ``x.gguf``), or those a fl
 model's format is detected at startup, so a path no plugin reads fails before the
 server starts; its weights load on the first request that names it.
 
-Needs Starlette and uvicorn (``pip install 'convcore[serve]'``); importing this module
-does not, so other packages can build :class:`ServedModel` lists without them.
+Starlette and uvicorn are this package's dependencies; importing this module does not
+import them, so other packages can build :class:`ServedModel` lists cheaply.
 """
 from __future__ import annotations
 
@@ -21,10 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..model import ConvcoreError
-from ..registry import get_registry
+import convcore
+from convcore.model import ConvcoreError
+from convcore.registry import get_registry
 
-INSTALL_HINT = "convcore serve needs starlette and uvicorn: pip install 'convcore[serve]'"
+
+@convcore.hookimpl
+def convcore_register_commands(cli: Any) -> None:
+    from .command import serve as serve_command
+    cli.add_command(serve_command)
+
+INSTALL_HINT = "convcore serve needs starlette and uvicorn: pip install convcore-serve"
 
 
 @dataclass
@@ -80,7 +88,7 @@ def models_from_args(args: Sequence[Path]) -> list[ServedModel]:
         raise ConvcoreError("nothing to serve: give model paths or one model_registry.json")
     if is_registry(args):
         try:
-            from ..fleet import registry as fleet_registry
+            from convcore.fleet import registry as fleet_registry
         except ModuleNotFoundError as exc:
             if not (exc.name or "").startswith("convcore.fleet"):
                 raise

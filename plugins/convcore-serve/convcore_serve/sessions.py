@@ -14,10 +14,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from .. import fidelity
-from ..model import ConvcoreError, one_line
-from ..registry import get_registry
-from ..runtime import Session
+from convcore import fidelity
+from convcore.model import ConvcoreError, one_line
+from convcore.registry import get_registry
+from convcore.runtime import Session
 
 if TYPE_CHECKING:
     from . import ServedModel
@@ -85,7 +85,7 @@ class Loaded:
 
 
 class SessionPool:
-    """Sessions for ``models`` (id -> :class:`~convcore.serve.ServedModel`), opened with
+    """Sessions for ``models`` (id -> :class:`~convcore_serve.ServedModel`), opened with
     ``{"n_ctx", "threads", "verbose": False}`` on first use, at most ``max_loaded`` open."""
 
     def __init__(self, models: Sequence["ServedModel"], max_loaded: int = 2,

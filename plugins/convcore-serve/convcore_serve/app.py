@@ -31,12 +31,12 @@ from starlette.routing import Route
 
 from . import openai_api as api
 from .generation import IncrementalText, Sampling, generate
-from ..model import ConvcoreError
+from convcore.model import ConvcoreError
 from .openai_api import ApiError
-from ..runtime import Session
+from convcore.runtime import Session
 from .sessions import LoadError, Prepared, SessionPool, Tokenizer
 
-log = logging.getLogger("convcore.serve")
+log = logging.getLogger("convcore_serve")
 
 Event = tuple
 Produce = Callable[[Callable[[Event], None], threading.Event], None]
