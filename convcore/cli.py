@@ -16,7 +16,6 @@ import click
 import numpy as np
 
 from .destination import size_on_disk
-from .fleet.commands import register as register_fleet_commands
 from .model import ConvcoreError, Model
 from .options import parse_pairs, parse_size  # noqa: F401 - kept importable from convcore.cli
 from .pipeline import convert
@@ -472,8 +471,6 @@ def new_plugin(name: str, directory: Path | None) -> None:
     click.echo(f"created {out}; next: pip install -e {out} && convcore plugins", err=True)
 
 
-# the fleet's commands (batch, registry) live with the fleet
-register_fleet_commands(cli)
 
 
 class Terminated(BaseException):

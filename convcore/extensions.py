@@ -33,7 +33,8 @@ _LOCK = threading.Lock()
 
 
 def collect_registrations(hook_name: str, key: Callable[[Any], str], what: str, *,
-                          kind: type | None = None, registry: Any = None) -> Registrations:
+                          kind: type | None = None, registry: Any = None,
+                          extra: dict[str, Any] | None = None) -> Registrations:
     """Call every implementation of the registration hook ``hook_name`` with a
     ``register`` callback and return what was registered, keyed by ``key(item)``.
 
@@ -46,6 +47,8 @@ def collect_registrations(hook_name: str, key: Callable[[Any], str], what: str, 
     :param what: what an item is, for messages (``"gguf architecture"``).
     :param kind: the class every registered item must be an instance of.
     :param registry: the :class:`convcore.Registry` whose plugins to ask.
+    :param extra: other arguments of the hook, by name (an implementation gets those it
+        names; every other argument it names is the ``register`` callback).
     """
     if registry is None:
         from .registry import get_registry
@@ -53,12 +56,12 @@ def collect_registrations(hook_name: str, key: Callable[[Any], str], what: str, 
     with _LOCK:
         per_registry = _CACHE.setdefault(registry, {})
         if hook_name not in per_registry:
-            per_registry[hook_name] = _collect(registry, hook_name, key, what, kind)
+            per_registry[hook_name] = _collect(registry, hook_name, key, what, kind, extra or {})
         return per_registry[hook_name]
 
 
 def _collect(registry: Any, hook_name: str, key: Callable[[Any], str], what: str,
-             kind: type | None) -> Registrations:
+             kind: type | None, extra: dict[str, Any]) -> Registrations:
     hook = getattr(registry.hook, hook_name, None)
     if hook is None or not hook.has_spec():
         raise ConvcoreError(f"no installed plugin defines the hook {hook_name!r}; "
@@ -81,7 +84,7 @@ def _collect(registry: Any, hook_name: str, key: Callable[[Any], str], what: str
             out.plugins[name] = _plugin
 
         try:
-            impl.function(**{arg: register for arg in impl.argnames})
+            impl.function(**{arg: extra.get(arg, register) for arg in impl.argnames})
         except ConvcoreError:
             raise
         except Exception as exc:  # a third party's bug is reported as a line, not a traceback

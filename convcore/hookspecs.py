@@ -189,15 +189,3 @@ def convcore_register_commands(cli: Any) -> None:
     :return: nothing.
     """
 
-
-@hookspec
-def convcore_register_executors(register: Callable[..., None]) -> None:
-    """Register the batch executors this plugin provides (``convcore batch --executor``).
-
-    Call ``register(executor)`` with :class:`convcore.fleet.Executor` instances; each runs
-    a batch's jobs somewhere (this machine's processes, a Ray cluster, ...) and yields
-    their results. A name registered twice is an error naming both plugins.
-
-    :param register: call it once per executor.
-    :return: nothing.
-    """

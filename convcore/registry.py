@@ -30,8 +30,7 @@ from .model import ConvcoreError, Model, QuantizedTensor, TensorRef, one_line
 from .options import Option
 from .runtime import Session
 
-DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.quantize", "convcore.builtins.infer",
-                   "convcore.fleet.executors")
+DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.quantize", "convcore.builtins.infer")
 ENTRY_POINT_GROUP = "convcore"
 FLOAT_SCHEMES = ("f32", "f16", "bf16")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from convcore.fleet import registry as model_registry
-from convcore.fleet.batch import STATE_FILE, SUMMARY_FILE
+from convcore_fleet import registry as model_registry
+from convcore_fleet.batch import STATE_FILE, SUMMARY_FILE
 from convcore.registry import get_registry
 from convcore.testing.models import tiny_model
 

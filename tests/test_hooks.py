@@ -317,10 +317,12 @@ def test_hf_infer_is_quiet_unless_verbose(run_cli, tiny_llama):
 
 
 def test_hook_convcore_register_executors(tmp_path):
-    """A third party's executor (jobs run inline, in this process) drives a real batch."""
-    from convcore.fleet import Executor
-    from convcore.fleet.batch import Batch
-    from convcore.fleet.worker import run_job
+    """A third party's executor (jobs run inline, in this process) drives a real batch:
+    the hook the fleet plugin adds, next to the fleet plugin itself."""
+    import convcore_fleet
+    from convcore_fleet import Executor
+    from convcore_fleet.batch import Batch
+    from convcore_fleet.worker import run_job
     from convcore.testing.models import tiny_model
 
     class Inline(Executor):
@@ -333,8 +335,8 @@ def test_hook_convcore_register_executors(tmp_path):
                 yield run_job(job)
 
     inline = Inline()
-    registry = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
-        convcore_register_executors=lambda register: register(inline)),))
+    registry = convcore.Registry(load_entry_points=False, plugins=(convcore_fleet, make_plugin(
+        convcore_register_executors=lambda register, fleet: register(inline)),))
     (tmp_path / "jobs.toml").write_text(
         f'[[model]]\nid = "t"\nsource = "{tiny_model("llama")}"\n'
         '[[target]]\nto = "hf"\nquant = ["f16", "bf16"]\n')

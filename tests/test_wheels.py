@@ -22,6 +22,7 @@ DISTS = {"convcore": ROOT, "quant-rowwise": ROOT / "plugins" / "quant-rowwise",
          "conv-gguf": ROOT / "plugins" / "conv-gguf", "conv-mlx": ROOT / "plugins" / "conv-mlx",
          "conv-parquet": ROOT / "plugins" / "conv-parquet", "conv-onnx": ROOT / "plugins" / "conv-onnx",
          "convcore-ray": ROOT / "plugins" / "convcore-ray",
+         "convcore-fleet": ROOT / "plugins" / "convcore-fleet",
          "convcore-serve": ROOT / "plugins" / "convcore-serve"}
 
 pytestmark = pytest.mark.slow
@@ -97,18 +98,24 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("error: unknown format 'gguf' (known: hf); no installed plugin provides it")
     run("run", spm, "-o", tmp_path / "f16", "--to", "hf", "--dtype", "f16", "-q")
-    #    a batch on the local executor, its registry checked against the schema (jsonschema
-    #    comes with the core); the ray executor and the server are other packages' job
+    #    the fleet's and the server's commands are plugins': the core names them
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(f'[[model]]\nid = "t"\nsource = "{spm}"\n[[target]]\nto = "hf"\nquant = "f16"\n')
+    r = run("batch", jobs, "-q", check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install convcore-fleet" in r.stderr
+    assert "jsonschema" not in py("import sys, convcore.cli; print(sorted(sys.modules))")
+    r = run("serve", tmp_path / "f16", check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install convcore-serve" in r.stderr
+
+    # 2. convcore-fleet: a batch on the local executor, its registry checked against the
+    #    schema (jsonschema comes with the plugin); the ray executor is another package's
+    install("convcore-fleet")
     run("batch", jobs, "-q")
     run("registry", "validate", tmp_path / "jobs-out" / "model_registry.json")
     r = run("batch", jobs, "--executor", "ray", check=False)
     assert r.returncode == 1 and "no executor named 'ray'" in r.stderr
-    r = run("serve", tmp_path / "f16", check=False)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install convcore-serve" in r.stderr
 
-    # 2. conv-gguf alone brings what its formats list: every gguf type converts, from
+    # 3. conv-gguf alone brings what its formats list: every gguf type converts, from
     #    both tokenizer kinds (sentencepiece/protobuf and the k-quant kernels included)
     install("conv-gguf")
     gguf_types = formats(run)["gguf"]["schemes"]

@@ -1,10 +1,14 @@
 """convcore plugin: the ``ray`` executor for ``convcore batch``.
 
-Each job is a Ray task that runs :func:`convcore.fleet.run_isolated` (a fresh Python
+Each job is a Ray task that runs the fleet's ``run_isolated`` (a fresh Python
 process per job, as the ``local`` executor does), declaring the job's threads as
 ``num_cpus`` and its estimated peak memory as ``memory``, so Ray places jobs where they
 fit. Results come back to the driver, which records them in the batch's state,
 summary and model registry; outputs are written where the job says (shared storage).
+
+It builds on the convcore-fleet plugin (a declared dependency) without importing it: the
+fleet's ``convcore_register_executors`` hook hands its package over as ``fleet``, and the
+executor class is made from ``fleet.Executor`` there.
 """
 from __future__ import annotations
 
@@ -13,12 +17,11 @@ import socket
 from typing import Any, Iterator, Sequence
 
 from convcore import ConvcoreError, Option, hookimpl
-from convcore.fleet import Executor, Job, run_isolated
 
 CANCEL_GRACE_S = 20.0
 
 
-class RayExecutor(Executor):
+class RayExecutor:
     """Jobs as Ray tasks on the cluster at ``address`` (default ``RAY_ADDRESS``, else a
     Ray started on this machine for the batch and stopped after it)."""
 
@@ -31,7 +34,10 @@ class RayExecutor(Executor):
         Option("logs", "str", None, "keep each job's log in this folder (on the node that ran it)"),
     )
 
-    def run(self, jobs: Sequence[Job], parallel: int | None, options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def __init__(self, run_isolated: Any):
+        self.run_isolated = run_isolated
+
+    def run(self, jobs: Sequence[Any], parallel: int | None, options: dict[str, Any]) -> Iterator[dict[str, Any]]:
         if not jobs:
             return
         import ray
@@ -51,10 +57,10 @@ class RayExecutor(Executor):
                 first = (str(exc).strip().splitlines() or [""])[0]
                 raise ConvcoreError(f"ray: cannot reach the cluster at {address}: {first}") from None
             started_here = True
-        task = ray.remote(max_retries=0)(run_isolated)
+        task = ray.remote(max_retries=0)(self.run_isolated)
         cpus, memory = _largest_node()
         pending = list(jobs)
-        running: dict[Any, Job] = {}
+        running: dict[Any, Any] = {}
         limit = parallel or len(jobs)
         try:
             while pending or running:
@@ -115,6 +121,12 @@ def _cancel(ray: Any, refs: list[Any]) -> None:
         ray.cancel(ref, force=True)
 
 
-@hookimpl
-def convcore_register_executors(register: Any) -> None:
-    register(RayExecutor())
+def executor_class(fleet: Any) -> type:
+    """:class:`RayExecutor` as a subclass of the fleet's ``Executor`` (what the fleet's
+    registration checks for)."""
+    return type("RayExecutor", (RayExecutor, fleet.Executor), {})
+
+
+@hookimpl(optionalhook=True)
+def convcore_register_executors(register: Any, fleet: Any) -> None:
+    register(executor_class(fleet)(fleet.run_isolated))

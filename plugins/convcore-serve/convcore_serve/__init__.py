@@ -16,10 +16,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import json
 import socket
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 import convcore
@@ -70,15 +71,36 @@ def is_registry(args: Sequence[Path]) -> bool:
     return len(args) == 1 and Path(args[0]).is_file() and Path(args[0]).name.endswith(".json")
 
 
-def served_models(registry: Any, registry_path: Path) -> list[ServedModel]:
-    """A model registry's variants (read with the fleet's ``registry`` module) as models
-    to serve, ids ``MODEL/VARIANT``."""
-    data = registry.read(registry_path)
-    return [ServedModel(id=f"{model['id']}/{variant['id']}",
-                        path=registry.resolve(registry_path, variant["file"]), fmt=variant["format"],
-                        meta={"model": model["id"], "variant": variant["id"],
-                              "quant": variant.get("quant"), "format": variant["format"]})
-            for model, variant in registry.variants(data)]
+def served_models(registry_path: Path) -> list[ServedModel]:
+    """A ``model_registry.json``'s variants as models to serve, ids ``MODEL/VARIANT``.
+
+    The file is read as docs/fleets.md documents it (``models[].variants[]`` with ``id``,
+    ``file`` relative to the registry's folder, ``format``, ``quant``), so serving one needs
+    no fleet plugin; ``convcore registry validate`` (convcore-fleet) checks the whole schema."""
+    registry_path = Path(registry_path)
+    try:
+        data = json.loads(registry_path.read_text(encoding="utf-8"))
+        models = data["models"]
+        pairs = [(m, v) for m in models for v in m["variants"]]
+        for model, variant in pairs:
+            for key in ("id", "file", "format"):
+                if not isinstance(variant.get(key), str):
+                    raise KeyError(f"{model.get('id')}: variant without {key!r}")
+    except OSError as exc:
+        raise ConvcoreError(f"{registry_path}: cannot read: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConvcoreError(f"{registry_path}: not a model registry: {convcore.first_line(exc)}") from None
+    base = registry_path.resolve().parent
+    out = []
+    for model, variant in pairs:
+        rel = PurePosixPath(variant["file"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ConvcoreError(f"{registry_path}: path {variant['file']!r} leaves the registry's folder")
+        out.append(ServedModel(id=f"{model['id']}/{variant['id']}", path=base.joinpath(*rel.parts),
+                               fmt=variant["format"],
+                               meta={"model": model["id"], "variant": variant["id"],
+                                     "quant": variant.get("quant"), "format": variant["format"]}))
+    return out
 
 
 def models_from_args(args: Sequence[Path]) -> list[ServedModel]:
@@ -87,14 +109,7 @@ def models_from_args(args: Sequence[Path]) -> list[ServedModel]:
     if not args:
         raise ConvcoreError("nothing to serve: give model paths or one model_registry.json")
     if is_registry(args):
-        try:
-            from convcore.fleet import registry as fleet_registry
-        except ModuleNotFoundError as exc:
-            if not (exc.name or "").startswith("convcore.fleet"):
-                raise
-            raise ConvcoreError(f"{args[0]}: serving a model registry needs convcore.fleet, "
-                                "which this install lacks") from None
-        models = served_models(fleet_registry, Path(args[0]))
+        models = served_models(Path(args[0]))
         if not models:
             raise ConvcoreError(f"{args[0]}: the registry lists no models to serve")
     else:

@@ -1,6 +1,6 @@
-"""One batch job, run in a process of its own: ``python -m convcore.fleet.worker JOB RESULT``.
+"""One batch job, run in a process of its own: ``python -m convcore_fleet.worker JOB RESULT``.
 
-The job (a :class:`~convcore.fleet.jobs.Job` as JSON) is converted through
+The job (a :class:`~convcore_fleet.jobs.Job` as JSON) is converted through
 :func:`convcore.convert` (a temporary name beside DST, validated, renamed into place at
 the end), hashed, optionally checked against its source, and the result is written as
 JSON to RESULT. A crash, a kill or an out-of-memory in one job takes only its own
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..model import one_line
+from convcore.model import one_line
 from .jobs import Job
 
 CHUNK = 1 << 20
@@ -75,9 +75,9 @@ def model_info(registry: Any, source: Path, fmt: str | None) -> dict[str, Any]:
 def run_job(job: Job) -> dict[str, Any]:
     """Convert, hash and check one job in this process; never raises (the error is in
     the result's ``error``)."""
-    from .. import fidelity
-    from ..pipeline import convert
-    from ..registry import get_registry
+    from convcore import fidelity
+    from convcore.pipeline import convert
+    from convcore.registry import get_registry
 
     result: dict[str, Any] = {"id": job.id, "status": "failed", "error": None, "path": None,
                               "size_bytes": None, "sha256": None, "files": [], "check": None,
@@ -124,7 +124,7 @@ def run_job(job: Job) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m convcore.fleet.worker JOB.json RESULT.json", file=sys.stderr)
+        print("usage: python -m convcore_fleet.worker JOB.json RESULT.json", file=sys.stderr)
         return 2
 
     def on_sigterm(signum: int, frame: Any) -> None:

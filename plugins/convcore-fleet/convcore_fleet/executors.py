@@ -1,6 +1,7 @@
 """Executors: where a batch's jobs run. They are plugins.
 
-A plugin implements ``convcore_register_executors(register)`` and passes
+A plugin implements ``convcore_register_executors(register, fleet)`` (a hook this
+package adds) and passes
 :class:`Executor` objects; ``convcore batch --executor NAME`` picks one. Every executor
 runs each job through :func:`run_isolated` (a fresh Python process per job), so a job's
 output and figures do not depend on where it ran. The built-in ``local`` executor runs
@@ -22,9 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..hookspecs import hookimpl
-from ..model import ConvcoreError
-from ..options import Option, parse_size
+from convcore.model import ConvcoreError
+from convcore.options import Option, parse_size
 from .jobs import Job
 
 LOG_TAIL = 4000
@@ -81,7 +81,7 @@ def run_isolated(job: dict[str, Any], log_dir: str | None = None) -> dict[str, A
         job_file.write_text(json.dumps(job))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "convcore.fleet.worker", str(job_file),
+            proc = subprocess.Popen([sys.executable, "-m", "convcore_fleet.worker", str(job_file),
                                      str(result_file)], stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env)
             with _LIVE_LOCK:
@@ -188,17 +188,14 @@ class LocalExecutor(Executor):
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-@hookimpl
-def convcore_register_executors(register: Any) -> None:
-    register(LocalExecutor())
-
-
 def executors(registry: Any) -> dict[str, Executor]:
     """Every executor the installed plugins register, by name."""
-    from ..extensions import collect_registrations
+    from convcore.extensions import collect_registrations
 
+    import convcore_fleet
     return collect_registrations("convcore_register_executors", key=lambda e: e.name,
-                                 what="executor", kind=Executor, registry=registry).items
+                                 what="executor", kind=Executor, registry=registry,
+                                 extra={"fleet": convcore_fleet}).items
 
 
 def executor(registry: Any, name: str) -> Executor:

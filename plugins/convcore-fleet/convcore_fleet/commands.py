@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..fidelity import CHECK_FAILED_EXIT
-from ..model import ConvcoreError
-from ..options import parse_pairs
-from ..registry import get_registry
+from convcore.fidelity import CHECK_FAILED_EXIT
+from convcore.model import ConvcoreError
+from convcore.options import parse_pairs
+from convcore.registry import get_registry
 
 
 def register(cli: click.Group) -> None:

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..model import ConvcoreError, one_line
-from ..options import check_options
+from convcore.model import ConvcoreError, one_line
+from convcore.options import check_options
 from . import registry as model_registry
 from .executors import executor as find_executor
 from .jobs import Job, Plan, read_plan
@@ -140,7 +140,7 @@ class Batch:
     def __init__(self, plan_path: Path, executor: str = "local", parallel: int | None = None,
                  executor_options: dict[str, Any] | None = None, force: bool = False,
                  progress: bool = True, registry: Any = None):
-        from ..registry import get_registry
+        from convcore.registry import get_registry
 
         self.registry = registry or get_registry()
         self.plan: Plan = read_plan(Path(plan_path), self.registry)
@@ -260,7 +260,7 @@ class Batch:
     def _results(self, jobs: list[Job]) -> Iterator[dict[str, Any]]:
         """The executor's results, with this batch's registry current (an executor that
         runs jobs in this process converts through the same plugins)."""
-        from ..registry import using
+        from convcore.registry import using
 
         with using(self.registry):
             yield from self.executor.run(jobs, self.parallel, self.options)

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from ..model import ConvcoreError
+from convcore.model import ConvcoreError
 
 SCHEMA_PATH = Path(__file__).with_name("model_registry.schema.json")
 SCHEMA_VERSION = 1

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..model import ConvcoreError
+from convcore.model import ConvcoreError
 
 BATCH_KEYS = {"out", "registry", "jobs", "threads", "check", "memory"}
 MODEL_KEYS = {"id", "source", "from", "name", "license", "source_url", "description"}
