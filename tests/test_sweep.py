@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from convcore import sweep as sweeping
+from convcore_sweep import sweep as sweeping
 from convcore.model import ConvcoreError
 from convcore.registry import get_registry
 from convcore.testing.models import tiny_model
@@ -207,4 +207,4 @@ def test_reports_without_matplotlib(tmp_path: Path, monkeypatch) -> None:
     data = json.loads((tmp_path / "sweep.json").read_text())   # NaN written as null
     assert data["source_tokens_per_s"] is None and "plot_error" not in data
     md = (tmp_path / "sweep.md").read_text()
-    assert "pip install 'convcore[sweep]'" in md and "| q9_z |" in md
+    assert "pip install 'convcore-sweep[plot]'" in md and "| q9_z |" in md

@@ -23,6 +23,7 @@ DISTS = {"convcore": ROOT, "quant-rowwise": ROOT / "plugins" / "quant-rowwise",
          "conv-parquet": ROOT / "plugins" / "conv-parquet", "conv-onnx": ROOT / "plugins" / "conv-onnx",
          "convcore-ray": ROOT / "plugins" / "convcore-ray",
          "convcore-fleet": ROOT / "plugins" / "convcore-fleet",
+         "convcore-sweep": ROOT / "plugins" / "convcore-sweep",
          "convcore-serve": ROOT / "plugins" / "convcore-serve"}
 
 pytestmark = pytest.mark.slow
@@ -104,8 +105,9 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
     r = run("batch", jobs, "-q", check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install convcore-fleet" in r.stderr
     assert "jsonschema" not in py("import sys, convcore.cli; print(sorted(sys.modules))")
-    r = run("serve", tmp_path / "f16", check=False)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pip install convcore-serve" in r.stderr
+    for command, dist in (("serve", "convcore-serve"), ("sweep", "convcore-sweep")):
+        r = run(command, tmp_path / "f16", check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"pip install {dist}" in r.stderr
 
     # 2. convcore-fleet: a batch on the local executor, its registry checked against the
     #    schema (jsonschema comes with the plugin); the ray executor is another package's
@@ -170,6 +172,8 @@ def test_the_other_distributions_one_at_a_time(fresh, tiny_model_factory, tmp_pa
     # 6. convcore-serve adds its command (starlette and uvicorn come with it)
     install("convcore-serve")
     assert "--api-key" in run("serve", "--help").stdout
+    install("convcore-sweep")
+    assert "--max-kl" in run("sweep", "--help").stdout
 
     # 7. convcore-ray: the same batch as Ray tasks on a Ray started for it (ray from the index)
     install("convcore-ray")

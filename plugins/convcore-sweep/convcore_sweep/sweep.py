@@ -24,17 +24,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import fidelity
-from .destination import check_location, size_on_disk
-from .model import ConvcoreError, one_line
-from .options import parse_size
-from .pipeline import convert
-from .registry import FLOAT_SCHEMES, Registry, get_registry
+from convcore import fidelity
+from convcore.destination import check_location, size_on_disk
+from convcore.model import ConvcoreError, one_line
+from convcore.options import parse_size
+from convcore.pipeline import convert
+from convcore.registry import FLOAT_SCHEMES, Registry, get_registry
 
 DEFAULT_MAX_KL = 0.05
 DEFAULT_GEN_TOKENS = 32
 PROMPT_TOKENS = 16
-PLOT_HINT = "the plot needs matplotlib: pip install 'convcore[sweep]'"
+PLOT_HINT = "the plot needs matplotlib: pip install 'convcore-sweep[plot]'"
 #: what a sweep writes into its directory (``--force`` replaces nothing else)
 SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.png", "sweep.svg")
 OUTPUTS_DIR = "outputs"
@@ -76,7 +76,7 @@ def output_path(out_dir: Path, quant: str, fmt: Any) -> Path:
 # the output directory -------------------------------------------------------------
 def _foreign_outputs(outputs: Path, registry: Registry) -> list[str]:
     """Entries of ``DIR/outputs`` that are not converted models of some format."""
-    from .destination import foreign_entries
+    from convcore.destination import foreign_entries
 
     extensions = tuple(e for f in registry.formats.values() for e in f.extensions)
     foreign = []
