@@ -14,6 +14,7 @@ from .model import (
 from .options import Option, parse_size
 from .pipeline import convert, load, ordered_map, prepare, quantize
 from .pooling import Pooling, is_encoder, pool, read_pooling
+from .rowblocks import row_block_loaders
 from . import hfconfig
 from .multimodal import is_image_text, text_model
 from .registry import CONTRACT, Format, Registry, Scheme, get_registry, using
@@ -31,5 +32,5 @@ __all__ = [
     "collect_registrations", "convert", "dtype_name", "get_registry", "hookimpl", "index_shards", "inside_model", "hookspec", "load", "numpy_dtype",
     "open_tensors", "Option", "ordered_map", "page_releaser", "parse_size", "plan_shards", "prepare", "quantize", "read_header", "read_json",
     "read_companions", "read_tokenizer_files", "write_companions", "using", "with_user_metadata", "write_sharded", "write_tokenizer_files",
-    "Pooling", "is_encoder", "pool", "read_pooling", "stack_tensors", "hfconfig", "first_line", "one_line", "is_image_text", "text_model",
+    "Pooling", "is_encoder", "pool", "read_pooling", "stack_tensors", "hfconfig", "first_line", "one_line", "row_block_loaders", "is_image_text", "text_model",
 ]

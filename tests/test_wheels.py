@@ -136,6 +136,7 @@ def test_the_other_distributions_one_at_a_time(fresh, tiny_model_factory, tmp_pa
     """conv-mlx, conv-parquet, conv-onnx and convcore-ray added one at a time to the venv
     the test above left with the core and conv-gguf (the default tier's sample)."""
     install, run, py = fresh
+    install("convcore-fleet")   # (and the core): already there when the test above ran
     spm = tiny_model_factory("llama")
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(f'[[model]]\nid = "t"\nsource = "{spm}"\n[[target]]\nto = "hf"\nquant = "f16"\n')

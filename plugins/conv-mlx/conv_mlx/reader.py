@@ -12,8 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 from convcore import (
-    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, inside_model, numpy_dtype,
-    open_tensors, read_companions, read_json, read_tokenizer_files,
+    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, inside_model, open_tensors, read_companions, read_json, read_tokenizer_files, row_block_loaders,
 )
 
 from .archs import experts_of, registered
@@ -146,56 +145,36 @@ def _unstacked(raw: dict[str, TensorRef], config: dict[str, Any]) -> dict[str, T
     return out
 
 
-#: rows are dequantized in blocks of about this many values (a few MB of float32 each)
-DEQUANT_ELEMENTS = 1 << 21
-
-
 def _dequantizer(registry: Any, weight: TensorRef, scales: TensorRef, biases: TensorRef, bits: int, group: int,
                  shape: tuple[int, ...]) -> tuple[Callable[[], np.ndarray], Callable[[str], Iterator[np.ndarray]]]:
     """(load, chunk_loader) of a quantized module's logical weight, dequantized a block of
     rows at a time (never a whole-tensor float32 temporary: the 1.1B model's embedding
     would take 262 MB per temporary)."""
-    n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-    step = max(1, DEQUANT_ELEMENTS // max(1, shape[-1]))
+    held: dict[str, Any] = {}
 
-    def blocks() -> Iterator[np.ndarray]:
-        scheme = registry.scheme(scheme_name(bits, group))
-        q = weight.load()
-        q = q.reshape(-1, q.shape[-1])
-        s = scales.load()
-        s = s.reshape(-1, s.shape[-1])
-        b = biases.load()
-        b = b.reshape(-1, b.shape[-1])
-        for a in range(0, n_rows, step):
-            z = min(a + step, n_rows)
-            rows = (z - a, shape[-1])
-            if scales.dtype == "f32":
-                yield np.asarray(scheme.dequantize({"weight": q[a:z], "scales": s[a:z], "biases": b[a:z]},
-                                                   rows), dtype=np.float32)
-                continue
-            # mx.dequantize works in the scales' type: scale*q rounds to it, then +bias
-            # rounds again. Unpack the codes with the scheme (scale 1, bias 0), repeat that.
-            ones = np.ones(s[a:z].shape, np.float32)
-            codes = np.asarray(scheme.dequantize({"weight": q[a:z], "scales": ones,
-                                                  "biases": np.zeros_like(ones)}, rows), np.float32)
-            wide_s = np.repeat(cast(s[a:z], "f32"), group, axis=-1)
-            product = cast(cast(wide_s * codes, scales.dtype), "f32")
-            del wide_s, codes
-            yield cast(product + np.repeat(cast(b[a:z], "f32"), group, axis=-1), scales.dtype)
+    def prepare() -> None:
+        held["scheme"] = registry.scheme(scheme_name(bits, group))
+        held["q"] = weight.load().reshape(-1, weight.shape[-1])
+        held["s"] = scales.load().reshape(-1, scales.shape[-1])
+        held["b"] = biases.load().reshape(-1, biases.shape[-1])
 
-    def load() -> np.ndarray:
-        out = np.empty((n_rows, shape[-1]), numpy_dtype(scales.dtype))
-        row = 0
-        for block in blocks():
-            out[row:row + len(block)] = block
-            row += len(block)
-        return out.reshape(shape)
+    def rows(a: int, z: int) -> np.ndarray:
+        scheme, q, s, b = held["scheme"], held["q"], held["s"], held["b"]
+        shape_ab = (z - a, shape[-1])
+        if scales.dtype == "f32":
+            return np.asarray(scheme.dequantize({"weight": q[a:z], "scales": s[a:z], "biases": b[a:z]},
+                                                shape_ab), dtype=np.float32)
+        # mx.dequantize works in the scales' type: scale*q rounds to it, then +bias
+        # rounds again. Unpack the codes with the scheme (scale 1, bias 0), repeat that.
+        ones = np.ones(s[a:z].shape, np.float32)
+        codes = np.asarray(scheme.dequantize({"weight": q[a:z], "scales": ones,
+                                              "biases": np.zeros_like(ones)}, shape_ab), np.float32)
+        wide_s = np.repeat(cast(s[a:z], "f32"), group, axis=-1)
+        product = cast(cast(wide_s * codes, scales.dtype), "f32")
+        del wide_s, codes
+        return cast(product + np.repeat(cast(b[a:z], "f32"), group, axis=-1), scales.dtype)
 
-    def pieces(dtype: str) -> Iterator[np.ndarray]:
-        for block in blocks():
-            yield cast(block, dtype).reshape(-1)
-
-    return load, pieces
+    return row_block_loaders(shape, rows, scales.dtype, prepare)
 
 
 def hf_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -70,13 +70,12 @@ def test_mlx_reader_dequantizes_a_block_of_rows_at_a_time(tiny_model_factory, tm
     """Quantized modules are read back a block of rows at a time (load and the hf
     writer's chunks): one row per block gives the same values as whole tensors, in the
     scales' own dtype (bf16: mx.dequantize's two roundings) and in f32."""
-    from conv_mlx import reader
 
     out = convcore.convert(tiny_model_factory("llama"), tmp_path / "m", to="mlx", quant="int4-g64",
                            dtype=dtype)
     whole = {n: r.load() for n, r in convcore.load(out).tensors.items() if r.stored}
     assert whole and all(convcore.dtype_name(a.dtype) == dtype for a in whole.values())
-    monkeypatch.setattr(reader, "DEQUANT_ELEMENTS", 1)
+    monkeypatch.setattr(convcore.rowblocks, "BLOCK_ELEMENTS", 1)
     model = convcore.load(out)
     for name, want in whole.items():
         ref = model.tensors[name]

@@ -19,8 +19,9 @@ from onnx import TensorProto
 
 from convcore import (
     ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, numpy_dtype, page_releaser,
-    read_companions, read_json, read_tokenizer_files,
+    read_companions, read_json, read_tokenizer_files, row_block_loaders,
 )
+from convcore import rowblocks
 
 
 DTYPE_OF = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16",
@@ -130,48 +131,34 @@ def _plain_loader(inits: Initializers, entry: dict[str, Any]) -> Callable[[], np
     return load
 
 
-#: MatMulNBits rows are dequantized in blocks of about this many values
-DEQUANT_ELEMENTS = 1 << 21
-
-
 def _quant_loader(inits: Initializers, entry: dict[str, Any]
                   ) -> tuple[Callable[[], np.ndarray], Callable[[str], Iterator[np.ndarray]]]:
     """(load, chunk_loader) of a MatMulNBits tensor, dequantized a block of rows at a time
     (a whole float32 lm_head would be 262 MB for a 32k x 2048 model)."""
     n, k = entry["shape"]
-    a, b = entry.get("rows") or [0, n]
-    step = max(1, DEQUANT_ELEMENTS // max(1, k))
+    first, last = entry.get("rows") or [0, n]
+    held: dict[str, Any] = {}
 
-    def blocks() -> Iterator[np.ndarray]:
+    def prepare() -> None:
         scheme = get_registry().schemes.get(entry["scheme"])
         if scheme is None:
             raise ConvcoreError(f"{inits.file}: scheme {entry['scheme']} is not installed "
                                 "(pip install quant-rowwise)")
         # every MatMulNBits array is indexed by output row first: dequantize only this
         # tensor's rows of a fused matrix (q/k/v), not the whole matrix once per part
-        q = inits.read(entry["init"])
-        scales = inits.read(entry["scales"]).reshape(n, -1)
-        zps = inits.read(entry["zero_points"]).reshape(n, -1) if entry.get("zero_points") else None
-        for r in range(a, b, step):
-            z = min(r + step, b)
-            data = {"q": q[r:z], "scales": np.asarray(scales[r:z], dtype=np.float32)}
-            if zps is not None:
-                data["zero_points"] = zps[r:z]
-            yield np.ascontiguousarray(scheme.dequantize(data, (z - r, k)), dtype=np.float32)
+        held["scheme"] = scheme
+        held["q"] = inits.read(entry["init"])
+        held["scales"] = inits.read(entry["scales"]).reshape(n, -1)
+        held["zps"] = inits.read(entry["zero_points"]).reshape(n, -1) if entry.get("zero_points") else None
 
-    def load() -> np.ndarray:
-        out = np.empty((b - a, k), np.float32)
-        row = 0
-        for block in blocks():
-            out[row:row + len(block)] = block
-            row += len(block)
-        return out
+    def rows(a: int, z: int) -> np.ndarray:
+        a, z = first + a, first + z
+        data = {"q": held["q"][a:z], "scales": np.asarray(held["scales"][a:z], dtype=np.float32)}
+        if held["zps"] is not None:
+            data["zero_points"] = held["zps"][a:z]
+        return np.ascontiguousarray(held["scheme"].dequantize(data, (z - a, k)), dtype=np.float32)
 
-    def pieces(dtype: str) -> Iterator[np.ndarray]:
-        for block in blocks():
-            yield cast(block, dtype).reshape(-1)
-
-    return load, pieces
+    return row_block_loaders((last - first, k), rows, "f32", prepare)
 
 
 def _ref(inits: Initializers, hf: str, entry: dict[str, Any]) -> TensorRef:
@@ -245,8 +232,9 @@ def _plain_pieces(inits: Initializers, entry: dict[str, Any]) -> Callable[[str],
             array = array[entry["rows"][0]:entry["rows"][1]]
         flat = array.reshape(-1)
         release = page_releaser(flat)
-        for start in range(0, flat.size, DEQUANT_ELEMENTS):
-            piece = flat[start:start + DEQUANT_ELEMENTS]
+        step = rowblocks.BLOCK_ELEMENTS
+        for start in range(0, flat.size, step):
+            piece = flat[start:start + step]
             out = cast(piece, dtype)
             release(piece)  # a read-only file map: reading a dropped page maps it back in
             yield out

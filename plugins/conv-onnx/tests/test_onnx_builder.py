@@ -90,7 +90,7 @@ def test_read_back_in_pieces_is_bit_exact(built, monkeypatch) -> None:
     fused matrix's rows), joining to what load gives."""
     from conv_onnx import reader
 
-    monkeypatch.setattr(reader, "DEQUANT_ELEMENTS", 100)  # pieces end mid-row
+    monkeypatch.setattr(convcore.rowblocks, "BLOCK_ELEMENTS", 100)  # pieces end mid-row
     monkeypatch.setattr(reader, "TRANSPOSE_BYTES", 1000)  # a few HF rows per block
     monkeypatch.setattr(reader, "TRANSPOSE_SOURCE_ROWS", 7)
     back = convcore.load(built("llama"))

@@ -78,10 +78,9 @@ def test_matmulnbits_bytes_equal_peer(arch: str, bits: int, block: int, symmetri
 def test_int4_read_back_dequantizes(tmp_path: Path, monkeypatch, block: int | None) -> None:
     """MatMulNBits weights read back as the scheme dequantizes them, whole (load) and as
     the chunks the hf writer streams; ``block`` 1: one row per block."""
-    from conv_onnx import reader
 
     if block:
-        monkeypatch.setattr(reader, "DEQUANT_ELEMENTS", block)
+        monkeypatch.setattr(convcore.rowblocks, "BLOCK_ELEMENTS", block)
     src = source("qwen3")
     out = tmp_path / "q"
     convcore.convert(src, out, to="onnx", quant="int4-b64-asym")

@@ -258,17 +258,19 @@ def _member_loader(npz: Path, members: dict[str, str | None], entry: dict[str, A
         spec, data = payload()
         return data["q"] if spec is None else spec.dequantize(data, shape)
 
-    def pieces(dtype: str) -> Iterator[np.ndarray]:
-        spec, data = payload()
-        rows = math.prod(shape[:-1])
-        step = max(1, ERROR_ROWS_ELEMENTS // max(1, shape[-1]))
-        for a in range(0, rows, step):
-            b = min(a + step, rows)
-            part = {k: (v[a:b] if v.ndim and v.shape[0] == rows else v) for k, v in data.items()}
-            yield convcore.cast(np.asarray(spec.dequantize(part, (b - a, shape[-1]))), dtype).reshape(-1)
+    held: dict[str, Any] = {}
+    n_rows = math.prod(shape[:-1])
+
+    def prepare() -> None:
+        held["spec"], held["data"] = payload()
+
+    def rows(a: int, b: int) -> np.ndarray:
+        part = {k: (v[a:b] if v.ndim and v.shape[0] == n_rows else v) for k, v in held["data"].items()}
+        return np.asarray(held["spec"].dequantize(part, (b - a, shape[-1])), dtype=np.float32)
 
     quantized = entry["bit_width"] != 32 and len(shape) == 2
-    return load, (pieces if quantized else None)
+    pieces = convcore.row_block_loaders(shape, rows, "f32", prepare)[1] if quantized else None
+    return load, pieces
 
 
 @convcore.hookimpl

@@ -39,9 +39,9 @@ def test_npz_holds_every_tensor_and_validates(tiny_llama, tmp_path, scheme, bits
         if len(ref.shape) == 1:
             np.testing.assert_array_equal(got, ref.load())  # norms kept exactly
     # quantized weights also stream (the hf writer's chunks) a block of rows at a time
-    from quant_rowwise import npz as npz_mod
-    for block in (npz_mod.ERROR_ROWS_ELEMENTS, 300):  # 300: a row or two per block
-        npz_mod.ERROR_ROWS_ELEMENTS = block
+    from convcore import rowblocks
+    for block in (rowblocks.BLOCK_ELEMENTS, 300):  # 300: a row or two per block
+        rowblocks.BLOCK_ELEMENTS = block
         try:
             for name, ref in convcore.load(out).tensors.items():
                 if ref.stored:
@@ -49,7 +49,7 @@ def test_npz_holds_every_tensor_and_validates(tiny_llama, tmp_path, scheme, bits
                     assert len(pieces) == (1 if block > 1 << 20 else -(-ref.shape[0] // (300 // ref.shape[1] or 1)))
                     assert np.concatenate(pieces).tobytes() == convcore.cast(ref.load(), "f16").reshape(-1).tobytes()
         finally:
-            npz_mod.ERROR_ROWS_ELEMENTS = 1 << 21
+            rowblocks.BLOCK_ELEMENTS = 1 << 21
     norm = np.linalg.norm
     w = src.tensors["model.layers.0.mlp.down_proj.weight"].load()
     err = norm(back.tensors["model.layers.0.mlp.down_proj.weight"].load() - w) / norm(w)
