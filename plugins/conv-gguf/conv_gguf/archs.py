@@ -159,6 +159,24 @@ COMMON_HPARAMS: tuple[tuple[str, Callable[[dict], Any], str, str | None], ...] =
     ("vocab_size", _cfg("vocab_size"), "u32", "vocab_size"),
     *rope.HPARAMS,
 )
+def gemma_hparams(rows: tuple, keep_base: bool) -> tuple:
+    """``rows`` as llama.cpp's converter writes them for the Gemma family: no
+    ``vocab_size`` (llama.cpp counts the tokens), ``rope.dimension_count`` only when not
+    the whole head, and (Gemma 1 and 2, unless ``keep_base``) ``rope.freq_base`` only
+    when not llama.cpp's default of 10000: the same file where the model is standard,
+    still right where it is not."""
+    out = []
+    for key, fn, kind, hf in rows:
+        if key == "vocab_size":
+            continue
+        if key == "rope.dimension_count":
+            fn = lambda c, f=fn: None if f(c) == head_dim(c) else f(c)   # noqa: E731
+        elif key == "rope.freq_base" and not keep_base:
+            fn = lambda c, f=fn: None if f(c) == 10000.0 else f(c)   # noqa: E731
+        out.append((key, fn, kind, hf))
+    return tuple(out)
+
+
 def _experts(c: dict[str, Any]) -> int | None:
     return c.get("num_local_experts") or c.get("num_experts")
 
@@ -403,7 +421,7 @@ _GEMMA_DEFAULTS = {"hidden_activation": "gelu_pytorch_tanh", "tie_word_embedding
 LLAMA = Arch("llama", "llama", "LlamaForCausalLM", BASE_NAMES, permute_qk=True,
              tokenizer_class="LlamaTokenizer")
 GEMMA2 = Arch("gemma2", "gemma2", "Gemma2ForCausalLM", {**BASE_NAMES, **SANDWICH_NORM_NAMES},
-              COMMON_HPARAMS + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
+              gemma_hparams(COMMON_HPARAMS, False) + SOFTCAP_HPARAMS + SLIDING_HPARAMS, norm_offset=1.0,
               required=("attention.sliding_window",), config_defaults=_GEMMA_DEFAULTS,
               read_config=_gemma2_config, tokenizer_class="GemmaTokenizer", swa_pattern=2)
 BERT = Arch("bert", "bert", "BertModel", BERT_NAMES, BERT_HPARAMS, dropped=BERT_DROPPED,
@@ -417,11 +435,12 @@ BUILTIN_ARCHS: Mapping[str, Arch] = MappingProxyType({a.model_type: a for a in (
     Arch("qwen2", "qwen2", "Qwen2ForCausalLM", BASE_NAMES, tokenizer_class="Qwen2Tokenizer"),
     Arch("qwen3", "qwen3", "Qwen3ForCausalLM", {**BASE_NAMES, **QK_NORM_NAMES},
          tokenizer_class="Qwen2Tokenizer"),
-    Arch("gemma", "gemma", "GemmaForCausalLM", BASE_NAMES, norm_offset=1.0,
+    Arch("gemma", "gemma", "GemmaForCausalLM", BASE_NAMES, gemma_hparams(COMMON_HPARAMS, False), norm_offset=1.0,
          config_defaults=_GEMMA_DEFAULTS, tokenizer_class="GemmaTokenizer"),
     GEMMA2,
     dataclasses.replace(GEMMA2, model_type="gemma3_text", gguf_arch="gemma3",
                         hf_class="Gemma3ForCausalLM",
+                        hparams=gemma_hparams(COMMON_HPARAMS, True) + SOFTCAP_HPARAMS + SLIDING_HPARAMS,
                         names={**BASE_NAMES, **SANDWICH_NORM_NAMES, **QK_NORM_NAMES},
                         read_config=_gemma3_config, swa_pattern=6),
     Arch("olmo2", "olmo2", "Olmo2ForCausalLM", OLMO2_NAMES, tokenizer_class=None),

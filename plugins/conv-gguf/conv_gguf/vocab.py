@@ -78,7 +78,7 @@ def read_vocab(files: dict[str, bytes], config: dict[str, Any]) -> Vocab | None:
         if vocab.scores is not None:
             vocab.scores.append(-10000.0)
     index = {t: i for i, t in enumerate(vocab.tokens)}
-    for key in ("bos", "eos", "unk", "pad"):
+    for key in ("bos", "eos", "unk", "sep", "pad", "mask"):
         text = _token_text(tok_cfg.get(f"{key}_token"))
         if text is not None and text in index:
             vocab.special[key] = index[text]
@@ -86,6 +86,8 @@ def read_vocab(files: dict[str, bytes], config: dict[str, Any]) -> Vocab | None:
                 and text is None and f"{key}_token" not in tok_cfg:
             vocab.special[key] = config[f"{key}_token_id"]
     vocab.add_bos, vocab.add_eos = _adds_bos_eos(tok_json, tok_cfg, vocab.model)
+    if vocab.add_sep is None:
+        vocab.add_sep = _adds_sep(tok_json, tok_cfg)
     template = tok_cfg.get("chat_template")
     if "chat_template.jinja" in files:
         template = files["chat_template.jinja"].decode("utf-8")
@@ -111,6 +113,34 @@ def _adds_bos_eos(tok_json: Any, tok_cfg: dict[str, Any], model: str) -> tuple[b
     add_eos = bool(tok_cfg["add_eos_token"]) if "add_eos_token" in tok_cfg else None
     # SentencePiece models add BOS unless told otherwise
     return bool(tok_cfg.get("add_bos_token", model == "llama")), add_eos
+
+
+def _adds_sep(tok_json: Any, tok_cfg: dict[str, Any]) -> bool | None:
+    """gguf-py's reading of a TemplateProcessing pair template (what llama.cpp's converter
+    writes as ``add_sep_token``): the tokens between ``$A`` and ``$B``, the single
+    template's leading and trailing specials set aside, add a separator when the sep or
+    eos token is among them (the first one only without a trailing special); other tokens
+    between: False; nothing between or no such template: None (the key is left out)."""
+    post = (tok_json or {}).get("post_processor") or {}
+    if post.get("type") == "Sequence":
+        post = next((p for p in post.get("processors", []) if p.get("type") == "TemplateProcessing"), {})
+    if post.get("type") != "TemplateProcessing":
+        return None
+    single, pair = post.get("single") or [], post.get("pair") or []
+    first = single[0].get("SpecialToken", {}).get("id") if len(single) > 1 else None
+    last = single[-1].get("SpecialToken", {}).get("id") if len(single) > 1 else None
+    if not pair:
+        return None
+    start = 1 if first and pair[0].get("SpecialToken", {}).get("id") == first else 0
+    stop = -1 if last and pair[-1].get("SpecialToken", {}).get("id") == last else None
+    pair = pair[start:stop]
+    if not pair or pair[0].get("Sequence", {}).get("id") != "A" or pair[-1].get("Sequence", {}).get("id") != "B":
+        return None
+    middle = [p.get("SpecialToken", {}).get("id") for p in pair[1:-1]]
+    if not middle:
+        return None
+    sep_like = {_token_text(tok_cfg.get("sep_token")), _token_text(tok_cfg.get("eos_token"))} - {None}
+    return bool((middle[0] in sep_like and not last) or (len(middle) == 2 and middle[1] in sep_like))
 
 
 def _post_template(tok_json: Any) -> list[str] | None:
@@ -139,18 +169,18 @@ def _spm_vocab(model_bytes: bytes, tok_json: Any) -> Vocab:
     for added in (tok_json or {}).get("added_tokens", []):
         i = int(added["id"])
         if i < len(tokens):
-            if (added.get("special") or looks_special(added["content"])) and types[i] == TT.NORMAL:
-                types[i] = int(TT.CONTROL)
-            elif not added.get("special") and types[i] in (TT.NORMAL, TT.USER_DEFINED):
-                tokens[i], types[i] = _user_defined(added["content"]), int(TT.USER_DEFINED)
-                scores[i] = -1000.0
+            # as llama.cpp's converter reads added_tokens_decoder: every added token
+            # scores -1000, control when special (<unk>, <s>, </s> too), else user-defined
+            tokens[i], types[i] = _added(added)
+            scores[i] = -1000.0
             continue
         while len(tokens) < i:
             tokens.append(f"[PAD{len(tokens)}]"); scores.append(-1000.0); types.append(int(TT.UNUSED))
         text, kind = _added(added)
         tokens.append(text); scores.append(-1000.0); types.append(kind)
+    # llama.cpp's default for SentencePiece is to add the space: the key only says "no"
     return Vocab("llama", tokens, types, scores=scores, pre=SPM_PRE,
-                 add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix))
+                 add_space_prefix=None if proto.normalizer_spec.add_dummy_prefix else False)
 
 
 def looks_special(text: str) -> bool:

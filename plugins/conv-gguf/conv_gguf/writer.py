@@ -66,18 +66,6 @@ def _made(name: str, array: np.ndarray, source: str) -> TensorRef:
     return TensorRef(name, tuple(array.shape), "f32", lambda: array, source=source)
 
 
-def _order_key(item: tuple[int, str]) -> tuple:
-    index, name = item
-    if index < 0:
-        return (-1, 0, 0)
-    m = re.match(r"blk\.(\d+)\.", name)
-    if name.startswith("token_embd"):
-        return (0, 0, index)
-    if m:
-        return (1, int(m.group(1)), index)
-    return (2, 0, index)
-
-
 def float_type(model: Model, options: dict[str, Any]) -> T:
     """Type of the 2-D tensors that stay float: --dtype, else the source's precision."""
     dtype = options.get("dtype")
@@ -138,7 +126,9 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planne
     for name, array in ([] if spec.encoder else rope.extra_tensors(config)):
         # llama.cpp's converter writes the tensors it makes (rope_freqs) before the model's
         named.append((-1, name, _made(name, array, model.source)))
-    named.sort(key=lambda t: _order_key((t[0], t[1])))
+    # the source's order, as llama.cpp's converter writes (lm_head first in a checkpoint
+    # whose names sort it there; made tensors before all, a layer's stacks after its experts)
+    named.sort(key=lambda t: t[0])
     if flag(options, "vocab_only"):
         return spec, [], []
     quant = options.get("quant")
@@ -278,8 +268,42 @@ def _metadata_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
         writer.add_string(key, str(value))
 
 
+def parameter_count(planned: list[Planned]) -> tuple[int, int, int, int]:
+    """(total, shared, per-expert, expert count) of the tensors planned, as gguf-py's
+    GGUFWriter.get_total_parameter_count counts them (for ``general.size_label``)."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for p in planned:
+        size = int(np.prod(p.shape, dtype=np.int64))
+        if "_exps." in p.name and len(p.shape) >= 3:
+            count = int(p.shape[-2 if ".bias" in p.name else -3])
+            expert += size // count
+            expert_sum += count
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, (expert_sum // n_expert_tensors if n_expert_tensors else 0)
+
+
+def card_metadata(model: Model, params: tuple[int, int, int, int]) -> Any:
+    """gguf-py's ``Metadata`` of the source, read as llama.cpp's converter reads it (the
+    model card's front matter, config.json, generation_config.json of a source
+    directory; name, basename, finetune, version and size label by its heuristics), or
+    None when the source is no directory or its card cannot be read."""
+    source = Path(model.source or "")
+    if not source.is_dir():
+        return None
+    try:
+        found = gguf.Metadata.load(None, source, None, params[0])
+    except Exception:  # noqa: BLE001 - a card gguf-py cannot parse: the name alone, as before
+        return None
+    if found.size_label is None and params[0] > 0:
+        found.size_label = gguf.size_label(*params)
+    return found
+
+
 def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, options: dict[str, Any],
-                 file_type: int) -> list[str]:
+                 file_type: int, params: tuple[int, int, int, int] = (0, 0, 0, 0)) -> list[str]:
     """general.*, hyper-parameter and tokenizer keys; returns warnings."""
     config = {**spec.config_defaults, **model.config}
     meta = dict(options.get("metadata") or {})
@@ -291,7 +315,8 @@ def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, option
             files["vocab.txt"] = raw
     vocab = vocab_mod.read_vocab(files, config)
     warnings: list[str] = []
-    name = str(meta.pop("name", None) or model.metadata.get("name")
+    card = card_metadata(model, params)
+    name = str(meta.pop("name", None) or model.metadata.get("name") or (card and card.name)
                or Path(model.source.rstrip("/")).name or spec.model_type)
     if PHI3_NAME.search(name) and vocab is not None and not PHI3_TOKENS <= set(vocab.tokens):
         # llama.cpp sets strip flags on these tokens for any model whose name says phi-3,
@@ -300,7 +325,13 @@ def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, option
                         f"{sorted(PHI3_TOKENS - set(vocab.tokens))} this vocabulary lacks; "
                         "writing the name without 'phi3'")
         name = PHI3_NAME.sub("phi", name)
-    writer.add_name(name)
+        if card is not None:
+            card.basename = card.basename and PHI3_NAME.sub("phi", card.basename)
+    if card is not None:
+        card.name = name
+        card.set_gguf_meta_model(writer)
+    else:
+        writer.add_name(name)
     for key, fn, kind, _ in spec.hparams:
         value = fn(config)
         if value is not None:
@@ -356,7 +387,7 @@ def write_gguf(model: Model, path: Path, options: dict[str, Any],
     writer = gguf.GGUFWriter(path, spec.gguf_arch, split_max_tensors=max_tensors,
                              split_max_size=max_size)
     try:
-        for w in add_metadata(writer, model, spec, options, file_type):
+        for w in add_metadata(writer, model, spec, options, file_type, parameter_count(planned)):
             warn(w)
         for item in planned:
             writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), item.nbytes,

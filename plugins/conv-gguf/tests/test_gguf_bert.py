@@ -100,8 +100,12 @@ def test_bert_gguf_keys_tensors_and_vocabulary(encoder, bert_gguf):
         "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": True,
         "tokenizer.ggml.add_sep_token": False,
     }
+    # the model card's keys, as llama.cpp's converter reads them with gguf-py's Metadata
+    card = gguf.Metadata.load(None, encoder, None, 0)
+    expected.update({"general.name": card.name, "general.basename": card.basename,
+                     "general.finetune": card.finetune})
     arrays = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-              "bert.attention.layer_norm_epsilon"}
+              "bert.attention.layer_norm_epsilon", "general.size_label", "general.tags"}
     assert set(fields) == set(expected) | arrays
     assert {k: fields[k] for k in expected} == expected
     assert fields["bert.attention.layer_norm_epsilon"] == pytest.approx(config["layer_norm_eps"], rel=1e-6)
