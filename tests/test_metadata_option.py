@@ -53,6 +53,7 @@ def test_a_key_the_writer_keeps_is_one_line(fmt, key, tmp_path, run_cli):
     assert not out.exists()
 
 
+@pytest.mark.full
 @pytest.mark.onnx
 def test_onnx_export_dry_run_writes_nothing(tmp_path, run_cli):
     out = tmp_path / "out"
