@@ -57,6 +57,7 @@ def test_onnx_export_of_an_encoder_embeds_as_the_source(tmp_path: Path, run_cli)
     assert report["hidden_max_abs_diff"] <= 1e-4
 
 
+@pytest.mark.full
 def test_infer_prints_an_embedding_never_logits(tmp_path: Path, run_cli) -> None:
     src = tiny_encoder()
     npy = tmp_path / "e.npy"

@@ -308,6 +308,7 @@ def test_ordered_map_keeps_order_bound_and_registry():
     assert out[0][1] != out[1][1]  # really ran on several threads (else the barrier breaks)
 
 
+@pytest.mark.full
 def test_hf_infer_is_quiet_unless_verbose(run_cli, tiny_llama):
     """The runtime's own progress output (transformers' weight-loading bar) stays off
     stderr; stdout is the answer."""

@@ -51,6 +51,7 @@ def test_infer_cli_generates_with_one_load(run_cli, converted):
         assert list(s.generate([1, 20, 30, 40], 8)) == ids
 
 
+@pytest.mark.full
 def test_compare_pairs_tensors_and_shows_gguf_names(run_cli, converted, tiny_model_factory):
     """``compare --tensors`` runs both models in their runtimes and pairs weights by HF
     name, showing each under its GGUF name (from ``convcore_map_names``)."""
