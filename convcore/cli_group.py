@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from .model import ConvcoreError
+from .model import ConvcoreError, one_line
 from .registry import get_registry
 
 
@@ -47,7 +47,13 @@ class _Group(click.Group):
         for impl in registry.pm.hook.convcore_register_commands.get_hookimpls():
             before = set(self.commands)
             added = _Adding(self, impl.plugin_name, core)
-            impl.function(cli=added)
+            try:
+                impl.function(cli=added)
+            except ConvcoreError:
+                raise
+            except Exception as exc:  # a plugin's bug: one line naming it, not a traceback
+                raise ConvcoreError(f"plugin {impl.plugin_name!r} failed in convcore_register_commands: "
+                                    f"{one_line(exc)}") from None
             for name in set(self.commands) - before:
                 core.add(name)
 

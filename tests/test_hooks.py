@@ -420,6 +420,12 @@ def test_hook_convcore_register_commands(run_cli):
         r = CliRunner().invoke(fresh(), ["run"])
     assert isinstance(r.exception, convcore.ConvcoreError) and "'run'" in str(r.exception)
     assert "already has" in str(r.exception)
+    broken = convcore.Registry(load_entry_points=False, plugins=(make_plugin(
+        convcore_register_commands=lambda cli: 1 / 0),))
+    with convcore.using(broken):
+        r = CliRunner().invoke(fresh(), ["run"])
+    assert isinstance(r.exception, convcore.ConvcoreError)
+    assert "failed in convcore_register_commands: ZeroDivisionError" in str(r.exception)
     import os
     r = run_cli("serve", "x.gguf", env={**os.environ, "CONVCORE_DISABLE_PLUGINS": "serve"})
     assert r.returncode == 1 and r.stderr.count("\n") == 1
