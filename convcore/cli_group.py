@@ -67,8 +67,14 @@ class _Group(click.Group):
         if found is None:
             dists = extra_providing(name)
             if dists:
-                raise ConvcoreError(f"convcore {name} comes with the {dists[0]} plugin, which is not "
-                                    f"installed: pip install {dists[0]} (or 'convcore[{name}]')")
+                from importlib import metadata
+                try:
+                    metadata.distribution(dists[0])
+                except metadata.PackageNotFoundError:
+                    raise ConvcoreError(f"convcore {name} comes with the {dists[0]} plugin, which is not "
+                                        f"installed: pip install {dists[0]} (or 'convcore[{name}]')") from None
+                raise ConvcoreError(f"convcore {name} comes with the {dists[0]} plugin, which is installed "
+                                    "but not loaded (disabled or failed: convcore plugins says which)")
         return found
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -97,6 +103,13 @@ class _Adding:
             cmd = click.command(*args, **kwargs)(fn)
             self.add_command(cmd)
             return cmd
+        return decorate
+
+    def group(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], click.Group]:
+        def decorate(fn: Callable[..., Any]) -> click.Group:
+            grp = click.group(*args, **kwargs)(fn)
+            self.add_command(grp)
+            return grp
         return decorate
 
     def __getattr__(self, attr: str) -> Any:

@@ -429,4 +429,4 @@ def test_hook_convcore_register_commands(run_cli):
     import os
     r = run_cli("serve", "x.gguf", env={**os.environ, "CONVCORE_DISABLE_PLUGINS": "serve"})
     assert r.returncode == 1 and r.stderr.count("\n") == 1
-    assert "pip install convcore-serve" in r.stderr
+    assert "convcore-serve plugin, which is installed but not loaded" in r.stderr

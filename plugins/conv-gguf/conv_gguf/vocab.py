@@ -121,10 +121,8 @@ def _adds_sep(tok_json: Any, tok_cfg: dict[str, Any]) -> bool | None:
     template's leading and trailing specials set aside, add a separator when the sep or
     eos token is among them (the first one only without a trailing special); other tokens
     between: False; nothing between or no such template: None (the key is left out)."""
-    post = (tok_json or {}).get("post_processor") or {}
-    if post.get("type") == "Sequence":
-        post = next((p for p in post.get("processors", []) if p.get("type") == "TemplateProcessing"), {})
-    if post.get("type") != "TemplateProcessing":
+    post = _template_processing(tok_json)
+    if post is None:
         return None
     single, pair = post.get("single") or [], post.get("pair") or []
     first = single[0].get("SpecialToken", {}).get("id") if len(single) > 1 else None
@@ -143,13 +141,19 @@ def _adds_sep(tok_json: Any, tok_cfg: dict[str, Any]) -> bool | None:
     return bool((middle[0] in sep_like and not last) or (len(middle) == 2 and middle[1] in sep_like))
 
 
-def _post_template(tok_json: Any) -> list[str] | None:
-    """The single-sequence template of tokenizer.json's TemplateProcessing as token texts
-    with "$A" for the text (["<s>", "$A"] for Llama), or None when there is none."""
+def _template_processing(tok_json: Any) -> dict[str, Any] | None:
+    """tokenizer.json's TemplateProcessing post-processor (alone or in a Sequence), or None."""
     post = (tok_json or {}).get("post_processor") or {}
     if post.get("type") == "Sequence":
         post = next((p for p in post.get("processors", []) if p.get("type") == "TemplateProcessing"), {})
-    if post.get("type") != "TemplateProcessing":
+    return post if post.get("type") == "TemplateProcessing" else None
+
+
+def _post_template(tok_json: Any) -> list[str] | None:
+    """The single-sequence template of tokenizer.json's TemplateProcessing as token texts
+    with "$A" for the text (["<s>", "$A"] for Llama), or None when there is none."""
+    post = _template_processing(tok_json)
+    if post is None:
         return None
     return [p["SpecialToken"]["id"] if "SpecialToken" in p else "$A" for p in post.get("single", [])]
 

@@ -17,18 +17,24 @@ pytestmark = [pytest.mark.onnx]
 N_TOKENS = 96
 
 
+def transformers_logits(model_dir, seed):
+    """(token ids, the transformers model of ``model_dir``, its logits on them)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    ids = [int(t) for t in np.random.default_rng(seed).integers(3, vocab, size=N_TOKENS)]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ids, model, model(torch.tensor([ids])).logits[0].numpy()
+
+
 @pytest.mark.parametrize("arch", [pytest.param("mixtral", marks=pytest.mark.full), "qwen2_moe",
                                   pytest.param("qwen3_moe", marks=pytest.mark.full)])
 def test_moe_export_logits_and_read_back(arch, tmp_path):
     import torch
-    from transformers import AutoModelForCausalLM
     src = tiny_model(arch)
     out = convcore.convert(src, tmp_path / "onnx", to="onnx", dtype="f32")
-    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
-    ids = [int(t) for t in np.random.default_rng(5).integers(3, vocab, size=N_TOKENS)]
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ids, model, ref = transformers_logits(src, 5)
     with convcore.get_registry().open_session(out) as s:
         got = s.logits(ids)
         step = s.decode([7])
@@ -52,8 +58,6 @@ def test_moe_export_quantized(arch, scheme, tmp_path):
     computes on the dequantized weights the reader gives back; the file holds each weight
     once (no float copy beside the codes)."""
     import onnx
-    import torch
-    from transformers import AutoModelForCausalLM
     src = tiny_model(arch)
     out = convcore.convert(src, tmp_path / "onnx", to="onnx", quant=scheme,
                            options={"path": "export", "accuracy_level": 1})
@@ -73,11 +77,7 @@ def test_moe_export_quantized(arch, scheme, tmp_path):
     assert data < 0.5 * (src / "model.safetensors").stat().st_size   # codes only, no f32 copies
 
     hf = convcore.convert(out, tmp_path / "hf", to="hf")
-    vocab = config["vocab_size"]
-    ids = [int(t) for t in np.random.default_rng(6).integers(3, vocab, size=N_TOKENS)]
-    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ids, _, ref = transformers_logits(hf, 6)
     with convcore.get_registry().open_session(out) as s:
         got = s.logits(ids)
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
