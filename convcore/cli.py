@@ -57,6 +57,8 @@ def cli(debug: bool) -> None:
 @click.option("--split-max-tensors", type=int, help="Shard outputs at this many tensors.")
 @click.option("--vocab-only", is_flag=True, help="Write the vocabulary only (gguf).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--imatrix", type=click.Path(path_type=Path),
+              help="Importance matrix guiding quantization (gguf; `convcore imatrix` makes one).")
 @click.option("--jobs", type=int, help="Threads for quantization (default: up to 4).")
 @click.option("--force", is_flag=True,
               help="Replace DST when it is a previous output of this format (never other files).")
@@ -73,7 +75,8 @@ def cli(debug: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dtype: str | None,
         metadata: tuple[str, ...], extra: tuple[str, ...], split_max_size: str | None,
-        split_max_tensors: int | None, vocab_only: bool, dry_run: bool, jobs: int | None,
+        split_max_tensors: int | None, vocab_only: bool, dry_run: bool, imatrix: Path | None,
+        jobs: int | None,
         force: bool, no_validate: bool, check: bool, quiet: bool, check_kl: float | None = None,
         check_top1: float | None = None, check_tokens: int = 1024, allow_nonfinite: bool = False) -> None:
     """Convert SRC to format --to at DST."""
@@ -87,6 +90,8 @@ def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dty
         options["vocab_only"] = True
     if dry_run:
         options["dry_run"] = True
+    if imatrix is not None:
+        options["imatrix"] = str(imatrix)
     written = convert(src, dst, to, from_=from_, quant=quant, dtype=dtype,
                       metadata=parse_pairs(metadata, "--metadata"), jobs=jobs, force=force,
                       validate=not no_validate, options=options, progress=not quiet,

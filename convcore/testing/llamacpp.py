@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import Any
 
 from ..model import ConvcoreError
 
@@ -27,19 +28,34 @@ def ftype(name: str) -> int:
 
 
 def llama_quantize(src: Path | str, dst: Path | str, ftype_name: str, *, threads: int = 2,
-                   pure: bool = False) -> Path:
+                   pure: bool = False, imatrix: dict[str, Any] | None = None) -> Path:
     """Quantize the GGUF ``src`` into ``dst`` as llama-quantize does; returns ``dst``.
 
     :param ftype_name: the target file type by llama.cpp's name (``"q4_k_m"``).
     :param threads: llama.cpp's ``nthread``.
     :param pure: llama-quantize's ``--pure``: every weight in the type's base block type,
         no per-tensor mix.
+    :param imatrix: the importance llama-quantize loads from an imatrix file: GGUF tensor
+        name -> float32 values (sum / count; experts' rows one after another).
     """
+    import numpy as np
+
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(ftype_name)
     params.nthread = int(threads)
     params.pure = bool(pure)
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            arr = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+            keep += [name.encode(), arr]
+            entries[i].name = keep[-2]
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        keep.append(entries)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise ConvcoreError(f"{src}: llama_model_quantize to {ftype_name} failed (returned {rc})")

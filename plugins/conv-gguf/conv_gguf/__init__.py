@@ -51,6 +51,9 @@ OPTIONS = (
     convcore.Option("dry_run", "bool", False, "print name, shape and type of every tensor; write nothing"),
     convcore.Option("pure", "bool", False,
                     "llama-quantize's --pure: every weight in the file type's block type"),
+    convcore.Option("imatrix", "str", None,
+                    "importance matrix guiding the quantized types (llama.cpp's GGUF imatrix "
+                    "or .dat; `convcore imatrix` makes one)"),
 )
 
 
@@ -133,3 +136,9 @@ def convcore_open_session(path: Path, fmt: str, options: dict[str, Any]) -> Any:
         return None
     from .runtime import LlamaCppSession
     return LlamaCppSession(Path(path), options)
+
+
+@convcore.hookimpl
+def convcore_register_commands(cli: Any) -> None:
+    from .commands import imatrix
+    cli.add_command(imatrix)

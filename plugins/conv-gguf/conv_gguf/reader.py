@@ -106,38 +106,28 @@ def _dequantizer(registry: Any, gtype: Any):
     return lambda blocks, shape: gguf.quants.dequantize(blocks, gtype).astype(np.float32, copy=False)
 
 
-#: rows of a quantized tensor are dequantized this many values at a time, each run from a
-#: map of its own blocks only, so the file's pages in memory stay a few MB per tensor
-CHUNK_VALUES = 1 << 22
-
-
 def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
     gtype = T(t.tensor_type)
     offset, nbytes = int(t.data_offset), int(t.n_bytes)
     dequantize = None if gtype in FLOAT_VIEWS else _dequantizer(registry, gtype)
+    # a scheme that dequantizes straight to f16 (say) serves load_as without the float32
+    # tensor; any dequantizer serves load_chunks a block of rows at a time
+    scheme = registry.schemes.get(gtype.name.lower())
+    direct = scheme.dequantize_to if scheme is not None and dequantize is not None else None
 
-    def runs(decode: Callable[[np.ndarray, tuple[int, int]], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, ``decode(blocks, (rows, n))``) over runs of rows, each decoded from
-        a map of just its own blocks (whose pages leave memory with the map)."""
+    def loaders(dtype: str):
+        """convcore's row-block (load, pieces) of the tensor in ``dtype``: each block of rows
+        decoded from a map of just its own blocks (whose pages leave memory with the map)."""
         block, size = gguf.GGML_QUANT_SIZES[gtype]
-        n = shape[-1]
-        row_bytes = n // block * size
-        rows = nbytes // row_bytes if row_bytes else 0
-        step = max(1, CHUNK_VALUES // max(n, 1))
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset + r0 * row_bytes,
-                            shape=((r1 - r0) * row_bytes,))
-            yield r0, decode(raw.reshape(r1 - r0, row_bytes), (r1 - r0, n))
-            del raw
+        row_bytes = shape[-1] // block * size
 
-    def dequantized(decode: Callable[[np.ndarray, tuple[int, int]], np.ndarray],
-                    dtype: Any) -> np.ndarray:
-        """The tensor as ``dtype`` from ``decode`` over runs of rows."""
-        out = np.empty((int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]), dtype)
-        for r0, values in runs(decode):
-            out[r0:r0 + values.shape[0]] = values
-        return out.reshape(shape)
+        def rows(a: int, b: int) -> np.ndarray:
+            raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset + a * row_bytes,
+                            shape=((b - a) * row_bytes,)).reshape(b - a, row_bytes)
+            if direct is not None and dtype != "f32":
+                return direct({"blocks": raw}, (b - a, shape[-1]), dtype)
+            return convcore.cast(dequantize(raw, (b - a, shape[-1])), dtype)
+        return convcore.row_block_loaders(shape, rows, dtype)
 
     def load() -> np.ndarray:
         if gtype in FLOAT_VIEWS:
@@ -147,7 +137,7 @@ def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
                    if nbytes else np.zeros(0, dtype=np.uint8))
             array = raw.view(FLOAT_VIEWS[gtype][1]).reshape(shape)
         else:
-            array = dequantized(dequantize, np.float32)
+            array = loaders("f32")[0]()
         if fn is not None:
             array = fn(array)
             if gtype in FLOAT_VIEWS and array.dtype != FLOAT_VIEWS[gtype][1]:
@@ -159,23 +149,13 @@ def _loader(path: Path, t: _Tensor, shape: tuple[int, ...], fn, registry: Any):
         # floats are views of the file already; an arithmetic transform (a norm offset)
         # works on the whole float32 tensor
         return load, None, None
-    # a scheme that dequantizes straight to f16 (say) serves load_as without the float32
-    # tensor, and any dequantizer serves load_chunks a run of rows at a time
-    scheme = registry.schemes.get(gtype.name.lower())
-    direct = scheme.dequantize_to if scheme is not None else None
-
-    def decoder(dtype: str) -> Callable[[np.ndarray, tuple[int, int]], np.ndarray]:
-        if direct is not None and dtype != "f32":
-            return lambda blocks, part: direct({"blocks": blocks}, part, dtype)
-        return lambda blocks, part: convcore.cast(dequantize(blocks, part), dtype)
 
     def load_as(dtype: str) -> np.ndarray:
-        array = dequantized(decoder(dtype), convcore.numpy_dtype(dtype))
+        array = loaders(dtype)[0]()
         return fn(array) if reorder else array  # the q/k row order: rows move, values don't
 
     def pieces(dtype: str) -> Iterator[np.ndarray]:
-        for _, values in runs(decoder(dtype)):
-            yield values.reshape(-1)
+        return loaders(dtype)[1](dtype)
 
     if reorder:  # rows come from all over the tensor: whole, but straight in the asked dtype
         return load, (load_as if direct is not None else None), None

@@ -20,6 +20,7 @@ from convcore import ConvcoreError, Model, TensorRef, cast, hfconfig, stack_tens
 
 from . import arch_table, archs, mixes, rope, vocab as vocab_mod
 from .companions import companion
+from .imatrix import Imatrix, add_imatrix_keys, importance_for, read_imatrix
 
 T = gguf.GGMLQuantizationType
 NUMPY_OF = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
@@ -40,6 +41,8 @@ class Planned:
     gtype: T
     ref: TensorRef
     fn: Callable[[np.ndarray], np.ndarray] | None
+    # float32 (n_mat, columns): the importance of each column (one row per expert), or None
+    importance: np.ndarray | None = None
 
     @property
     def parts(self) -> tuple[TensorRef, ...]:
@@ -79,8 +82,10 @@ def float_type(model: Model, options: dict[str, Any]) -> T:
     return T.F32
 
 
-def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planned], list[str]]:
-    """(arch, tensors to write in order, fallback notes)."""
+def plan(model: Model, options: dict[str, Any], imatrix: Imatrix | None = None
+         ) -> tuple[archs.Arch, list[Planned], list[str]]:
+    """(arch, tensors to write in order, fallback notes); ``imatrix`` (read from
+    ``options["imatrix"]`` by the caller) guides the quantized types."""
     spec = arch_table.arch_for(model.arch, model.source)
     config = {**spec.config_defaults, **model.config}
     tied = bool(config.get("tie_word_embeddings", False))
@@ -137,22 +142,30 @@ def plan(model: Model, options: dict[str, Any]) -> tuple[archs.Arch, list[Planne
         n_gqa = config["num_attention_heads"] // (config.get("num_key_value_heads") or config["num_attention_heads"])
         state = mixes.new_state([n for _, n, _ in named], n_gqa,
                                 n_expert=int(archs._experts(config) or 0) if spec.experts else 0,
-                                n_layer=int(config.get("num_hidden_layers") or 0))
+                                n_layer=int(config.get("num_hidden_layers") or 0),
+                                has_imatrix=imatrix is not None)
     ftype = float_type(model, options)
     notes: list[str] = []
     planned = []
     for _, name, ref in named:
         gtype = mixes.choose_type(state, quant, name, ref.shape, ftype, notes)
         planned.append(Planned(name, tuple(ref.shape), gtype, ref,
-                               None if ref.parts else archs.transform(spec, config, name)))
+                               None if ref.parts else archs.transform(spec, config, name),
+                               importance_for(imatrix, name, tuple(ref.shape), gtype,
+                                              len(ref.parts) or 1, options.get("imatrix"), notes)))
     return spec, planned, notes
 
 
-def quantize_blocks(array: np.ndarray, gtype: T, name: str) -> np.ndarray:
+def quantize_blocks(array: np.ndarray, gtype: T, name: str,
+                    importance: np.ndarray | None = None) -> np.ndarray:
     """ggml blocks of ``array`` (f32) as uint8 of shape (*rows, row_bytes), from the
-    registry's scheme (quant-rowwise provides them; without it the core's error says so)."""
+    registry's scheme (quant-rowwise provides them; without it the core's error says so),
+    guided by the per-column ``importance`` when given."""
     scheme = mixes.SCHEME_OF[gtype]
-    blocks = convcore.quantize(array, scheme, {"name": name}).data["blocks"]
+    options: dict[str, Any] = {"name": name}
+    if importance is not None:
+        options["weights"] = importance
+    blocks = convcore.quantize(array, scheme, options).data["blocks"]
     block, size = gguf.GGML_QUANT_SIZES[gtype]
     expected = (*array.shape[:-1], array.shape[-1] // block * size)
     if blocks.dtype != np.uint8 or tuple(blocks.shape) != expected:
@@ -208,7 +221,10 @@ def produce(part: Slice) -> np.ndarray:
     rows = rows[part.start - offset:part.stop - offset]
     if item.gtype in NUMPY_OF:
         return np.ascontiguousarray(cast(rows, NUMPY_OF[item.gtype]))
-    return quantize_blocks(np.ascontiguousarray(cast(rows, "f32")), item.gtype, item.name)
+    importance = None
+    if item.importance is not None:   # one expert's row for a stack, else the only row
+        importance = item.importance[offset // max(1, part.rows // len(item.parts)) if item.parts else 0]
+    return quantize_blocks(np.ascontiguousarray(cast(rows, "f32")), item.gtype, item.name, importance)
 
 
 def _begin_tensor(writer: gguf.GGUFWriter, item: Planned):
@@ -354,7 +370,8 @@ def add_metadata(writer: gguf.GGUFWriter, model: Model, spec: archs.Arch, option
 def write_gguf(model: Model, path: Path, options: dict[str, Any],
                progress: Callable[[str], None]) -> Path:
     """Write ``model`` as GGUF at ``path`` (plus shards beside it); returns the first file."""
-    spec, planned, notes = plan(model, options)
+    imatrix = read_imatrix(Path(options["imatrix"])) if options.get("imatrix") else None
+    spec, planned, notes = plan(model, options, imatrix)
     quant = options.get("quant")
     if quant:
         file_type = int(mixes.FILE_TYPES[quant][0])
@@ -389,6 +406,8 @@ def write_gguf(model: Model, path: Path, options: dict[str, Any],
     try:
         for w in add_metadata(writer, model, spec, options, file_type, parameter_count(planned)):
             warn(w)
+        if imatrix is not None:
+            add_imatrix_keys(writer, imatrix, str(options["imatrix"]))
         for item in planned:
             writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), item.nbytes,
                                    raw_dtype=item.gtype)

@@ -119,11 +119,11 @@ def test_reader_streams_rows_and_dequantizes_straight_to_f16(converted, quant, m
     values of one whole-tensor call, a k-quant tensor asked for as f16 comes out equal to
     the float32 values cast by numpy, without the float32 tensor in between, and the runs
     stream out as pieces (load_chunks) with the same values."""
-    from conv_gguf import reader
+    from convcore import rowblocks
 
     path = converted("llama", quant)
     whole = {n: r.load() for n, r in convcore.load(path).tensors.items() if r.stored}
-    monkeypatch.setattr(reader, "CHUNK_VALUES", 1000)
+    monkeypatch.setattr(rowblocks, "BLOCK_ELEMENTS", 1000)
     model = convcore.load(path)
     direct = 0
     for name, f32 in whole.items():

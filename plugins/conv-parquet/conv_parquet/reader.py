@@ -17,14 +17,14 @@ import mmap
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from convcore import (
     ConvcoreError, Model, first_line, TensorRef, arch_of, cast, get_registry, numpy_dtype, read_json,
-    read_tokenizer_files,
+    read_tokenizer_files, row_block_loaders,
 )
 
 from . import kv as kvmeta
@@ -34,9 +34,10 @@ from .schema import (
     packed_nbytes, quant_params, restore_scales, schema_version,
 )
 
-# elements a scheme dequantizes at once when a tensor is dequantized a slice at a time
-# (the file's largest ones). The scheme's float32 temporaries (256 KB each) then stay in
-# the CPU cache and the C heap; slices of 1-16 MB took page faults on every call.
+# elements a scheme dequantizes at once when a tensor is dequantized a block of rows at a
+# time (convcore's row blocks, with this size instead of its default): the scheme's float32
+# temporaries (256 KB each) then stay in the CPU cache and the C heap; blocks of 1-16 MB
+# took page faults on every call.
 DEQUANT_CHUNK = 1 << 16
 # a scheme's float32 temporaries while it dequantizes, in multiples of its result (the
 # per-row schemes: the codes as float32, minus the zero points, times the scales)
@@ -306,7 +307,7 @@ class WeightTable:
         """Quantized ``row`` dequantized a slice at a time, as flat pieces of ``dtype``."""
         spec, payload = self.payload(row)
         try:
-            yield from dequantized_pieces(spec, payload, row.shape, dtype)
+            yield from dequantized_pieces(spec, payload, row.shape, dtype, DEQUANT_CHUNK)
         except ValueError as exc:
             raise ConvcoreError(f"{self.where(row)}: {row.quant}: {exc}") from None
         del payload
@@ -319,8 +320,8 @@ class WeightTable:
         if spec is None:
             return payload["data"]
         try:
-            out = dequantize_rows(spec, payload, row.shape, self.out_dtype(row),
-                                  None if self.whole(row) else DEQUANT_CHUNK)
+            out = dequantize_rows(spec, payload, row.shape, self.out_dtype(row), DEQUANT_CHUNK,
+                                  whole=self.whole(row))
         except ValueError as exc:
             raise ConvcoreError(f"{self.where(row)}: {row.quant}: {exc}") from None
         del payload
@@ -329,44 +330,41 @@ class WeightTable:
         return out
 
 
-def dequantized_pieces(spec: Any, payload: dict[str, np.ndarray], shape: tuple[int, ...],
-                       dtype: str, chunk: int = DEQUANT_CHUNK) -> Iterator[np.ndarray]:
-    """``spec.dequantize(payload, shape)`` as flat pieces of ``dtype``, ``chunk`` elements
-    (whole rows) at a time: what a streaming writer takes, so neither the float32 values
-    nor the output tensor are ever whole in memory (each row is computed on its own, as
-    in :func:`dequantize_rows`)."""
+def _row_maker(spec: Any, payload: dict[str, np.ndarray], shape: tuple[int, ...],
+               dtype: str) -> Callable[[int, int], np.ndarray]:
+    """``rows(a, b)``: rows ``[a, b)`` of the dequantized tensor as ``dtype``. Arrays with a
+    row each (codes, per-row scales) are sliced; others (one scale) are shared."""
     n = shape[-1] if shape else 1
     rows = math.prod(shape) // n if n else 0
-    step = max(1, chunk // max(n, 1))
     by_row = {k: (a.reshape(rows, -1) if _lead(a) == rows else None) for k, a in payload.items()}
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        part = {k: (payload[k] if r is None else r[start:stop]) for k, r in by_row.items()}
-        values = np.asarray(spec.dequantize(part, (stop - start, n)), np.float32)
-        yield np.ascontiguousarray(cast(values, dtype)).reshape(-1)
+
+    def make(a: int, b: int) -> np.ndarray:
+        part = {k: (payload[k] if r is None else r[a:b]) for k, r in by_row.items()}
+        return cast(np.asarray(spec.dequantize(part, (b - a, n)), np.float32).reshape(b - a, n), dtype)
+    return make
+
+
+def dequantized_pieces(spec: Any, payload: dict[str, np.ndarray], shape: tuple[int, ...],
+                       dtype: str, chunk: int | None = None) -> Iterator[np.ndarray]:
+    """``spec.dequantize(payload, shape)`` as flat pieces of ``dtype``, a block of whole rows
+    at a time (convcore's row blocks; ``chunk`` elements when given): what a streaming
+    writer takes, so neither the float32 values nor the output tensor are ever whole."""
+    _, pieces = row_block_loaders(shape, _row_maker(spec, payload, shape, dtype), dtype,
+                                  block_elements=chunk)
+    return pieces(dtype)
 
 
 def dequantize_rows(spec: Any, payload: dict[str, np.ndarray], shape: tuple[int, ...],
-                    dtype: str, chunk: int | None = DEQUANT_CHUNK) -> np.ndarray:
-    """``spec.dequantize(payload, shape)`` as ``dtype``, ``chunk`` elements (whole rows) at
-    a time, or at once for None: every scheme the format stores computes each row on its
-    own, so the result is the same bit for bit, while the scheme's float32 temporaries
-    stay the size of a slice. Each slice's result is copied into the output; in one piece
-    the scheme's result is handed back as it is."""
-    n = shape[-1] if shape else 1
-    rows = math.prod(shape) // n if n else 0
-    step = rows if chunk is None else max(1, chunk // max(n, 1))
-    if rows <= step:
+                    dtype: str, chunk: int | None = None, whole: bool = False) -> np.ndarray:
+    """``spec.dequantize(payload, shape)`` as ``dtype``, a block of rows at a time
+    (convcore's row blocks; ``chunk`` elements when given), or at once when ``whole``. Every scheme the format stores computes each row on its
+    own, so the result is the same bit for bit, while the scheme's float32 temporaries stay
+    the size of a block; in one piece the scheme's result is handed back as it is."""
+    if whole:
         return cast(np.asarray(spec.dequantize(payload, shape), np.float32).reshape(shape), dtype)
-    # arrays with a row each (codes, per-row scales) are sliced; others (one scale) are shared
-    by_row = {k: (a.reshape(rows, -1) if _lead(a) == rows else None) for k, a in payload.items()}
-    out = np.empty((rows, n), numpy_dtype(dtype))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        part = {k: (payload[k] if r is None else r[start:stop]) for k, r in by_row.items()}
-        out[start:stop] = cast(np.asarray(spec.dequantize(part, (stop - start, n)), np.float32)
-                               .reshape(stop - start, n), dtype)
-    return out.reshape(shape)
+    load, _ = row_block_loaders(shape, _row_maker(spec, payload, shape, dtype), dtype,
+                                block_elements=chunk)
+    return load()
 
 
 def _read_row_group(source: Path | mmap.mmap, footer: pq.FileMetaData, row_group: int,

@@ -37,7 +37,7 @@ from typing import Any
 from convcore.model import ConvcoreError
 
 BATCH_KEYS = {"out", "registry", "jobs", "threads", "check", "memory"}
-MODEL_KEYS = {"id", "source", "from", "name", "license", "source_url", "description"}
+MODEL_KEYS = {"id", "source", "from", "name", "license", "source_url", "description", "imatrix"}
 TARGET_KEYS = {"to", "quant", "dtype", "models", "options", "metadata", "check", "label"}
 CHECK_KEYS = {"kl", "top1", "tokens"}
 DEFAULT_CHECK_TOKENS = 512
@@ -88,6 +88,8 @@ class ModelSpec:
     source: Path
     from_: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # the model's importance matrix, given to the targets whose format takes one (gguf)
+    imatrix: Path | None = None
 
 
 @dataclass
@@ -211,7 +213,13 @@ def read_plan(path: Path, registry: Any) -> Plan:
         source = source if source.is_absolute() else base / source
         info = {k: m[k] for k in ("name", "license", "source_url", "description") if k in m}
         info["source"] = m["source"]
-        models[mid] = ModelSpec(mid, source, m.get("from"), info)
+        imatrix = m.get("imatrix")
+        if imatrix is not None:
+            if not isinstance(imatrix, str):
+                raise ConvcoreError(f"{path}: {what}: 'imatrix' must be a path")
+            imatrix = Path(os.path.expanduser(imatrix))
+            imatrix = imatrix if imatrix.is_absolute() else base / imatrix
+        models[mid] = ModelSpec(mid, source, m.get("from"), info, imatrix)
     if not models:
         raise ConvcoreError(f"{path}: no [[model]] tables: nothing to convert")
 
@@ -255,11 +263,20 @@ def read_plan(path: Path, registry: Any) -> Plan:
                 jobs.append(Job(
                     id=job_id, model=name, source=str(models[name].source), to=to, dst=str(dst),
                     from_=models[name].from_, quant=quant, dtype=dtype, label=label,
-                    options=dict(t.get("options", {})),
+                    options=_with_imatrix(dict(t.get("options", {})), models[name], fmt),
                     metadata={k: str(v) for k, v in t.get("metadata", {}).items()},
                     check=check, threads=threads))
     return Plan(path=path, out=out, registry=registry_file, models=models, jobs=jobs,
                 parallel=parallel, memory=batch.get("memory"))
+
+
+def _with_imatrix(options: dict[str, Any], model: ModelSpec, fmt: Any) -> dict[str, Any]:
+    """A target's options plus the model's importance matrix where the format takes one
+    (and the target sets none of its own)."""
+    takes = fmt is not None and any(o.name == "imatrix" for o in getattr(fmt, "options", ()))
+    if model.imatrix is not None and takes:
+        options.setdefault("imatrix", str(model.imatrix))
+    return options
 
 
 def output_path(out: Path, model: str, to: str, label: str, fmt: Any) -> Path:

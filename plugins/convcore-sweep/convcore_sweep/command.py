@@ -30,11 +30,13 @@ import click
               help="Keep the converted outputs under DIR/outputs (or delete each once measured).")
 @click.option("--force", is_flag=True, help="Replace a previous sweep in DIR (never other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json instead of the summary.")
+@click.option("--imatrix", type=click.Path(path_type=Path),
+              help="Importance matrix: run each type without and with it (+imatrix).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def sweep(src: Path, to: str, from_: str | None, quant: str | None, use_all: bool,
           text: Path | None, ctx: int | None, limit: int | None, out_dir: Path | None,
           max_kl: float, max_size: str | None, gen_tokens: int, keep: bool, force: bool,
-          as_json: bool, quiet: bool) -> None:
+          as_json: bool, quiet: bool, imatrix: Path | None = None) -> None:
     """Convert SRC to each quantization type of --quant (or --all) and measure each:
     size, perplexity and ΔPPL, KL against SRC, generation speed. Writes sweep.json,
     sweep.md and a size/KL plot (sweep.png, sweep.svg) into DIR and recommends the
@@ -48,7 +50,7 @@ def sweep(src: Path, to: str, from_: str | None, quant: str | None, use_all: boo
     result = sweeping.sweep(src, to, quants, out_dir, text=text, ctx=ctx, limit=limit,
                             gen_tokens=gen_tokens, keep=keep, max_kl=max_kl,
                             max_size=size(max_size) if max_size else None, from_=from_,
-                            force=force, progress=not quiet)
+                            force=force, progress=not quiet, imatrix=imatrix)
     files = result.pop("files")
     plot_error = result.pop("plot_error", None)
     if as_json:

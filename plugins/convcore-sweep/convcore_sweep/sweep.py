@@ -40,7 +40,7 @@ SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.png", "sweep.svg")
 OUTPUTS_DIR = "outputs"
 REFERENCE_DIR = ".reference"
 JOB_KEYS = ("quant", "path", "size_bytes", "ppl", "delta_ppl", "delta_ppl_pct", "kl_mean",
-            "kl_p99", "top1_agreement", "tokens_per_s", "seconds_to_convert", "error")
+            "kl_p99", "top1_agreement", "tokens_per_s", "seconds_to_convert", "imatrix", "error")
 
 
 def all_quants(fmt: str, registry: Registry | None = None) -> list[str]:
@@ -244,7 +244,7 @@ def sweep(src: str | os.PathLike, to: str, quants: Sequence[str], out_dir: str |
           gen_tokens: int = DEFAULT_GEN_TOKENS, keep: bool = True, max_kl: float = DEFAULT_MAX_KL,
           max_size: int | str | None = None, from_: str | None = None, force: bool = False,
           progress: bool = False, log: Callable[[str], None] | None = None,
-          registry: Registry | None = None) -> dict[str, Any]:
+          registry: Registry | None = None, imatrix: str | os.PathLike | None = None) -> dict[str, Any]:
     """Convert ``src`` to format ``to`` with each of ``quants`` and measure every output
     against the source; write ``sweep.json``, ``sweep.md`` and the plot into ``out_dir``
     (default ``./sweep-<src name>-<to>``) and return what ``sweep.json`` holds, plus
@@ -252,7 +252,9 @@ def sweep(src: str | os.PathLike, to: str, quants: Sequence[str], out_dir: str |
 
     The source runs once (its logits on every window are kept on disk while the sweep
     runs); each output is opened once in its runtime for the KL/perplexity windows and
-    the speed measurement. ``max_size`` is bytes or a size such as ``"2G"``.
+    the speed measurement. ``max_size`` is bytes or a size such as ``"2G"``. With
+    ``imatrix`` (an importance matrix file) each type runs twice, without and with it (the
+    second job's ``quant`` is ``<type>+imatrix``), so the gain shows side by side.
     """
     registry = registry or get_registry()
     src = Path(src)
@@ -266,6 +268,11 @@ def sweep(src: str | os.PathLike, to: str, quants: Sequence[str], out_dir: str |
         raise ConvcoreError("nothing to sweep: no quantization types given")
     if gen_tokens < 1:
         raise ConvcoreError("--gen-tokens must be at least 1")
+    if imatrix is not None:
+        if not any(o.name == "imatrix" for o in fmt.options):
+            raise ConvcoreError(f"--imatrix: format {to} takes no importance matrix")
+        if not Path(imatrix).is_file():
+            raise ConvcoreError(f"{imatrix}: no such file")
     max_bytes = parse_size(max_size) if max_size is not None else None
     out = Path(out_dir) if out_dir is not None else default_out_dir(src, to)
     say = log or (lambda line: None)
@@ -294,7 +301,7 @@ def sweep(src: str | os.PathLike, to: str, quants: Sequence[str], out_dir: str |
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(quants) + 1, desc=f"sweep {to}", unit="job", file=sys.stderr,
+        bar = tqdm(total=len(quants) * (2 if imatrix else 1) + 1, desc=f"sweep {to}", unit="job", file=sys.stderr,
                    leave=False, disable=None)
         inner = say
 
@@ -313,11 +320,13 @@ def sweep(src: str | os.PathLike, to: str, quants: Sequence[str], out_dir: str |
             f"{_num(result['source_tokens_per_s'], '.1f')} tokens/s ({model.format})")
         if bar is not None:
             bar.update(1)
-        for quant in quants:
+        runs = [(q, m) for q in quants for m in ((None, Path(imatrix)) if imatrix else (None,))]
+        for base, matrix in runs:
+            quant = base + ("+imatrix" if matrix else "")
             if bar is not None:
                 bar.set_postfix_str(quant, refresh=True)
-            job = run_job(registry, src, from_, fmt, quant, out, reference, ctx, prompt,
-                          gen_tokens, session_options, keep)
+            job = run_job(registry, src, from_, fmt, base, out, reference, ctx, prompt,
+                          gen_tokens, session_options, keep, imatrix=matrix)
             result["jobs"].append(job)
             if job["error"]:
                 say(f"{quant}: failed: {job['error']}")
@@ -356,15 +365,17 @@ def write_reports(result: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def run_job(registry: Registry, src: Path, from_: str | None, fmt: Any, quant: str, out: Path,
             reference: fidelity.Reference, ctx: int, prompt: list[int], gen_tokens: int,
-            session_options: dict[str, Any], keep: bool) -> dict[str, Any]:
+            session_options: dict[str, Any], keep: bool, imatrix: Path | None = None) -> dict[str, Any]:
     job: dict[str, Any] = dict.fromkeys(JOB_KEYS)
-    job["quant"] = quant
-    dst = output_path(out, quant, fmt)
+    job["quant"] = quant + ("+imatrix" if imatrix else "")
+    job["imatrix"] = str(imatrix) if imatrix else None
+    dst = output_path(out, job["quant"], fmt)
     written: Path | None = None
     try:
         start = time.perf_counter()
         written = convert(src, dst, fmt.name, from_=from_, quant=quant, progress=False,
-                          registry=registry)
+                          registry=registry,
+                          options={"imatrix": str(imatrix)} if imatrix else None)
         job["seconds_to_convert"] = time.perf_counter() - start
         job["size_bytes"] = size_on_disk(written)
         job["path"] = str(written) if keep else None

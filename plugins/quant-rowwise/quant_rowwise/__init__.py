@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import convcore
 
-from . import kquants
+from . import iquants, kquants
 from .npz import convcore_load, convcore_validate, convcore_write, register_npz  # noqa: F401
 
 __version__ = "0.1.0"
@@ -85,6 +85,7 @@ def _schemes() -> list[convcore.Scheme]:
             layout=_legacy_layout(size),
             description=f"GGUF {kind.upper()}: blocks of 32, bit-exact with ggml's reference"))
     out.extend(kquants.SCHEMES)  # kquants imports its kernels (and numba) on first use
+    out.extend(iquants.SCHEMES)  # likewise
     for bits, group in AFFINE:
         out.append(convcore.Scheme(
             name=f"int{bits}-g{group}", block_size=group, bits=bits + 32 / group, family="affine",
