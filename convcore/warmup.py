@@ -53,7 +53,15 @@ def warm_here(names: list[str], registry: Any = None) -> dict[str, str]:
         try:
             for dtype in FLOAT_SCHEMES:
                 array = sample(scheme.block_size, dtype)
-                packed = registry.quantize(array, name, {"name": "warmup"})
+                # with per-column importance too (an imatrix): schemes that use it have
+                # kernels of their own for it; those that need it refuse to go without
+                weights = np.linspace(0.5, 2.0, array.shape[-1], dtype=np.float32)
+                packed = registry.quantize(array, name, {"name": "warmup", "weights": weights})
+                try:
+                    packed = registry.quantize(array, name, {"name": "warmup"})
+                except ConvcoreError as exc:
+                    if "importance" not in str(exc):
+                        raise
                 scheme.dequantize(packed.data, array.shape)
                 if scheme.dequantize_to is not None:
                     scheme.dequantize_to(packed.data, array.shape, "f16")

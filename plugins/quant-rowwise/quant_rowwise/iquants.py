@@ -42,36 +42,36 @@ def _module(name: str) -> Any:
     return importlib.import_module(f"{__package__}.{IQ_TYPES[name][2]}")
 
 
-def _check(array: np.ndarray, name: str, label: str) -> np.ndarray:
+def _check(array: np.ndarray, name: str) -> np.ndarray:
     arr = np.asarray(array)
     block = IQ_TYPES[name][0]
     if arr.ndim == 0 or arr.shape[-1] == 0 or arr.shape[-1] % block:
-        raise IQuantError(f"{label}: {name} needs rows of a multiple of {block} values, "
+        raise IQuantError(f"{name} needs rows of a multiple of {block} values, "
                           f"found shape {arr.shape}")
     kind = convcore.dtype_name(arr.dtype) if arr.dtype.kind in "fV" else str(arr.dtype)
     if kind not in ("f32", "f16", "bf16"):
-        raise IQuantError(f"{label}: {name} takes f32, f16 or bf16 input, found {arr.dtype}")
+        raise IQuantError(f"{name} takes f32, f16 or bf16 input, found {arr.dtype}")
     return arr
 
 
-def _weights(options: dict[str, Any], n: int, name: str, label: str) -> np.ndarray | None:
+def _weights(options: dict[str, Any], n: int, name: str) -> np.ndarray | None:
     weights = options.get("weights")
     if weights is None:
         if name in NEEDS_IMATRIX:
-            raise IQuantError(f"{label}: {name} needs an importance matrix "
+            raise IQuantError(f"{name} needs an importance matrix "
                               "(make one with `convcore imatrix`, pass it with --imatrix)")
         return None
     w = np.ascontiguousarray(weights, dtype=np.float32)
     if w.shape != (n,):
-        raise IQuantError(f"{label}: importance of shape {w.shape} for rows of {n} values")
+        raise IQuantError(f"{name}: importance of shape {w.shape} for rows of {n} values")
     return w
 
 
 def quantize_iq(array: np.ndarray, name: str, options: dict[str, Any] | None = None) -> dict:
     options = options or {}
-    label = options.get("name") or name
-    arr = _check(array, name, label)
-    weights = _weights(options, arr.shape[-1], name, label)
+    # (the registry names the tensor in its error messages)
+    arr = _check(array, name)
+    weights = _weights(options, arr.shape[-1], name)
     return {"blocks": _module(name).quantize(name, arr, weights)}
 
 
