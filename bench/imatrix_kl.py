@@ -3,13 +3,13 @@ source, with and without ``--imatrix``, in llama.cpp.
 
 No hub here, so the model is trained here: a llama of hidden 256, 4 layers (4 heads, 1 KV
 head: Llama-3's grouping), FFN 768, on the test kit's English corpus (300 KB) for
-``--steps`` AdamW steps (cached under the bench cache; a few minutes on 2 cores). Trained
-weights have what random ones lack (outlier columns, uneven activations), which is what an
-importance matrix exploits. The matrix is made with ``convcore imatrix`` on the corpus;
+``--steps`` AdamW steps of 8 x 128 tokens (cached under the bench cache; minutes on 2
+cores). Trained weights have what random ones lack (outlier columns, uneven
+activations), which is what an importance matrix exploits. The matrix is made with ``convcore imatrix`` on the corpus;
 KL, perplexity and sizes come from ``convcore sweep --imatrix`` on the held-out
 ``convcore/data/eval.txt`` (llama.cpp against transformers f32).
 
-    .venv/bin/python bench/imatrix_kl.py [--steps 600] [--quant q4_k_m,q2_k,iq4_xs,...]
+    .venv/bin/python bench/imatrix_kl.py [--steps 300] [--quant q4_k_m,q2_k,iq4_xs,...]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ EVAL = ROOT / "convcore" / "data" / "eval.txt"
 DEFAULT_QUANTS = "q2_k,q3_k_m,q4_k_m,iq4_xs,iq4_nl,iq3_s,iq3_xxs,iq2_xs"
 
 
-def trained_model(steps: int, seq: int = 128, batch: int = 16) -> Path:
+def trained_model(steps: int, seq: int = 128, batch: int = 8) -> Path:
     """A small llama trained on the corpus (built once per setting, then cached)."""
     out = cache_root() / f"trained-llama-h256-l4-s{steps}"
     if (out / "config.json").exists():
@@ -66,7 +66,7 @@ def trained_model(steps: int, seq: int = 128, batch: int = 16) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--quant", default=DEFAULT_QUANTS)
     ap.add_argument("--ctx", type=int, default=128)
     args = ap.parse_args()

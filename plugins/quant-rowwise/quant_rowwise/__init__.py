@@ -80,7 +80,8 @@ def _schemes() -> list[convcore.Scheme]:
     for kind, size in LEGACY_SIZES.items():
         out.append(convcore.Scheme(
             name=kind, block_size=32, bits=size * 8 / 32, family="gguf",
-            quantize=lambda a, o=None, k=kind: _kernels("legacy").quantize(k, a),
+            quantize=lambda a, o=None, k=kind: _kernels("legacy").quantize(
+                k, a, (o or {}).get("weights")),
             dequantize=lambda d, s, k=kind: _kernels("legacy").dequantize(k, d, s),
             layout=_legacy_layout(size),
             description=f"GGUF {kind.upper()}: blocks of 32, bit-exact with ggml's reference"))

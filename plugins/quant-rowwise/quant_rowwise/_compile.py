@@ -9,6 +9,10 @@ first run could write other bytes than every later one. Code that always comes f
 the cache gives one answer. If the cache cannot be written, or a child fails, the
 driver is compiled here as before.
 
+Each scheme has a driver for quantizing without an importance matrix (``DRIVER``) and one
+for quantizing with one (``WEIGHTED``: the k-quants and q4_0 q4_1 q5_0 q5_1); ``prepare``
+readies both.
+
 ``python -m quant_rowwise._compile FUNC ...`` is the child: it compiles the named
 drivers for their one signature and exits.
 """
@@ -21,29 +25,44 @@ import sys
 import threading
 from typing import Iterable
 
-# scheme -> the row driver in kquant_pack that codes it
+# scheme -> the row driver that codes it without / with an importance matrix
 DRIVER = {"q2_k": "rows_q2k", "q3_k": "rows_q3k", "q4_k": "rows_q45k", "q5_k": "rows_q45k",
           "q6_k": "rows_q6k"}
+WEIGHTED = {"q2_k": "rows_q2k_w", "q3_k": "rows_q3k_w", "q4_k": "rows_q45k_w",
+            "q5_k": "rows_q45k_w", "q6_k": "rows_q6k_w", "q4_0": "rows_legacy_w",
+            "q4_1": "rows_legacy_w", "q5_0": "rows_legacy_w", "q5_1": "rows_legacy_w"}
+# driver -> the module that defines it
+_MODULE = {"rows_q2k": "kquant_pack", "rows_q3k": "kquant_pack", "rows_q45k": "kquant_pack",
+           "rows_q6k": "kquant_pack", "rows_q2k_w": "kquant_wpack", "rows_q3k_w": "kquant_wpack",
+           "rows_q45k_w": "kquant_wpack", "rows_q6k_w": "kquant_wpack",
+           "rows_legacy_w": "legacy_imatrix"}
 _lock = threading.Lock()
 
 
 @functools.cache
 def signature(func: str) -> tuple:
-    """The one argument-type tuple a row driver is called with (kquants.quantize_kquant):
-    read-only uint16 bit rows, mode, the f16 table, [nmax,] refine, uint8 output rows,
-    start, end."""
+    """The one argument-type tuple a row driver is called with (kquants.quantize_kquant,
+    legacy_imatrix.quantize): read-only uint16 bit rows, mode, the f16 table, [read-only
+    float32 importance per column,] [nmax,] [affine,] refine, uint8 output rows, start,
+    end."""
     from numba import types
 
     rows = types.Array(types.uint16, 2, "C", readonly=True)
     head = (rows, types.int64, types.Array(types.uint32, 1, "C"))
+    if func.endswith("_w"):
+        head += (types.Array(types.float32, 1, "C", readonly=True),)
+    if func in ("rows_q45k", "rows_q45k_w", "rows_legacy_w"):
+        head += (types.int64,)
+    if func == "rows_legacy_w":
+        head += (types.boolean,)
     tail = (types.boolean, types.Array(types.uint8, 2, "C"), types.int64, types.int64)
-    return head + ((types.int64,) if func == "rows_q45k" else ()) + tail
+    return head + tail
 
 
 def _dispatcher(func: str):
-    from . import kquant_pack
+    import importlib
 
-    return getattr(kquant_pack, func)
+    return getattr(importlib.import_module(f"{__package__}.{_MODULE[func]}"), func)
 
 
 def _cached(disp, sig: tuple) -> bool:
@@ -61,10 +80,12 @@ def _cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def ensure(schemes: Iterable[str]) -> None:
-    """Have the row drivers of the k-quant ``schemes`` ready in this process, compiling the
-    missing ones in child processes (at most one per CPU at a time) first."""
-    funcs = list(dict.fromkeys(DRIVER[s] for s in schemes if s in DRIVER))
+def ensure(schemes: Iterable[str], weighted: Iterable[bool] = (False, True)) -> None:
+    """Have the row drivers of ``schemes`` ready in this process, compiling the missing
+    ones in child processes (at most one per CPU at a time) first: those without an
+    importance matrix (``False`` in ``weighted``), with one (``True``), or both."""
+    tables = [WEIGHTED if w else DRIVER for w in dict.fromkeys(weighted)]
+    funcs = list(dict.fromkeys(t[s] for s in schemes for t in tables if s in t))
     with _lock:
         todo = [f for f in funcs if signature(f) not in _dispatcher(f).overloads]
         missing = [f for f in todo if not _cached(_dispatcher(f), signature(f))]

@@ -111,6 +111,24 @@ def load_block(x, r, c0, mode, lut, ubuf):
     return bad == 0
 
 
+@njit(nogil=True, cache=True, fastmath=FM)
+def load_values(x, r, c0, n, mode, lut, ubuf):
+    """load_block for any ``n`` values: row ``r``'s values c0..c0+n-1 into ubuf[0:n] as
+    f32 bits; False if one is not finite."""
+    bad = np.uint32(0)
+    for i in range(n):
+        if mode == 0:
+            j = 2 * (c0 + i)
+            b = np.uint32(x[r, j]) | (np.uint32(x[r, j + 1]) << np.uint32(16))
+        elif mode == 1:
+            b = lut[x[r, c0 + i]]
+        else:
+            b = np.uint32(x[r, c0 + i]) << np.uint32(16)
+        ubuf[i] = b
+        bad |= np.uint32((b & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+    return bad == 0
+
+
 @njit(nogil=True, cache=True)
 def put_f16(out, o, h):
     """Store the f16 bits ``h`` little-endian at out[o:o+2]."""

@@ -1,6 +1,8 @@
 """The k-quant block packers: each turns one 256-weight super-block into ggml's bytes for
 its type (search, integer sub-scales under an f16 super-scale, optional refinement, final
 codes, bit packing), and one row driver per type runs its packer over a run of blocks.
+The bit packing (``pack_*``) and q6_K's sub-scales (``q6k_subscales``) are functions of
+their own, shared with the packers with an importance matrix in kquant_wpack.
 """
 from __future__ import annotations
 
@@ -89,6 +91,13 @@ def block_q45k(x, out, nmax, refine, L, Laux, w, fs, fm, sc, mi, st, err, wt):
         ml = Dm * np.float32(mi[j])
         for i in range(32):
             L[32 * j + i] = rint_clamp((x[32 * j + i] + ml) / dl, 0, nmax)
+    pack_q45k(L, nmax, sc, mi, st, out)
+
+
+@njit(nogil=True, cache=True)
+def pack_q45k(L, nmax, sc, mi, st, out):
+    """q4_K (nmax 15) or q5_K (nmax 31) bytes into out: codes L[0:256], 6-bit sub-scales
+    sc[0:8] and sub-mins mi[0:8], f16 bits of d and dmin st[0:2]."""
     put_f16(out, 0, st[0])
     put_f16(out, 2, st[1])
     _pack_scale_min_k4(sc, mi, out, 4)
@@ -115,22 +124,11 @@ def block_q6k(x, out, refine, L, fs, sc, st, err, wt, S):
     sub-scales; st[0] the f16 bits of d; wt float32[256] for sym_refine;
     S float32[9, 256] for make_qx16; err unused.
     """
-    max_scale = F0
-    max_abs = F0
     make_qx16(x, L, fs, S)
-    for ib in range(16):
-        s = fs[ib]
-        if abs(s) > max_abs:
-            max_abs = abs(s)
-            max_scale = s
-    if max_abs < GROUP_MAX_EPS:
+    if not q6k_subscales(fs, sc, st):
         for i in range(210):
             out[i] = 0
         return
-    iscale = np.float32(-128.0) / max_scale
-    st[0] = f32_to_f16(F1 / iscale)
-    for ib in range(16):
-        sc[ib] = min(127, nearest(iscale * fs[ib]))
     D = f16_to_f32(st[0])
     if refine:
         sym_refine(x, 16, 16, -32, 31, -128, 127, st, sc, L, wt)
@@ -140,6 +138,33 @@ def block_q6k(x, out, refine, L, fs, sc, st, err, wt, S):
             continue
         for i in range(16):
             L[16 * j + i] = rint_clamp(x[16 * j + i] / dl, -32, 31) + 32
+    pack_q6k(L, sc, st, out)
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def q6k_subscales(fs, sc, st):
+    """q6_K's 8-bit sub-scales sc[0:16] and the f16 bits of d (st[0]) from the float
+    sub-scales fs[0:16]; False when all are below GROUP_MAX_EPS (an all-zero block)."""
+    max_scale = F0
+    max_abs = F0
+    for ib in range(16):
+        s = fs[ib]
+        if abs(s) > max_abs:
+            max_abs = abs(s)
+            max_scale = s
+    if max_abs < GROUP_MAX_EPS:
+        return False
+    iscale = np.float32(-128.0) / max_scale
+    st[0] = f32_to_f16(F1 / iscale)
+    for ib in range(16):
+        sc[ib] = min(127, nearest(iscale * fs[ib]))
+    return True
+
+
+@njit(nogil=True, cache=True)
+def pack_q6k(L, sc, st, out):
+    """q6_K bytes into out: codes + 32 L[0:256], 8-bit sub-scales sc[0:16], f16 bits of d
+    st[0]."""
     for h in range(2):
         for l in range(32):
             b = 128 * h + l
@@ -193,6 +218,13 @@ def block_q3k(x, out, refine, L, fs, sc, st, err, wt, A):
         idl = F1 / dl
         for i in range(16):
             L[16 * j + i] = rint_clamp(x[16 * j + i] * idl, -4, 3) + 4
+    pack_q3k(L, sc, st, out)
+
+
+@njit(nogil=True, cache=True)
+def pack_q3k(L, sc, st, out):
+    """q3_K bytes into out: codes + 4 L[0:256], 6-bit signed sub-scales sc[0:16], f16 bits
+    of d st[0]."""
     for i in range(96, 108):
         out[i] = 0
     for j in range(16):
@@ -267,6 +299,13 @@ def block_q2k(x, out, refine, L, A, fs, fm, sc, mi, st, err, wt):
         ml = Dm * np.float32(mi[j])
         for i in range(16):
             L[16 * j + i] = rint_clamp((x[16 * j + i] + ml) / dl, 0, 3)
+    pack_q2k(L, sc, mi, st, out)
+
+
+@njit(nogil=True, cache=True)
+def pack_q2k(L, sc, mi, st, out):
+    """q2_K bytes into out: codes L[0:256], 4-bit sub-scales sc[0:16] and sub-mins
+    mi[0:16], f16 bits of d and dmin st[0:2]."""
     for j in range(16):
         out[j] = sc[j] | (mi[j] << 4)
     for h in range(2):

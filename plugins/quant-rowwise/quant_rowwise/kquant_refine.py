@@ -4,7 +4,9 @@ For q4_K/q5_K/q2_K (affine: value = d*sc*q - dmin*m) a least-squares refit of th
 super-scales and +-1 steps of each sub-scale and sub-min; for q3_K/q6_K (symmetric:
 value = d*sc*q) the integer sub-scale nearest each sub-block's least-squares optimum. A
 change is kept only when it lowers that (sub-)block's squared error, weighted as
-llama.cpp's own search weighs it.
+llama.cpp's own search weighs it: ``affine_refine`` / ``sym_refine`` with its weights for
+the type without an importance matrix, ``affine_refine_w`` / ``sym_refine_w`` with the
+weights the caller gives (an importance matrix's).
 """
 from __future__ import annotations
 
@@ -63,8 +65,6 @@ def affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters, wt):
     sub-block's weighted squared error now, [nsub:2*nsub] the same under a candidate
     (d, dmin); wt: float32[nsub*sub] scratch, each value's weight.
     """
-    D = f16_to_f32(st[0])
-    Dm = f16_to_f32(st[1])
     # llama.cpp's importance weights for this type (what its own search minimises), so a
     # change is kept only when it helps by llama.cpp's measure too: q4_K/q5_K weigh each
     # value by the sub-block's RMS plus |x|, q2_K by |x|.
@@ -76,6 +76,15 @@ def affine_refine(x, nsub, sub, nmax, smax, st, sc, mi, err, iters, wt):
             av = np.float32(np.sqrt(av / np.float32(sub)))
         for i in range(sub):
             wt[j * sub + i] = av + abs(x[j * sub + i])
+    affine_refine_w(x, nsub, sub, nmax, smax, st, sc, mi, err, iters, wt)
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def affine_refine_w(x, nsub, sub, nmax, smax, st, sc, mi, err, iters, wt):
+    """affine_refine with the caller's weights: wt[0:nsub*sub] (in) weighs each value's
+    squared error (an importance matrix's, say); the other arguments as affine_refine's."""
+    D = f16_to_f32(st[0])
+    Dm = f16_to_f32(st[1])
     total = 0.0
     for j in range(nsub):
         err[j] = _affine_sse(x, wt, j * sub, sub, D * np.float32(sc[j]), Dm * np.float32(mi[j]), nmax)
@@ -162,14 +171,23 @@ def sym_refine(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L, wt):
     (in); sc: int32[nsub] sub-scales (in/out); L: int32[nsub*sub] codes (out);
     wt: float32[nsub*sub] scratch, each value's weight.
     """
+    if f16_to_f32(st[0]) == F0:
+        return
+    # llama.cpp's weights for q3_K/q6_K (x squared), as its own scale search uses
+    for i in range(nsub * sub):
+        wt[i] = x[i] * x[i]
+    sym_refine_w(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L, wt)
+
+
+@njit(nogil=True, cache=True, fastmath=FM)
+def sym_refine_w(x, nsub, sub, qlo, qhi, slo, shi, st, sc, L, wt):
+    """sym_refine with the caller's weights: wt[0:nsub*sub] (in) weighs each value's
+    squared error; the other arguments as sym_refine's."""
     D = f16_to_f32(st[0])
     if D == F0:
         return
     flo = np.float32(qlo)
     fhi = np.float32(qhi)
-    # llama.cpp's weights for q3_K/q6_K (x squared), as its own scale search uses
-    for i in range(nsub * sub):
-        wt[i] = x[i] * x[i]
     for j in range(nsub):
         o = j * sub
         dl = D * np.float32(sc[j])

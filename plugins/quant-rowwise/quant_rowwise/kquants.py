@@ -16,13 +16,19 @@ per type is in docs/benchmarks.md). Two departures lower the error further:
 - q2_k's scale search ranks candidates by weighted squared error instead of llama.cpp's
   weighted absolute error (the target here is RMSE; it is also faster).
 
+With an importance matrix (``options["weights"]``: float32, one per column) each block is
+coded as llama.cpp's ``quantize_row_qN_K_impl`` codes it with ``quant_weights``
+(``kquant_wsearch``, ``kquant_wpack``), then refined as above, weighted by the same
+importance-times-spread weights the search uses.
+
 Input is read as raw bits (f32 as uint32, f16 and bf16 as uint16) and widened one
 block at a time inside the kernel, so large tensors are never copied to f32.
 
 The Numba kernels live beside this module, one concern each: ``kquant_bits`` (f16 bits,
 rounding, widening input), ``kquant_search`` (llama.cpp's searches), ``kquant_refine``
 (the refinement), ``kquant_pack`` (the per-type block packers and their row
-drivers) and ``kquant_dequant``. They are imported on first use, so importing this module
+drivers), ``kquant_wsearch`` and ``kquant_wpack`` (the same with an importance matrix) and
+``kquant_dequant``. They are imported on first use, so importing this module
 (as registering the schemes does) does not import numba; they and this module take
 ``QK_K`` from the leaf ``_qk``.
 """
@@ -36,6 +42,7 @@ import convcore
 
 from ._input import faulted_empty
 from ._qk import QK_K  # re-exported: kquants.QK_K
+from .kquant_importance import importance
 
 TYPE_SIZE = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 BITS = {name: size * 8 / QK_K for name, size in TYPE_SIZE.items()}
@@ -52,17 +59,18 @@ _F16_LUT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).
 _NO_LUT = np.zeros(1, np.uint32)
 
 
-def _bits_2d(array: np.ndarray, name: str) -> tuple[np.ndarray, int, np.ndarray]:
+def _bits_2d(array: np.ndarray, name: str, block: int = QK_K) -> tuple[np.ndarray, int, np.ndarray]:
     """A read-only 2-D uint16 view of the raw bits of ``array`` (no f32 copy), the widening
     mode and its table: 0 f32 (two uint16 per value), 1 f16 (through a table), 2 bf16.
-    One array type for every input, so each row driver is compiled once."""
+    One array type for every input, so each row driver is compiled once. Rows must hold
+    a whole number of ``block`` values."""
     arr = np.asarray(array)
     if arr.ndim == 0:
         raise KQuantError(f"{name}: expected an array with a last axis, found a scalar")
     n = arr.shape[-1]
-    if n == 0 or n % QK_K:
+    if n == 0 or n % block:
         raise KQuantError(
-            f"{name}: row length must be a multiple of {QK_K}, found {n} (shape {arr.shape})")
+            f"{name}: row length must be a multiple of {block}, found {n} (shape {arr.shape})")
     kind = convcore.dtype_name(arr.dtype) if arr.dtype.kind in "fV" else str(arr.dtype)
     if kind not in ("f32", "f16", "bf16"):
         raise KQuantError(f"{name}: expected f32, f16 or bf16 input, found {arr.dtype}")
@@ -72,29 +80,40 @@ def _bits_2d(array: np.ndarray, name: str) -> tuple[np.ndarray, int, np.ndarray]
     return bits, {"f32": 0, "f16": 1, "bf16": 2}[kind], _F16_LUT if kind == "f16" else _NO_LUT
 
 
-def quantize_kquant(array: np.ndarray, name: str, refine: bool = True) -> dict[str, np.ndarray]:
-    """Quantize ``array`` (last axis = rows of 256k weights) to ggml ``name`` blocks.
+def quantize_kquant(array: np.ndarray, name: str, refine: bool = True,
+                    weights: Any = None) -> dict[str, np.ndarray]:
+    """Quantize ``array`` (last axis = rows of 256k weights) to ggml ``name`` blocks, guided
+    by ``weights`` (the importance of each column, shape ``(row_length,)``) when given.
 
     :returns: ``{"blocks": uint8 array of shape (*shape[:-1], row_blocks * type_size)}``.
-    :raises KQuantError: (a ValueError) on a bad row length, dtype, NaN or Inf.
+    :raises KQuantError: (a ValueError) on a bad row length, dtype, NaN or Inf, or weights
+        of another shape than ``(row_length,)``, non-finite or negative.
     """
-    from . import kquant_pack
     from ._compile import ensure
     from ._threads import run_split
 
     bits, mode, lut = _bits_2d(array, name)
     shape = np.shape(array)
+    qw = None if weights is None else importance(weights, shape[-1], name, KQuantError)
     nb = shape[-1] // QK_K
     out = faulted_empty((bits.shape[0], nb * TYPE_SIZE[name]), np.uint8)
     total = bits.shape[0] * nb
     if total:
-        ensure([name])
+        ensure([name], (qw is not None,))
         kind = _KIND[name]
-        if kind in (4, 5):
-            kernel, args = kquant_pack.rows_q45k, (bits, mode, lut, 15 if kind == 4 else 31)
+        if qw is None:
+            from . import kquant_pack as kp
+
+            drivers, head = (kp.rows_q2k, kp.rows_q3k, kp.rows_q45k, kp.rows_q6k), (bits, mode, lut)
         else:
-            kernel = {2: kquant_pack.rows_q2k, 3: kquant_pack.rows_q3k, 6: kquant_pack.rows_q6k}[kind]
-            args = (bits, mode, lut)
+            from . import kquant_wpack as kp
+
+            drivers = (kp.rows_q2k_w, kp.rows_q3k_w, kp.rows_q45k_w, kp.rows_q6k_w)
+            head = (bits, mode, lut, qw)
+        if kind in (4, 5):
+            kernel, args = drivers[2], (*head, 15 if kind == 4 else 31)
+        else:
+            kernel, args = drivers[{2: 0, 3: 1, 6: 3}[kind]], head
         bad = run_split(kernel, (*args, refine, out), total)
         if bad:
             raise KQuantError(f"{name}: NaN or Inf in input ({bad} of {total} blocks)")
@@ -140,8 +159,9 @@ def dequantize_kquant(data: dict[str, np.ndarray], shape: tuple[int, ...], name:
 
 
 def prepare(names: list[str], dtypes: list[str]) -> None:
-    """Scheme.prepare of the k-quants: their row drivers compiled side by side, or loaded
-    from the kernel cache (one compiled driver serves every input dtype)."""
+    """Scheme.prepare of the k-quants: their row drivers, without and with an importance
+    matrix, compiled side by side, or loaded from the kernel cache (one compiled driver
+    serves every input dtype)."""
     from ._compile import ensure
 
     ensure(names)
@@ -149,7 +169,7 @@ def prepare(names: list[str], dtypes: list[str]) -> None:
 
 def _scheme(name: str) -> convcore.Scheme:
     def quantize(array: np.ndarray, options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-        return quantize_kquant(array, name)
+        return quantize_kquant(array, name, weights=(options or {}).get("weights"))
 
     def dequantize(data: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         return dequantize_kquant(data, shape, name)
@@ -159,7 +179,8 @@ def _scheme(name: str) -> convcore.Scheme:
             return dequantize_kquant(data, shape, name, dtype)
         return convcore.cast(dequantize_kquant(data, shape, name), dtype)
 
-    quantize.__doc__ = f"{name} blocks ({TYPE_SIZE[name]} B per 256 weights) of an f32/f16/bf16 array."
+    quantize.__doc__ = (f"{name} blocks ({TYPE_SIZE[name]} B per 256 weights) of an f32/f16/bf16 "
+                        "array; options[\"weights\"]: importance per column (an imatrix's).")
     dequantize.__doc__ = f"float32 values of {name} blocks, as gguf.quants.dequantize gives them."
     def layout(shape: tuple[int, ...], dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {"blocks": ("u8", (*shape[:-1], shape[-1] // QK_K * TYPE_SIZE[name]))}

@@ -12,6 +12,10 @@ is a zero met with both signs, the min's f16 sign is that of the first zero (as 
 keeps it); numpy's SIMD min keeps whichever its lane order gives, which varies by CPU.
 The dequantized values are the same either way.
 
+With an importance matrix (``weights``, one per column) q4_0 q4_1 q5_0 q5_1 are coded by
+llama.cpp's importance-aware searches instead (``legacy_imatrix``); q8_0 ignores it, as
+llama.cpp's does.
+
 Payload: ``{"blocks": uint8 (*shape[:-1], row_length // 32 * type_size)}``.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from numba import njit, prange
 from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
 from ._bits import bits_from_f32, f32_from_bits
 from ._input import as_rows, f32_slices, faulted_empty
+from .kquant_importance import importance
 
 QK = 32
 TYPE_SIZE = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}
@@ -250,8 +255,22 @@ def _quantize_blocks(kind: str, x: np.ndarray, out: np.ndarray, flags: np.ndarra
         fix(x, xi, out)
 
 
-def quantize(kind: str, array: np.ndarray) -> dict[str, np.ndarray]:
+def quantize(kind: str, array: np.ndarray, weights=None,
+             refine: bool = True) -> dict[str, np.ndarray]:
+    """``kind`` blocks of ``array`` (f32/f16/bf16, rows of a multiple of 32 values); with
+    ``weights`` (importance per column, shape ``(row_length,)``) q4_0..q5_1 use llama.cpp's
+    importance-aware search (``refine``: then lowered further, see legacy_imatrix).
+
+    :raises ValueError: on NaN or Inf, a bad row length or dtype, weights of another shape
+        than ``(row_length,)`` or non-finite or negative ones.
+    """
     rows = as_rows(array, QK)
+    if weights is not None:
+        qw = importance(weights, rows.shape[1], kind)
+        if kind != "q8_0":
+            from .legacy_imatrix import quantize as quantize_weighted
+
+            return {"blocks": quantize_weighted(kind, array, qw, refine)}
     size = TYPE_SIZE[kind]
     row_bytes = rows.shape[1] // QK * size
     out = faulted_empty((rows.shape[0], row_bytes), np.uint8)
