@@ -299,3 +299,21 @@ def test_broken_registry_is_refused(first, tmp_path, edit, message):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {bad}: not a valid model registry") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_model_imatrix_goes_to_the_targets_that_take_one(tmp_path):
+    """A [[model]]'s `imatrix` (relative to the jobs file) reaches its gguf jobs as the
+    writer's imatrix option, and not formats without one; a target's own option wins."""
+    from convcore_fleet.jobs import read_plan
+
+    (tmp_path / "jobs.toml").write_text(
+        '[[model]]\nid = "a"\nsource = "m"\nimatrix = "m.imatrix.gguf"\n'
+        '[[model]]\nid = "b"\nsource = "m"\n'
+        '[[target]]\nto = "gguf"\nquant = ["q4_k_m", "q8_0"]\n'
+        '[[target]]\nto = "gguf"\nquant = "iq4_xs"\nmodels = ["a"]\noptions = { imatrix = "own.gguf" }\n'
+        '[[target]]\nto = "mlx"\nquant = "int4-g64"\n')
+    plan = read_plan(tmp_path / "jobs.toml", get_registry())
+    options = {j.id: j.options for j in plan.jobs}
+    assert options["a/gguf-q4_k_m"] == options["a/gguf-q8_0"] == {"imatrix": str(tmp_path / "m.imatrix.gguf")}
+    assert options["a/gguf-iq4_xs"] == {"imatrix": "own.gguf"}
+    assert options["b/gguf-q4_k_m"] == {} and options["a/mlx-int4-g64"] == {}

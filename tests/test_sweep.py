@@ -208,3 +208,34 @@ def test_reports_without_matplotlib(tmp_path: Path, monkeypatch) -> None:
     assert data["source_tokens_per_s"] is None and "plot_error" not in data
     md = (tmp_path / "sweep.md").read_text()
     assert "pip install 'convcore-sweep[plot]'" in md and "| q9_z |" in md
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_sweep_imatrix_runs_each_type_without_and_with(src: Path, tmp_path: Path) -> None:
+    """--imatrix: every type twice, `<type>` and `<type>+imatrix`, the second made with the
+    matrix (recorded in its output); a format without an imatrix option is refused."""
+    pytest.importorskip("llama_cpp")
+    import gguf
+    import numpy as np
+
+    from conv_gguf.imatrix import Imatrix, write_imatrix
+
+    rng = np.random.default_rng(0)
+    widths = {"attn_q": 256, "attn_k": 256, "attn_v": 256, "attn_output": 256, "ffn_gate": 256,
+              "ffn_up": 256, "ffn_down": 512}
+    names = [f"blk.{i}.{n}.weight" for i in range(2) for n in widths]
+    matrix = tmp_path / "m.imatrix.gguf"
+    write_imatrix(matrix, Imatrix(
+        sums={n: rng.gamma(0.5, size=(1, widths[n.split(".")[2]])).astype(np.float32) * 64 for n in names},
+        counts={n: np.array([64], np.float32) for n in names}, datasets=["t"], chunk_count=1, chunk_size=64))
+    result = sweeping.sweep(src, "gguf", ["q4_k_m"], tmp_path / "s", ctx=64, limit=128, gen_tokens=4,
+                            imatrix=matrix)
+    jobs = {j["quant"]: j for j in result["jobs"]}
+    assert set(jobs) == {"q4_k_m", "q4_k_m+imatrix"}
+    assert all(j["error"] is None for j in jobs.values()), jobs
+    assert jobs["q4_k_m"]["imatrix"] is None and jobs["q4_k_m+imatrix"]["imatrix"] == str(matrix)
+    fields = gguf.GGUFReader(jobs["q4_k_m+imatrix"]["path"]).fields
+    assert fields["quantize.imatrix.file"].contents() == str(matrix)
+    with pytest.raises(ConvcoreError, match="format mlx takes no importance matrix"):
+        sweeping.sweep(src, "mlx", ["int4-g64"], tmp_path / "t", imatrix=matrix)
