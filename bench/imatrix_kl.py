@@ -91,7 +91,7 @@ def main() -> None:
     def cells(j: dict | None) -> str:
         if j is None or j["error"]:
             return "| – | " + ((j or {}).get("error") or "–")[:40] + " | – | – "
-        return (f"| {j['size_bytes'] / 1024:.0f} | {j['kl_mean']:.4f} | {j['ppl']:.3f} "
+        return (f"| {j['size_bytes'] / 1024:.0f} | {j['kl_mean']:.4g} | {j['ppl']:.3f} "
                 f"| {j['top1_agreement']:.3f} ")
 
     for q in args.quant.split(","):

@@ -210,7 +210,7 @@ def test_reports_without_matplotlib(tmp_path: Path, monkeypatch) -> None:
     assert "pip install 'convcore-sweep[plot]'" in md and "| q9_z |" in md
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.llamacpp
 def test_sweep_imatrix_runs_each_type_without_and_with(src: Path, tmp_path: Path) -> None:
     """--imatrix: every type twice, `<type>` and `<type>+imatrix`, the second made with the

@@ -110,7 +110,8 @@ def test_iq_mixes_without_imatrix_match_llama_quantize(quant, source, f32, gguf_
         {n: t for n, (t, _, _) in _tensors(theirs).items()}
 
 
-@pytest.mark.parametrize("quant", ["iq2_xxs", "iq1_s", "iq3_xxs"])
+@pytest.mark.parametrize("quant", ["iq2_xxs", pytest.param("iq1_s", marks=pytest.mark.full),
+                                   pytest.param("iq3_xxs", marks=pytest.mark.full)])
 def test_types_needing_an_imatrix_are_refused_without(quant, source, run_cli, tmp_path):
     out = tmp_path / "o.gguf"
     result = run_cli("run", str(source), "--to", "gguf", "--quant", quant, "-o", str(out), "-q")
@@ -120,6 +121,7 @@ def test_types_needing_an_imatrix_are_refused_without(quant, source, run_cli, tm
     assert not out.exists()
 
 
+@pytest.mark.full
 def test_imatrix_lowers_weighted_error(source, f32, matrix, gguf_dir):
     """q4_k_m with the matrix: every quantized tensor's importance-weighted error at most
     the same tensor's without it, the total clearly lower."""

@@ -163,7 +163,7 @@ def test_roundtrip_and_expert_rows(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "not an importance matrix"),
+    pytest.param(b"", "not an importance matrix", marks=pytest.mark.full),
     (b"\x05\x00\x00\x00abc", "not an importance matrix"),
 ])
 def test_broken_imatrix_is_one_line(tmp_path, content, message, run_cli, llama):
@@ -178,6 +178,7 @@ def test_broken_imatrix_is_one_line(tmp_path, content, message, run_cli, llama):
     assert not out.exists() and bad.read_bytes() == content
 
 
+@pytest.mark.full
 def test_model_gguf_is_not_an_imatrix(tmp_path, run_cli, llama):
     model = tmp_path / "model.gguf"
     assert run_cli("run", str(llama), "--to", "gguf", "-o", str(model), "-q").returncode == 0
@@ -187,6 +188,7 @@ def test_model_gguf_is_not_an_imatrix(tmp_path, run_cli, llama):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.full
 def test_imatrix_of_another_model_is_refused(tmp_path, run_cli, made):
     other = tiny_model("llama", layers=2, hidden=128, heads=2, kv_heads=1, ffn=256)
     result = run_cli("run", str(other), "--to", "gguf", "--quant", "q4_k_m", "--imatrix", str(made),
@@ -204,6 +206,7 @@ def test_short_text_is_one_line(tmp_path, run_cli, llama):
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.full
 def test_moe_imatrix_has_a_row_per_expert(tmp_path):
     """A stack of experts: one row per expert, each summing only the tokens routed to it
     (counts add up to tokens x experts per token), the down projection's input being
