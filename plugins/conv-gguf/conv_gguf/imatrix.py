@@ -169,7 +169,7 @@ def _read_dat(path: Path) -> Imatrix:
 
 
 def importance_for(imatrix: Imatrix | None, name: str, shape: tuple[int, ...], gtype: gguf.GGMLQuantizationType,
-                   n_mat: int, source: object, notes: list[str]) -> np.ndarray | None:
+                   n_mat: int, source: object, notes: list[str], quant: str | None = None) -> np.ndarray | None:
     """The importance the quantizer of tensor ``name`` gets, as llama-quantize finds it: None
     for float types and tensors without an entry; an entry of another size is an error
     (except for token_embd, which llama.cpp quantizes without it). A type llama.cpp makes only
@@ -187,7 +187,9 @@ def importance_for(imatrix: Imatrix | None, name: str, shape: tuple[int, ...], g
         notes.append(f"{name}: the importance matrix does not fit it ({found.size} values); "
                      "quantized without")
         found = None
-    if found is None and gtype in NEEDS_IMATRIX and name not in (
+    # (q2_K needs one only in llama.cpp's q2_k_s mix)
+    needs = gtype in NEEDS_IMATRIX or (gtype == T.Q2_K and quant == "q2_k_s")
+    if found is None and needs and name not in (
             "token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
         where = f"{source} has no entry for it" if imatrix is not None else "none was given"
         raise ConvcoreError(f"{name}: {gtype.name.lower()} needs an importance matrix and {where}; "

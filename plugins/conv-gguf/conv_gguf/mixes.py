@@ -18,7 +18,7 @@ F = gguf.LlamaFileType
 # --quant name -> (llama file type, default tensor type)
 FILE_TYPES: dict[str, tuple[F, T]] = {
     "f32": (F.ALL_F32, T.F32), "f16": (F.MOSTLY_F16, T.F16), "bf16": (F.MOSTLY_BF16, T.BF16),
-    "q8_0": (F.MOSTLY_Q8_0, T.Q8_0), "q4_0": (F.MOSTLY_Q4_0, T.Q4_0),
+    "q8_0": (F.MOSTLY_Q8_0, T.Q8_0), "q4_0": (F.MOSTLY_Q4_0, T.Q4_0), "q2_k_s": (F.MOSTLY_Q2_K_S, T.Q2_K),
     "q4_1": (F.MOSTLY_Q4_1, T.Q4_1), "q5_0": (F.MOSTLY_Q5_0, T.Q5_0),
     "q5_1": (F.MOSTLY_Q5_1, T.Q5_1), "q2_k": (F.MOSTLY_Q2_K, T.Q2_K),
     "q3_k_s": (F.MOSTLY_Q3_K_S, T.Q3_K), "q3_k_m": (F.MOSTLY_Q3_K_M, T.Q3_K),
@@ -52,6 +52,7 @@ NEEDS_IMATRIX = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S)
 # ffn_down type by file type, as a function of (layer, n_layers, use_more_bits)
 FFN_DOWN = {
     "q2_k": lambda i, n, more: T.Q3_K,
+    "q2_k_s": lambda i, n, more: T.Q4_K if i < n // 8 else None,
     "q3_k_m": lambda i, n, more: T.Q5_K if i < n // 16 else T.Q4_K,
     "q3_k_l": lambda i, n, more: T.Q5_K,
     "q4_k_m": lambda i, n, more: T.Q6_K if more else None,
@@ -173,6 +174,8 @@ def _mix_type(state: MixState, ftype: str, name: str, ncols: int, default: T) ->
         i, n = state.i_attention_wv, state.n_attention_wv
         if ftype == "q2_k":
             new = T.Q4_K if n_gqa >= 4 else T.Q3_K
+        elif ftype == "q2_k_s" and n_gqa >= 4:
+            new = T.Q4_K
         elif ftype == "iq3_xxs":
             new = T.Q4_K if n_gqa >= 4 else (T.IQ3_XXS if state.has_imatrix else T.IQ3_S)
         elif ftype in ("iq3_xs", "iq3_s") and n_gqa >= 4:

@@ -152,7 +152,8 @@ def plan(model: Model, options: dict[str, Any], imatrix: Imatrix | None = None
         planned.append(Planned(name, tuple(ref.shape), gtype, ref,
                                None if ref.parts else archs.transform(spec, config, name),
                                importance_for(imatrix, name, tuple(ref.shape), gtype,
-                                              len(ref.parts) or 1, options.get("imatrix"), notes)))
+                                              len(ref.parts) or 1, options.get("imatrix"), notes,
+                                              quant)))
     return spec, planned, notes
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.llamacpp
 TEXT = Path(__file__).resolve().parents[3] / "convcore" / "data" / "eval.txt"
 # file types llama.cpp makes without an importance matrix, and those it needs one for
 WITHOUT = ["iq4_nl", "iq4_xs", "iq3_s", "iq3_m"]
-WITH = ["q4_0", "q5_0", "q2_k", "q4_k_m", "iq4_xs", "iq3_xxs", "iq3_xs", "iq2_m", "iq2_s",
+WITH = ["q4_0", "q5_0", "q2_k", "q2_k_s", "q4_k_m", "iq4_xs", "iq3_xxs", "iq3_xs", "iq2_m", "iq2_s",
         "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"]
 SAMPLE = {"q4_k_m", "iq4_xs", "iq2_xxs"}   # make test; the rest in test-full
 
@@ -111,6 +111,7 @@ def test_iq_mixes_without_imatrix_match_llama_quantize(quant, source, f32, gguf_
 
 
 @pytest.mark.parametrize("quant", ["iq2_xxs", pytest.param("iq1_s", marks=pytest.mark.full),
+                                   pytest.param("q2_k_s", marks=pytest.mark.full),
                                    pytest.param("iq3_xxs", marks=pytest.mark.full)])
 def test_types_needing_an_imatrix_are_refused_without(quant, source, run_cli, tmp_path):
     out = tmp_path / "o.gguf"
