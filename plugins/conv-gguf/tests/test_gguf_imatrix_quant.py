@@ -143,3 +143,16 @@ def test_imatrix_lowers_weighted_error(source, f32, matrix, gguf_dir):
         assert e1 <= e0 * 1.001, name
         before, after = before + e0, after + e1
     assert after < 0.99 * before
+
+
+@pytest.mark.parametrize("quant, shape, want", [
+    ("iq2_xxs", (64, 320), T.IQ4_NL),   # 256-blocks fall back to iq4_nl, as llama.cpp's do
+    ("iq4_xs", (64, 96), T.IQ4_NL),
+    ("iq3_s", (64, 48), T.F16),         # not even a block of 32: f16
+    ("iq4_nl", (64, 48), T.F16),
+])
+def test_rows_not_a_multiple_of_the_block_fall_back_and_say_so(quant, shape, want):
+    from conv_gguf import mixes
+    notes: list[str] = []
+    got = mixes.choose_type(None, quant, "blk.0.ffn_up.weight", shape, T.F16, notes)
+    assert got == want and len(notes) == 1 and f"falling back to {want.name.lower()}" in notes[0]
