@@ -18,9 +18,10 @@ F = gguf.LlamaFileType
 # --quant name -> (llama file type, default tensor type)
 FILE_TYPES: dict[str, tuple[F, T]] = {
     "f32": (F.ALL_F32, T.F32), "f16": (F.MOSTLY_F16, T.F16), "bf16": (F.MOSTLY_BF16, T.BF16),
-    "q8_0": (F.MOSTLY_Q8_0, T.Q8_0), "q4_0": (F.MOSTLY_Q4_0, T.Q4_0), "q2_k_s": (F.MOSTLY_Q2_K_S, T.Q2_K),
+    "q8_0": (F.MOSTLY_Q8_0, T.Q8_0), "q4_0": (F.MOSTLY_Q4_0, T.Q4_0),
     "q4_1": (F.MOSTLY_Q4_1, T.Q4_1), "q5_0": (F.MOSTLY_Q5_0, T.Q5_0),
     "q5_1": (F.MOSTLY_Q5_1, T.Q5_1), "q2_k": (F.MOSTLY_Q2_K, T.Q2_K),
+    "q2_k_s": (F.MOSTLY_Q2_K_S, T.Q2_K),
     "q3_k_s": (F.MOSTLY_Q3_K_S, T.Q3_K), "q3_k_m": (F.MOSTLY_Q3_K_M, T.Q3_K),
     "q3_k_l": (F.MOSTLY_Q3_K_L, T.Q3_K), "q4_k_s": (F.MOSTLY_Q4_K_S, T.Q4_K),
     "q4_k_m": (F.MOSTLY_Q4_K_M, T.Q4_K), "q5_k_s": (F.MOSTLY_Q5_K_S, T.Q5_K),
