@@ -84,6 +84,8 @@ def _schemes() -> list[convcore.Scheme]:
                 k, a, (o or {}).get("weights")),
             dequantize=lambda d, s, k=kind: _kernels("legacy").dequantize(k, d, s),
             layout=_legacy_layout(size),
+            # one prepare with the k-quants': warmup compiles all the GGUF kernels side by side
+            prepare=kquants.prepare,
             description=f"GGUF {kind.upper()}: blocks of 32, bit-exact with ggml's reference"))
     out.extend(kquants.SCHEMES)  # kquants imports its kernels (and numba) on first use
     out.extend(iquants.SCHEMES)  # likewise

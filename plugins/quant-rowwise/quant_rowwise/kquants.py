@@ -159,9 +159,9 @@ def dequantize_kquant(data: dict[str, np.ndarray], shape: tuple[int, ...], name:
 
 
 def prepare(names: list[str], dtypes: list[str]) -> None:
-    """Scheme.prepare of the k-quants: their row drivers, without and with an importance
-    matrix, compiled side by side, or loaded from the kernel cache (one compiled driver
-    serves every input dtype)."""
+    """Scheme.prepare of the GGUF block schemes (legacy and k-quants): their row drivers,
+    without and with an importance matrix, compiled side by side, or loaded from the kernel
+    cache (one compiled driver serves every input dtype)."""
     from ._compile import ensure
 
     ensure(names)

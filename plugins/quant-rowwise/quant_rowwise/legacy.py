@@ -25,6 +25,7 @@ from numba import njit, prange
 
 from . import _cache  # noqa: F401  (the kernel cache, before any @njit here)
 from ._bits import bits_from_f32, f32_from_bits
+from ._compile import ensure
 from ._input import as_rows, f32_slices, faulted_empty
 from .kquant_importance import importance
 
@@ -91,7 +92,9 @@ def _store_f16(ob, o, value):
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _q8_0(x, xi, out, bad):
+def blocks_q8_0(x, xi, out, flags):
+    """q8_0 blocks of the float32 blocks ``x`` (``xi``: their bits) into ``out`` (int8
+    rows of 34); flags[0] = 1 on NaN or Inf."""
     for b in prange(x.shape[0]):
         xb = x[b]
         ib = xi[b]
@@ -99,7 +102,7 @@ def _q8_0(x, xi, out, bad):
         mp, mn = _magnitudes(ib)
         m = max(mp, mn)  # no sign needed: q8_0's d is |x|max / 127
         if m >= EXP_ALL:
-            bad[0] = 1
+            flags[0] = 1
         d = f32_from_bits(np.uint32(m)) / np.float32(127.0)
         idv = F1 / d if d != F0 else F0
         _store_f16(ob, 0, d)
@@ -109,68 +112,66 @@ def _q8_0(x, xi, out, bad):
             ob[2 + j] = np.int8(-r if n < F0 else r)
 
 
-def _make_writer(q5: bool, has_min: bool):
-    """The writer of one q4/q5 block's codes, given 1/d and the offset added before
-    truncation (with the block's min already subtracted for q4_1/q5_1): low nibbles of
+# The q4/q5 kernels take the width as an argument (q5: False for q4_0/q4_1), so one
+# compiled kernel serves both. All kernels are module-level functions that close over
+# nothing: Numba keys a closure's cache entry on its closed-over values, and a kernel
+# closed over other kernels gets a new key in every process, so it never loads from the
+# cache.
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _write(xb, ob, o, lo, idv, offset, q5):
+    """One q4/q5 block's codes at ob[o:], given 1/d and the offset added before
+    truncation (with the block's min ``lo`` subtracted for q4_1/q5_1): low nibbles of
     values j and j+16 share a byte; q5's fifth bits go to the 4 bytes before them."""
-    qmax = 31 if q5 else 15
-    fq = np.float32(qmax)
-    o = (8 if has_min else 6) if q5 else (4 if has_min else 2)
-
-    @njit(nogil=True, cache=True, inline="always")
-    def write(xb, ob, lo, idv, offset):
-        if qmax == 15:
-            for j in range(16):
-                q0 = np.uint8(min(max(np.trunc((xb[j] - lo) * idv + offset), F0), fq))
-                q1 = np.uint8(min(max(np.trunc((xb[j + 16] - lo) * idv + offset), F0), fq))
-                ob[o + j] = q0 | (q1 << np.uint8(4))
-        else:
-            qh = U32(0)
-            for j in range(16):
-                q0 = U32(min(max(np.trunc((xb[j] - lo) * idv + offset), F0), fq))
-                q1 = U32(min(max(np.trunc((xb[j + 16] - lo) * idv + offset), F0), fq))
-                ob[o + j] = np.uint8(U32(q0 & U32(0x0F)) | U32(U32(q1 & U32(0x0F)) << U32(4)))
-                qh |= U32(U32(U32(q0 >> U32(4)) << U32(j)) | U32(U32(q1 >> U32(4)) << U32(j + 16)))
-            for k in range(4):
-                ob[o - 4 + k] = np.uint8(U32(qh >> U32(8 * k)) & U32(0xFF))
-
-    return write
+    if not q5:
+        fq = np.float32(15.0)
+        for j in range(16):
+            q0 = np.uint8(min(max(np.trunc((xb[j] - lo) * idv + offset), F0), fq))
+            q1 = np.uint8(min(max(np.trunc((xb[j + 16] - lo) * idv + offset), F0), fq))
+            ob[o + j] = q0 | (q1 << np.uint8(4))
+    else:
+        fq = np.float32(31.0)
+        qh = U32(0)
+        for j in range(16):
+            q0 = U32(min(max(np.trunc((xb[j] - lo) * idv + offset), F0), fq))
+            q1 = U32(min(max(np.trunc((xb[j + 16] - lo) * idv + offset), F0), fq))
+            ob[o + j] = np.uint8(U32(q0 & U32(0x0F)) | U32(U32(q1 & U32(0x0F)) << U32(4)))
+            qh |= U32(U32(U32(q0 >> U32(4)) << U32(j)) | U32(U32(q1 >> U32(4)) << U32(j + 16)))
+        for k in range(4):
+            ob[o - 4 + k] = np.uint8(U32(qh >> U32(8 * k)) & U32(0xFF))
 
 
 # Blocks whose scale depends on the order the values are met in (a tie for the largest
 # magnitude in q4_0/q5_0, a min or max that is a zero of either sign in q4_1/q5_1) are
-# rare; the main kernels write them as if there were no tie and raise flags[1], and a
-# second, scalar pass rewrites just those blocks the reference's way. Keeping the
+# rare; a kernel's main loop writes them as if there were no tie and raises flags[1], and
+# a second, scalar loop then rewrites just those blocks the reference's way. Keeping the
 # order-dependent search out of the main loop lets LLVM vectorise it.
 
 
-def _make_sym(q5: bool):
-    """The q4_0 or q5_0 kernel: d = (value of largest magnitude, first if tied) / divisor,
-    q = trunc(x * (1/d) + offset). The constants are closed over, so Numba compiles them
-    in rather than reading them as arguments."""
-    divisor = np.float32(-16.0 if q5 else -8.0)
-    offset = np.float32(16.5 if q5 else 8.5)
-    write = _make_writer(q5, has_min=False)
+@njit(nogil=True, cache=True, inline="always")
+def _sym_block(xb, ob, mx, q5):
+    """d = mx / -8 (q5: / -16), q = trunc(x * (1/d) + 8.5 (q5: 16.5))."""
+    d = mx / (np.float32(-16.0) if q5 else np.float32(-8.0))
+    idv = F1 / d if d != F0 else F0
+    _store_f16(ob, 0, d)
+    _write(xb, ob, 6 if q5 else 2, F0, idv, np.float32(16.5) if q5 else np.float32(8.5), q5)
 
-    @njit(nogil=True, cache=True, inline="always")
-    def block(xb, ob, mx):
-        d = mx / divisor
-        idv = F1 / d if d != F0 else F0
-        _store_f16(ob, 0, d)
-        write(xb, ob, F0, idv, offset)
 
-    @njit(nogil=True, cache=True, parallel=True)
-    def kernel(x, xi, out, flags):
-        for b in prange(x.shape[0]):
-            mp, mn = _magnitudes(xi[b])
-            if max(mp, mn) >= EXP_ALL:
-                flags[0] = 1
-            if mp == mn:
-                flags[1] = 1
-            block(x[b], out[b], f32_from_bits(mp) if mp > mn else -f32_from_bits(mn))
-
-    @njit(nogil=True, cache=True, parallel=True)
-    def fix(x, xi, out):
+@njit(nogil=True, cache=True, parallel=True)
+def blocks_sym(x, xi, out, flags, q5):
+    """q4_0 (q5 False) or q5_0 blocks of the float32 blocks ``x`` (``xi``: their bits)
+    into ``out`` (uint8 rows of 18 or 22); d from the value of largest magnitude, the
+    first if tied. flags[0] = 1 on NaN or Inf; flags[1] is the kernel's own (a tie met)."""
+    flags[1] = 0
+    for b in prange(x.shape[0]):
+        mp, mn = _magnitudes(xi[b])
+        if max(mp, mn) >= EXP_ALL:
+            flags[0] = 1
+        if mp == mn:
+            flags[1] = 1
+        _sym_block(x[b], out[b], f32_from_bits(mp) if mp > mn else -f32_from_bits(mn), q5)
+    if flags[1]:
         for b in prange(x.shape[0]):
             ib = xi[b]
             mp, mn = _magnitudes(ib)
@@ -181,50 +182,46 @@ def _make_sym(q5: bool):
                     if U32(ib[j] & ABS) == mp:
                         mx = xb[j]
                         break
-                block(xb, out[b], mx)
-
-    return kernel, fix
+                _sym_block(xb, out[b], mx, q5)
 
 
-def _make_asym(q5: bool):
-    """The q4_1 or q5_1 kernel: d = (max - min) / levels, q = trunc((x - min) * (1/d) + 0.5)
-    (constants closed over, as in _make_sym)."""
-    levels = np.float32(31.0 if q5 else 15.0)
-    write = _make_writer(q5, has_min=True)
+@njit(nogil=True, cache=True, inline="always")
+def _min_block(xb, ob, lo, hi, q5):
+    """d = (max - min) / 15 (q5: / 31), q = trunc((x - min) * (1/d) + 0.5)."""
+    d = (hi - lo) / (np.float32(31.0) if q5 else np.float32(15.0))
+    idv = F1 / d if d != F0 else F0
+    _store_f16(ob, 0, d)
+    _store_f16(ob, 2, lo)
+    _write(xb, ob, 8 if q5 else 4, lo, idv, np.float32(0.5), q5)
 
-    @njit(nogil=True, cache=True, inline="always")
-    def block(xb, ob, lo, hi):
-        d = (hi - lo) / levels
-        idv = F1 / d if d != F0 else F0
-        _store_f16(ob, 0, d)
-        _store_f16(ob, 2, lo)
-        write(xb, ob, lo, idv, np.float32(0.5))
 
-    @njit(nogil=True, cache=True, parallel=True)
-    def kernel(x, xi, out, flags):
-        for b in prange(x.shape[0]):
-            ib = xi[b]
-            # min and max through order-preserving keys: flip the sign bit of non-negative
-            # values and every bit of negative ones; NaN/Inf through the magnitudes' max
-            kmin = ALL
-            kmax = U32(0)
-            m = U32(0)
-            for j in range(QK):
-                v = ib[j]
-                k = U32(v ^ (ALL if v >= SIGN else SIGN))
-                kmin = min(kmin, k)
-                kmax = max(kmax, k)
-                m = max(m, U32(v & ABS))
-            if m >= EXP_ALL:
-                flags[0] = 1
-            if kmin >= ABS and kmin <= SIGN or kmax >= ABS and kmax <= SIGN:
-                flags[1] = 1  # -0 (key 0x7FFFFFFF) or +0 (key 0x80000000)
-            lo = f32_from_bits(U32(kmin ^ (SIGN if kmin >= SIGN else ALL)))
-            hi = f32_from_bits(U32(kmax ^ (SIGN if kmax >= SIGN else ALL)))
-            block(x[b], out[b], lo, hi)
-
-    @njit(nogil=True, cache=True, parallel=True)
-    def fix(x, xi, out):
+@njit(nogil=True, cache=True, parallel=True)
+def blocks_min(x, xi, out, flags, q5):
+    """q4_1 (q5 False) or q5_1 blocks of the float32 blocks ``x`` (``xi``: their bits)
+    into ``out`` (uint8 rows of 20 or 24); flags as blocks_sym's (flags[1]: a min or max
+    that is a zero)."""
+    flags[1] = 0
+    for b in prange(x.shape[0]):
+        ib = xi[b]
+        # min and max through order-preserving keys: flip the sign bit of non-negative
+        # values and every bit of negative ones; NaN/Inf through the magnitudes' max
+        kmin = ALL
+        kmax = U32(0)
+        m = U32(0)
+        for j in range(QK):
+            v = ib[j]
+            k = U32(v ^ (ALL if v >= SIGN else SIGN))
+            kmin = min(kmin, k)
+            kmax = max(kmax, k)
+            m = max(m, U32(v & ABS))
+        if m >= EXP_ALL:
+            flags[0] = 1
+        if kmin >= ABS and kmin <= SIGN or kmax >= ABS and kmax <= SIGN:
+            flags[1] = 1  # -0 (key 0x7FFFFFFF) or +0 (key 0x80000000)
+        lo = f32_from_bits(U32(kmin ^ (SIGN if kmin >= SIGN else ALL)))
+        hi = f32_from_bits(U32(kmax ^ (SIGN if kmax >= SIGN else ALL)))
+        _min_block(x[b], out[b], lo, hi, q5)
+    if flags[1]:
         for b in prange(x.shape[0]):
             xb = x[b]
             lo = xb[0]
@@ -234,25 +231,19 @@ def _make_asym(q5: bool):
                 lo = v if v < lo else lo
                 hi = v if v > hi else hi
             if lo == F0 or hi == F0:
-                block(xb, out[b], lo, hi)
-
-    return kernel, fix
-
-
-_KERNELS = {"q4_0": _make_sym(False), "q5_0": _make_sym(True),
-            "q4_1": _make_asym(False), "q5_1": _make_asym(True)}
+                _min_block(xb, out[b], lo, hi, q5)
 
 
 def _quantize_blocks(kind: str, x: np.ndarray, out: np.ndarray, flags: np.ndarray) -> None:
+    x = x.view()
+    x.flags.writeable = False  # a new view: one kernel type, whatever the caller's array
     xi = x.view(np.uint32)
     if kind == "q8_0":
-        _q8_0(x, xi, out.view(np.int8), flags)
-        return
-    kernel, fix = _KERNELS[kind]
-    flags[1] = 0
-    kernel(x, xi, out, flags)
-    if flags[1]:
-        fix(x, xi, out)
+        blocks_q8_0(x, xi, out.view(np.int8), flags)
+    elif kind in ("q4_0", "q5_0"):
+        blocks_sym(x, xi, out, flags, kind == "q5_0")
+    else:
+        blocks_min(x, xi, out, flags, kind == "q5_1")
 
 
 def quantize(kind: str, array: np.ndarray, weights=None,
@@ -275,6 +266,8 @@ def quantize(kind: str, array: np.ndarray, weights=None,
     row_bytes = rows.shape[1] // QK * size
     out = faulted_empty((rows.shape[0], row_bytes), np.uint8)
     flags = np.zeros(2, np.uint8)  # [NaN or Inf met, a block needs the second pass]
+    if rows.size:
+        ensure([kind], (False,))  # from the kernel cache, or compiled into it first
     for start, part in f32_slices(rows):
         n = len(part)
         _quantize_blocks(kind, part.reshape(-1, QK), out[start:start + n].reshape(-1, size), flags)
