@@ -1,16 +1,17 @@
 """convcore plugin ``parquet``: Hugging Face <-> Parquet weight tables (schemas V1 / V2).
 
-One row per tensor and one row group per tensor, so query engines (duckdb, polars,
-Spark, pyarrow.dataset) read the file as a plain table and a reader fetches one tensor
-without touching the others. V1 stores float tensors as their bytes; V2 (``--quant``)
-adds quantized rows in the per-row and affine schemes of quant-rowwise, used by name
-through the core. Column meanings: :mod:`conv_parquet.schema`; what the key-value
-metadata holds: :mod:`conv_parquet.kv`; reading without convcore's pipeline:
-:class:`WeightLoader`.
+One row per tensor (a tensor over ``chunk_size`` as several rows, in order) and one row
+group per row, so query engines (duckdb, polars, Spark, pyarrow.dataset) read the file
+as a plain table and a reader fetches one tensor without touching the others. V1 stores
+float tensors as their bytes; V2 (``--quant``) adds quantized rows in the per-row and
+affine schemes of quant-rowwise, used by name through the core. Column meanings:
+:mod:`conv_parquet.schema`; what the key-value metadata holds: :mod:`conv_parquet.kv`;
+reading without convcore's pipeline: :class:`WeightLoader`.
 
 Writer options (``-O KEY=VALUE``): ``split_max_size`` (a directory of
-``part-00000.parquet`` files, as Spark names them), ``compression``,
-``compression_level``, ``row_search`` (how the per-row schemes pick scales), ``dry_run``.
+``part-00000.parquet`` files, as Spark names them), ``chunk_size`` (a larger tensor
+becomes several rows), ``compression``, ``compression_level``, ``row_search`` (how the
+per-row schemes pick scales), ``dry_run``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ SCHEMES = ROW_SCHEMES + AFFINE_SCHEMES
 OPTIONS = (
     Option("split_max_size", "size", None,
            "write a directory of part-NNNNN.parquet files of at most this size (e.g. 2G)"),
+    Option("chunk_size", "size", 64 << 20,
+           "store a tensor larger than this as several rows (chunks) of about this size; at most 2G"),
     Option("compression", "choice", "zstd", "codec of every column",
            choices=("zstd", "snappy", "lz4", "gzip", "brotli", "none")),
     Option("compression_level", "int", None, "the codec's level (pyarrow's default when unset)"),

@@ -78,7 +78,8 @@ class WeightLoader(Mapping):
 
     def get_layer(self, name: str) -> Any:
         """Tensor ``name``: reads its row group only (data, and for V2 rows the scales and
-        zero points), dequantizing a quantized row."""
+        zero points), dequantizing a quantized row; a chunked tensor's row groups one at a
+        time, each put in place in the result."""
         array = self._table.tensor(self._row(name))
         return array if self._torch is None else self._to_torch(array)
 
@@ -87,11 +88,13 @@ class WeightLoader(Mapping):
         return {name: self.get_layer(name) for name in self}
 
     def info(self, name: str) -> dict[str, Any]:
-        """What the small columns say about ``name`` (nothing else is read)."""
+        """What the small columns say about ``name`` (nothing else is read); ``row_group``:
+        its first, ``chunks``: how many rows it takes."""
         row = self._row(name)
         return {"shape": row.shape, "dtype": self._table.out_dtype(row), "stored_dtype": row.dtype,
                 "quant_type": row.quant or None, "quant_axis": row.axis, "group_size": row.group,
-                "file": str(self._table.files[row.part]), "row_group": row.row_group}
+                "file": str(self._table.files[row.part]), "row_group": row.row_group,
+                "chunks": len(row.chunks) or 1}
 
     def _to_torch(self, array: np.ndarray) -> Any:
         torch = self._torch

@@ -28,10 +28,11 @@ from convcore import (
 )
 
 from . import kv as kvmeta
+from .chunks import Chunk, assemble, chunk_shape
 from .memory import LARGE, DropWhenCopied, Region, give_back
 from .schema import (
-    MAGIC, NOT_QUANTIZED, checked_shape, code_array, dtype_from_column, offset_array,
-    packed_nbytes, quant_params, restore_scales, schema_version,
+    CHUNK_COLUMNS, MAGIC, NOT_QUANTIZED, checked_shape, code_array, dtype_from_column, has_chunks,
+    offset_array, packed_nbytes, quant_params, restore_scales, schema_version,
 )
 
 # elements a scheme dequantizes at once when a tensor is dequantized a block of rows at a
@@ -59,6 +60,11 @@ class Row:
     part: int
     row_group: int
     index: int  # within the row group
+    #: a tensor stored as several rows: those rows, in order, each a Row of its slice
+    #: (shape: its own; ``start``: where it starts on the tensor's first axis)
+    chunks: tuple["Row", ...] = ()
+    start: int = 0
+    chunk: int | None = None  # a chunk's Row: its place in the tensor
 
     @property
     def numel(self) -> int:
@@ -124,8 +130,11 @@ class WeightTable:
                 self.kv.setdefault(key, value)
         self._check_parts()
         self.rows: dict[str, Row] = {}
+        self._pending: dict[str, list[Chunk]] = {}
+        self._broken: set[str] = set()
         for part in range(len(self.files)):
             self._index(part)
+        self._assemble()
         self._largest_out: int | None = None
 
     def bad(self, message: str) -> None:
@@ -150,12 +159,15 @@ class WeightTable:
     def _index(self, part: int) -> None:
         file, footer = self.files[part], self.footers[part]
         columns = list(SMALL_COLUMNS) + (list(SMALL_QUANT_COLUMNS) if self.version == 2 else [])
+        if has_chunks(footer.schema.to_arrow_schema()):
+            columns += CHUNK_COLUMNS
         try:
             with pq.ParquetFile(file, metadata=footer) as pf:
                 table = pf.read(columns=columns, use_threads=False)
         except (pa.ArrowException, OSError) as exc:
             raise ConvcoreError(f"{file}: cannot read its columns ({first_line(exc)})") from None
         values = {c: table.column(c).to_pylist() for c in columns}
+        chunk_of = values.get("chunk") or [None] * table.num_rows
         row_group, start = 0, 0
         for i, name in enumerate(values["layer_name"]):
             while i - start >= footer.row_group(row_group).num_rows:
@@ -163,24 +175,49 @@ class WeightTable:
                 row_group += 1
             where = f"{file}: row {i}" + (f" ({name!r})" if name else "")
             try:
-                entry = self._row(values, i, name, where, part, row_group, i - start)
+                entry, whole = self._row(values, i, name, where, part, row_group, i - start)
             except ConvcoreError as exc:
                 self.bad(str(exc))
+                self._broken.add(str(name))  # said once: its other chunks are not missing
                 continue
-            if entry.name in self.rows:
-                first = self.rows[entry.name]
+            first = self.rows.get(entry.name)
+            pending = self._pending.get(entry.name)
+            if whole is not None and (first is None or pending is not None):
+                if pending is None:
+                    self.rows[entry.name] = entry  # its place in the file's order
+                    pending = self._pending[entry.name] = []
+                pending.append(Chunk(chunk_of[i], entry, whole))
+                continue
+            if first is not None:
                 self.bad(f"{file}: tensor name {entry.name!r} appears twice (also row group "
                          f"{first.row_group} of {self.files[first.part].name})")
                 continue
             self.rows[entry.name] = entry
 
+    def _assemble(self) -> None:
+        """Chunked tensors from their rows: complete, in order, not overlapping, alike."""
+        for name, chunks in self._pending.items():
+            if name in self._broken:
+                del self.rows[name]
+                continue
+            try:
+                self.rows[name] = assemble(lambda part: self.files[part], name, chunks)
+            except ConvcoreError as exc:
+                del self.rows[name]
+                self.bad(str(exc))
+        self._pending.clear()
+
     def _row(self, values: dict[str, list], i: int, name: Any, where: str, part: int,
-             row_group: int, index: int) -> Row:
+             row_group: int, index: int) -> tuple[Row, tuple[int, ...] | None]:
+        """Row ``i``, and for a chunk the whole tensor's shape (its Row has its slice's)."""
         if not name:
             raise ConvcoreError(f"{where}: empty layer_name")
         shape = checked_shape(values["shape"][i], where)
         dtype = dtype_from_column(values["dtype"][i], where)
-        if values["num_params"][i] != math.prod(shape):
+        start, whole = 0, None
+        if "chunk" in values and values["chunk"][i] is not None:
+            whole, (shape, start) = shape, chunk_shape(values, i, shape, where)
+        elif values["num_params"][i] != math.prod(shape):
             raise ConvcoreError(f"{where}: num_params {values['num_params'][i]} but shape "
                                 f"{list(shape)} has {math.prod(shape)}")
         quant, axis, group = "", None, None
@@ -190,11 +227,12 @@ class WeightTable:
             axis, group = values["quant_axis"][i], values["group_size"][i]
             if quant and dtype not in ("f32", "f16", "bf16"):
                 raise ConvcoreError(f"{where}: quant_type {quant} from dtype {dtype}; expected a float type")
-        return Row(str(name), shape, dtype, quant, axis, group, part, row_group, index)
+        return Row(str(name), shape, dtype, quant, axis, group, part, row_group, index, start=start), whole
 
     # reading ----------------------------------------------------------------------
     def where(self, row: Row) -> str:
-        return f"{self.files[row.part]}: tensor {row.name!r}"
+        chunk = "" if row.chunk is None else f", chunk {row.chunk}"
+        return f"{self.files[row.part]}: tensor {row.name!r}{chunk}"
 
     def value_nbytes(self, row: Row, column: str = "data") -> int:
         """The size the file declares for ``column``'s chunk in ``row``'s row group,
@@ -233,6 +271,8 @@ class WeightTable:
 
     def stored_nbytes(self, row: Row) -> int:
         """A quantized row's packed bytes (0: as shape x dtype, or the scheme is missing)."""
+        if row.chunks:
+            return sum(self.stored_nbytes(c) for c in row.chunks)
         try:
             return packed_nbytes(get_registry().scheme(row.quant), row.shape, row.dtype) if row.quant else 0
         except ConvcoreError:
@@ -261,9 +301,16 @@ class WeightTable:
             self._largest_out = max((self.out_nbytes(r) for r in self.rows.values()), default=0)
         return DEQUANT_TEMPORARIES * self.out_nbytes(row) <= self._largest_out
 
+    def check(self, row: Row, registry: Any = None) -> None:
+        """Read ``row`` (each of its chunks, one at a time) and check every size."""
+        for piece in row.chunks or (row,):
+            self.payload(piece, registry)
+
     def payload(self, row: Row, registry: Any = None) -> tuple[Any, dict[str, np.ndarray]]:
-        """(scheme or None, arrays) of ``row`` with every size checked: the tensor itself,
-        or the scheme's payload in its layout."""
+        """(scheme or None, arrays) of ``row`` (one row: a tensor or one of its chunks)
+        with every size checked: the tensor itself, or the scheme's payload in its layout."""
+        if row.chunks:
+            raise ValueError(f"{row.name}: a chunked tensor has a payload per chunk")
         where = self.where(row)
         if not row.quant:
             raw = self.read(row, ("data",))["data"]
@@ -304,7 +351,15 @@ class WeightTable:
         return spec, payload
 
     def pieces(self, row: Row, dtype: str) -> Iterator[np.ndarray]:
-        """Quantized ``row`` dequantized a slice at a time, as flat pieces of ``dtype``."""
+        """Quantized or chunked ``row`` as flat pieces of ``dtype``: a chunk at a time,
+        dequantized a slice at a time."""
+        if row.chunks:
+            for chunk in row.chunks:
+                if chunk.quant:
+                    yield from self.pieces(chunk, dtype)
+                else:
+                    yield cast(self.tensor(chunk), dtype).reshape(-1)
+            return
         spec, payload = self.payload(row)
         try:
             yield from dequantized_pieces(spec, payload, row.shape, dtype, DEQUANT_CHUNK)
@@ -315,7 +370,13 @@ class WeightTable:
             give_back()  # the codes, kept by the pool
 
     def tensor(self, row: Row) -> np.ndarray:
-        """The tensor of ``row``, dequantized when quantized (exactly as the scheme does)."""
+        """The tensor of ``row``, dequantized when quantized (exactly as the scheme does);
+        a chunked one read and put in place a chunk at a time."""
+        if row.chunks:
+            out = np.empty(row.shape, numpy_dtype(self.out_dtype(row)))
+            for chunk in row.chunks:
+                out[chunk.start:chunk.start + chunk.shape[0]] = self.tensor(chunk)
+            return out
         spec, payload = self.payload(row)
         if spec is None:
             return payload["data"]
@@ -438,7 +499,7 @@ def load_parquet(path: Path) -> Model:
     tensors = {}
     for name, row in table.rows.items():
         # quantized rows also come a slice at a time, for writers that stream (hf)
-        pieces = (lambda dtype, r=row: table.pieces(r, dtype)) if row.quant else None
+        pieces = (lambda dtype, r=row: table.pieces(r, dtype)) if row.quant or row.chunks else None
         tensors[name] = TensorRef(name, row.shape, table.out_dtype(row),
                                   (lambda r=row: table.tensor(r)), source=str(table.files[row.part]),
                                   stored=row.quant, stored_nbytes=table.stored_nbytes(row),

@@ -1,6 +1,6 @@
 """The Parquet weight schemas (docs/parquet.md) and what each column holds.
 
-One row per tensor:
+One row per tensor (a tensor over the writer's ``chunk_size``: one per chunk):
 
 =============  ==============  =========================================================
 column         type            meaning
@@ -20,7 +20,20 @@ quant_axis     int32 (V2)      0: scales per row (every axis but the last, flatt
 group_size     int32 (V2)      how many consecutive weights of a row share a scale: the
                                row length for per-row schemes, G for ``int{B}-g{G}``, 0
                                for per-tensor; null when unquantized
+chunk          int32           only in files holding a chunked tensor: the row's place
+                               (0, 1, ...) in its tensor; null for a tensor of one row
+row_start      int64           with ``chunk``: the index along the tensor's first axis
+                               where the row's slice starts; null for one-row tensors
 =============  ==============  =========================================================
+
+A tensor larger than the writer's ``chunk_size`` (as stored, or as floats before it is
+quantized) is stored as several rows of the same
+``layer_name``, in order, one row group each: ``chunk`` 0, 1, ... each holding a slice of
+whole indices of the first axis (whole quantization rows and groups). ``shape`` is the
+whole tensor's in every chunk; ``num_params`` is what the row holds (so ``sum(num_params)``
+is still the model's size), and every other column describes the row's slice as it would
+a tensor of shape ``(num_params / prod(shape[1:]), *shape[1:])``: its bytes, its scales
+and zero points (a per-tensor scheme's one scale is repeated in every chunk).
 
 What ``data`` and ``zero_points`` hold follows ``quant_type``'s family:
 
@@ -45,6 +58,7 @@ from convcore import ConvcoreError, Scheme, numpy_dtype
 V1_COLUMNS = ("layer_name", "shape", "dtype", "data", "num_params")
 QUANT_COLUMNS = ("quant_type", "scales", "zero_points", "quant_axis", "group_size")
 V2_COLUMNS = V1_COLUMNS + QUANT_COLUMNS
+CHUNK_COLUMNS = ("chunk", "row_start")
 NOT_QUANTIZED = "none"
 MAGIC = b"PAR1"  # the first and last four bytes of every Parquet file
 PER_TENSOR_AXIS = -1
@@ -75,12 +89,13 @@ COLUMN_TYPES = {
     "layer_name": (_STR, "string"), "shape": (_SHAPE, "list<int32>"), "dtype": (_STR, "string"),
     "data": (_BIN, "binary"), "num_params": (_INT, "int64"), "quant_type": (_STR, "string"),
     "scales": (_BIN, "binary"), "zero_points": (_BIN, "binary"), "quant_axis": (_INT, "int32"),
-    "group_size": (_INT, "int32"),
+    "group_size": (_INT, "int32"), "chunk": (_INT, "int32"), "row_start": (_INT, "int64"),
 }
 
 
-def arrow_schema(version: int) -> pa.Schema:
-    """The Arrow schema our writer uses for V1 or V2 (what must be present is not null)."""
+def arrow_schema(version: int, chunked: bool = False) -> pa.Schema:
+    """The Arrow schema our writer uses for V1 or V2 (what must be present is not null);
+    ``chunked``: with the chunk columns (files holding a tensor stored as several rows)."""
     fields = [
         pa.field("layer_name", pa.string(), nullable=False),
         pa.field("shape", pa.list_(pa.field("element", pa.int32(), nullable=False)), nullable=False),
@@ -92,6 +107,8 @@ def arrow_schema(version: int) -> pa.Schema:
         fields += [pa.field("quant_type", pa.string(), nullable=False), pa.field("scales", pa.binary()),
                    pa.field("zero_points", pa.binary()), pa.field("quant_axis", pa.int32()),
                    pa.field("group_size", pa.int32())]
+    if chunked:
+        fields += [pa.field("chunk", pa.int32()), pa.field("row_start", pa.int64())]
     return pa.schema(fields)
 
 
@@ -108,12 +125,21 @@ def schema_version(schema: pa.Schema, where: str) -> int:
         absent = [c for c in QUANT_COLUMNS if c not in names]
         raise ConvcoreError(f"{where}: has V2 column {present[0]} but not {', '.join(absent)}")
     version = 2 if present else 1
-    for column in V2_COLUMNS if version == 2 else V1_COLUMNS:
+    chunked = [c for c in CHUNK_COLUMNS if c in names]
+    if chunked and len(chunked) != len(CHUNK_COLUMNS):
+        absent = [c for c in CHUNK_COLUMNS if c not in names]
+        raise ConvcoreError(f"{where}: has column {chunked[0]} but not {', '.join(absent)}")
+    for column in (V2_COLUMNS if version == 2 else V1_COLUMNS) + tuple(chunked):
         check, expected = COLUMN_TYPES[column]
         found = schema.field(column).type
         if not check(found):
             raise ConvcoreError(f"{where}: column {column} is {found}, expected {expected} (schema V{version})")
     return version
+
+
+def has_chunks(schema: pa.Schema) -> bool:
+    """Whether the file has the chunk columns (:func:`schema_version` checked them)."""
+    return all(c in schema.names for c in CHUNK_COLUMNS)
 
 
 def dtype_from_column(text: Any, where: str) -> str:

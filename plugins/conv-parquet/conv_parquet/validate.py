@@ -3,8 +3,10 @@
 Checks the schema version (V1 or V2 from the columns, and what ``convcore.schema`` says),
 that names are unique, shapes and dtypes make sense and ``num_params`` agrees, that the
 parts of a split output are all there, and row by row (reading one row group at a
-time) that ``data`` holds exactly shape x dtype size (or the scheme's packed codes), and
-that a V2 row's scales and zero points fit its ``quant_axis`` and ``group_size``.
+time) that ``data`` holds exactly shape x dtype size (or the scheme's packed codes), that a
+V2 row's scales and zero points fit its ``quant_axis`` and ``group_size``, and that the
+chunks of a tensor stored as several rows are all there, once each, in order and alike
+(:mod:`conv_parquet.chunks`).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def validate_parquet(path: Path) -> list[str]:
     registry = get_registry()
     for row in table.rows.values():
         try:
-            table.payload(row, registry)
+            table.check(row, registry)
         except ConvcoreError as exc:
             problems.append(str(exc))
     return problems

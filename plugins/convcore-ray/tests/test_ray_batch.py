@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -62,13 +63,18 @@ def ray_cli() -> str:
     return found
 
 
+# Ray's token authentication (its default since 2.5x): the cluster and the driver share a
+# token through the environment, so nothing is written to ~/.ray
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A one-node Ray cluster with 2 CPUs, stopped afterwards."""
     ray = ray_cli()
     port = free_port()
     temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths are limited
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **AUTH)
     started = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2",
                               f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
                              capture_output=True, text=True, env=env, timeout=120)
@@ -84,7 +90,7 @@ def cluster():
 def run_batch(jobs: Path, *extra: str) -> tuple[int, dict]:
     # a cluster started with token authentication (Ray's default) is joined by address
     # only when the driver is told so, as Ray's docs say
-    env = dict(os.environ, RAY_AUTH_MODE="token")
+    env = dict(os.environ, **AUTH)
     proc = subprocess.run([sys.executable, "-m", "convcore", "batch", str(jobs), "--json", "-q", *extra],
                           capture_output=True, text=True, timeout=600, env=env)
     assert "Traceback" not in proc.stderr, proc.stderr

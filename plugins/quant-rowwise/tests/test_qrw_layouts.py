@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 
 import convcore
+from quant_rowwise.iquants import NEEDS_IMATRIX
 
 SCHEMES = sorted(s.name for s in convcore.get_registry().schemes.values()
                  if s.plugin == "quant_rowwise")
 
 
 def test_every_scheme_is_registered():
-    assert len(SCHEMES) == 54
+    assert len(SCHEMES) == 63   # 54 + the nine IQ types
+    assert {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl",
+            "iq4_xs"} <= set(SCHEMES)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -21,7 +24,10 @@ def test_every_scheme_is_registered():
 @pytest.mark.parametrize("shape", [(3, 256), (2, 2, 512)])
 def test_output_matches_declared_layout(scheme, dtype, shape):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32).astype(dtype)
-    qt = convcore.quantize(x, scheme)   # raises if the output breaks the layout
+    # (an importance vector for the IQ types that need one; the others take it too)
+    options = {"weights": np.linspace(0.5, 2, shape[-1], dtype=np.float32)} \
+        if scheme in NEEDS_IMATRIX else None
+    qt = convcore.quantize(x, scheme, options)   # raises if the output breaks the layout
     spec = convcore.get_registry().scheme(scheme)
     declared = spec.layout(shape, convcore.dtype_name(x.dtype))
     assert {k: (convcore.dtype_name(v.dtype), v.shape) for k, v in qt.data.items()} == \
