@@ -75,3 +75,36 @@ def weighted_error(x: np.ndarray, y: np.ndarray, imatrix: np.ndarray | None) -> 
     if imatrix is not None:
         d = d * np.asarray(imatrix, np.float64)
     return float(d.sum())
+
+
+# what the IQ kernel tests share ---------------------------------------------------------
+def needs_ggml() -> None:
+    """Skip the calling test when llama-cpp-python's libggml-base is not installed."""
+    import pytest
+
+    pytest.importorskip("llama_cpp")
+    if library() is None:
+        pytest.skip("llama-cpp-python's libggml-base is not installed")
+
+
+def weights_like_a_model(rows: int, cols: int, seed: int) -> np.ndarray:
+    """Rows of student-t (df 5) values: mostly normal, a few outliers."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_t(5, (rows, cols)) * 0.02).astype(np.float32)
+
+
+def importance(cols: int, seed: int) -> np.ndarray:
+    """An importance vector that varies across columns by orders of magnitude."""
+    return np.exp(np.random.default_rng(seed + 100).standard_normal(cols) * 2).astype(np.float32)
+
+
+def compare(quantize_fn, name: str, x: np.ndarray, imatrix: np.ndarray | None) -> tuple[float, float, int]:
+    """(our weighted error, ggml's, rows whose bytes equal ggml's) for the f32 matrix ``x``,
+    ours made by ``quantize_fn(name, x, imatrix)``."""
+    ours = quantize_fn(name, x, imatrix)
+    theirs = quantize(name, x, imatrix)
+    cols = x.shape[-1]
+    e_ours = weighted_error(x, dequantize(name, ours, cols), imatrix)
+    e_theirs = weighted_error(x, dequantize(name, theirs, cols), imatrix)
+    same = int((ours.reshape(theirs.shape) == theirs).all(axis=1).sum())
+    return e_ours, e_theirs, same

@@ -6,7 +6,6 @@ import importlib.util
 import platform
 from pathlib import Path
 
-import gguf
 import ml_dtypes
 import numpy as np
 import pytest
@@ -32,37 +31,15 @@ def _load_ref():
 ggml_ref = _load_ref()
 
 
-def needs_ggml():
-    pytest.importorskip("llama_cpp")
-    if ggml_ref.library() is None:
-        pytest.skip("llama-cpp-python's libggml-base is not installed")
-
-
-def weights_like_a_model(rows, cols, seed):
-    """Rows of student-t (df 5) values: mostly normal, a few outliers."""
-    rng = np.random.default_rng(seed)
-    return (rng.standard_t(5, (rows, cols)) * 0.02).astype(np.float32)
-
-
-def importance(cols, seed):
-    """An importance vector that varies across columns by orders of magnitude."""
-    return np.exp(np.random.default_rng(seed + 100).standard_normal(cols) * 2).astype(np.float32)
-
-
-def gguf_dequantize(name, blocks, cols):
-    return gguf.quants.dequantize(blocks.reshape(-1, blocks.shape[-1]),
-                                  gguf.GGMLQuantizationType[name.upper()]).reshape(-1, cols)
+needs_ggml = ggml_ref.needs_ggml
+weights_like_a_model = ggml_ref.weights_like_a_model
+importance = ggml_ref.importance
+gguf_dequantize = ggml_ref.dequantize
 
 
 def compare(name, x, imatrix):
     """(our weighted error, ggml's, rows whose bytes equal ggml's) for the f32 matrix x."""
-    ours = iq4.quantize(name, x, imatrix)
-    theirs = ggml_ref.quantize(name, x, imatrix)
-    cols = x.shape[-1]
-    e_ours = ggml_ref.weighted_error(x, gguf_dequantize(name, ours, cols), imatrix)
-    e_theirs = ggml_ref.weighted_error(x, gguf_dequantize(name, theirs, cols), imatrix)
-    same = int((ours.reshape(theirs.shape) == theirs).all(axis=1).sum())
-    return e_ours, e_theirs, same
+    return ggml_ref.compare(iq4.quantize, name, x, imatrix)
 
 
 @pytest.mark.parametrize("use_imatrix", [False, True], ids=["plain", "imatrix"])
