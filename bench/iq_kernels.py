@@ -15,7 +15,6 @@ of f32 input for each and ggml's best time over ours.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import time
 from concurrent.futures import ThreadPoolExecutor
