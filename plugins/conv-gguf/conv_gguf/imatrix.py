@@ -152,8 +152,9 @@ def _read_dat(path: Path) -> Imatrix:
         ncall, nval = take("<ii")
         if nval < 1:
             raise ConvcoreError(f"{path}: entry {name!r} has {nval} values")
-        values = np.frombuffer(data, np.float32, nval, pos).copy()
-        take(f"<{4 * nval}x")
+        start = pos
+        take(f"<{4 * nval}x")   # (checks the values are all there)
+        values = np.frombuffer(data, np.float32, nval, start).copy()
         # stored as the mean times ncall: sums/counts with counts = ncall gives the mean
         out.sums[name] = values.reshape(1, -1)
         out.counts[name] = np.array([max(ncall, 0)], np.float32)

@@ -240,3 +240,18 @@ def test_moe_imatrix_has_a_row_per_expert(tmp_path):
         np.testing.assert_allclose(imx.sums["blk.0.ffn_down_exps.weight"][e], (h * h).sum(0).numpy(),
                                    rtol=1e-4, atol=1e-9)
     assert imx.counts["blk.0.ffn_down_shexp.weight"].tolist() == [64.0]
+
+
+def test_truncated_files_are_one_line(made, tmp_path):
+    """A .dat whose values stop short and a GGUF imatrix cut in half: one ConvcoreError line
+    naming the file (not numpy's or gguf-py's exception)."""
+    import convcore
+
+    dat = tmp_path / "short.dat"
+    dat.write_bytes(struct.pack("<ii", 1, 5) + b"abcde" + struct.pack("<ii", 1, 1000) + bytes(40))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(made.read_bytes()[: made.stat().st_size // 2])
+    for bad in (dat, cut):
+        with pytest.raises(convcore.ConvcoreError, match=f"^{bad}: ") as caught:
+            read_imatrix(bad)
+        assert "\n" not in str(caught.value)
