@@ -12,11 +12,16 @@ from .multimodal import IMAGE_TEXT
 TEXT_OF = {"gemma3": "gemma3_text", "mistral3": "mistral", "llava": "llama"}
 
 
+ADAPTER_SOURCES = ("peft", "mlx-adapter")
+
+
 def matrix(registry: Any) -> dict[str, Any]:
     """``{"formats": [...], "archs": {model_type: {format: cell}}}``; a cell is the
     format's declaration (``write``, ``read``, ``checked``, ``note``) or ``{"any": True}``
     for formats that store any architecture."""
-    formats = sorted(registry.formats.values(), key=lambda f: (f.name != "hf", f.name))
+    # adapter folders (peft, mlx-adapter) are read over a base model, never converted alone
+    formats = sorted((f for f in registry.formats.values() if f.name not in ADAPTER_SOURCES),
+                     key=lambda f: (f.name != "hf", f.name))
     declared = {f.name: f.architectures() for f in formats if f.architectures is not None}
     archs: dict[str, dict[str, Any]] = {}
     for name, table in declared.items():

@@ -24,6 +24,10 @@ from .fidelity import CHECK_FAILED_EXIT
 from .pooling import is_encoder
 from .cli_group import Interrupted, _Group
 from .registry import CONTRACT, get_registry
+from .lora import parse_lora
+
+LORA_HELP = ("Apply a LoRA adapter in the runtime: an adapter GGUF for gguf, an mlx-lm adapter "
+             "folder for mlx, a PEFT folder for hf; repeatable where the runtime allows.")
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -59,6 +63,10 @@ def cli(debug: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--imatrix", type=click.Path(path_type=Path),
               help="Importance matrix guiding quantization (gguf; `convcore imatrix` makes one).")
+@click.option("--base", type=click.Path(path_type=Path),
+              help="Base model of an adapter SRC (default: the base its config names).")
+@click.option("--lora", "loras", multiple=True, metavar="ADAPTER[:SCALE]",
+              help="Merge a LoRA adapter (PEFT or mlx-lm) into the weights as they stream; repeatable.")
 @click.option("--jobs", type=int, help="Threads for quantization (default: up to 4).")
 @click.option("--force", is_flag=True,
               help="Replace DST when it is a previous output of this format (never other files).")
@@ -76,10 +84,13 @@ def cli(debug: bool) -> None:
 def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dtype: str | None,
         metadata: tuple[str, ...], extra: tuple[str, ...], split_max_size: str | None,
         split_max_tensors: int | None, vocab_only: bool, dry_run: bool, imatrix: Path | None,
-        jobs: int | None,
+        base: Path | None, loras: tuple[str, ...], jobs: int | None,
         force: bool, no_validate: bool, check: bool, quiet: bool, check_kl: float | None = None,
         check_top1: float | None = None, check_tokens: int = 1024, allow_nonfinite: bool = False) -> None:
     """Convert SRC to format --to at DST."""
+    if check and (loras or base):
+        raise ConvcoreError("--check compares the output with its source; for an adapter or a merge "
+                            "use convcore compare with --lora / --ref-lora")
     options: dict[str, Any] = parse_pairs(extra, "--option")
     # the format flags are options like any -O key, checked against the target's list
     if split_max_size:
@@ -95,7 +106,7 @@ def run(src: Path, dst: Path, from_: str | None, to: str, quant: str | None, dty
     written = convert(src, dst, to, from_=from_, quant=quant, dtype=dtype,
                       metadata=parse_pairs(metadata, "--metadata"), jobs=jobs, force=force,
                       validate=not no_validate, options=options, progress=not quiet,
-                      allow_nonfinite=allow_nonfinite)
+                      allow_nonfinite=allow_nonfinite, base=base, loras=loras)
     if dry_run:
         return
     click.echo(f"wrote {written}", err=True)
@@ -187,6 +198,9 @@ def summarise(model: Model) -> dict[str, Any]:
         "config": {k: cfg[k] for k in keys if k in cfg},
         "tokenizer_files": sorted(model.tokenizer),
         "metadata": {k: v for k, v in model.metadata.items() if isinstance(v, (str, int, float, bool))},
+        **({"adapter": {k: v for k, v in model.metadata["adapter"].items() if k != "scales"}
+            | {"weights": len(model.metadata["adapter"]["scales"])}}
+           if model.metadata.get("adapter") else {}),
     }
 
 
@@ -207,6 +221,11 @@ def inspect(path: Path, fmt: str | None, as_json: bool, list_tensors: bool) -> N
     size = f", {info['size_bytes'] / 1e6:.1f} MB on disk" if info["size_bytes"] is not None else ""
     click.echo(f"{info['path']}: {info['format']} {info['arch']}, "
                f"{info['params'] / 1e6:.2f}M params in {info['tensors']} tensors{size}")
+    if "adapter" in info:
+        ad = info["adapter"]
+        click.echo(f"  LoRA adapter ({ad['source_format']}): rank {ad['rank']}, alpha {ad['alpha']:g}"
+                   f"{', rsLoRA' if ad['rslora'] else ''}, {ad['weights']} weights adapted"
+                   f"{', replaces ' + ', '.join(ad['replaced']) if ad['replaced'] else ''}; base {ad['base']}")
     for dtype, row in sorted(info["tensors_by_dtype"].items()):
         click.echo(f"  {dtype:<8} {row['tensors']:>5} tensors {row['params']:>14,} params "
                    f"{row['bytes'] / 1e6:>10.2f} MB stored")
@@ -251,9 +270,10 @@ def tokenizer_for(path: Path, fmt: str | None) -> Any:
 @click.option("--threads", type=int, help="Threads for the runtime (default: its own).")
 @click.option("--verbose", is_flag=True, help="Let the runtime's own log through.")
 @click.option("--format", "fmt", metavar="FMT", help="Format (detected when omitted).")
+@click.option("--lora", "loras", multiple=True, metavar="ADAPTER[:SCALE]", help=LORA_HELP)
 def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, ignore_eos: bool,
           logits_out: Path | None, embedding_out: Path | None, threads: int | None, verbose: bool,
-          fmt: str | None) -> None:
+          fmt: str | None, loras: tuple[str, ...] = ()) -> None:
     """Run PATH in its format's own runtime, loaded once: print the top next tokens, or
     generate greedily with the runtime's KV cache."""
     if (prompt is None) == (tokens is None):
@@ -266,6 +286,8 @@ def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, i
     options: dict[str, Any] = {"n_ctx": len(ids) + max_tokens, "verbose": verbose}
     if threads:
         options["threads"] = threads
+    if loras:
+        options["lora"] = [parse_lora(spec) for spec in loras]
     with registry.open_session(path, fmt, options) as session:
         if session.kind == "encoder":
             if max_tokens:
@@ -293,10 +315,13 @@ def infer(path: Path, prompt: str | None, tokens: str | None, max_tokens: int, i
 
 def compare_models(ref: Path, cand: Path, ref_fmt: str | None, cand_fmt: str | None, *,
                    text: Path | None, ctx: int | None, limit: int | None,
-                   tokens: list[int] | None = None) -> fidelity.Report:
+                   tokens: list[int] | None = None, ref_lora: tuple[str, ...] = (),
+                   cand_lora: tuple[str, ...] = ()) -> fidelity.Report:
     """REF and CANDIDATE in their own runtimes on the same windows of token ids."""
     return fidelity.compare_paths(get_registry(), ref, cand, ref_fmt, cand_fmt, text=text,
-                                  ctx=ctx, limit=limit, tokens=tokens)
+                                  ctx=ctx, limit=limit, tokens=tokens,
+                                  ref_lora=[parse_lora(s) for s in ref_lora],
+                                  cand_lora=[parse_lora(s) for s in cand_lora])
 
 
 def format_report(report: fidelity.Report, ref: Path, cand: Path) -> str:
@@ -341,8 +366,13 @@ def tensor_errors(ref: Path, cand: Path) -> dict[str, Any]:
 @click.option("--limit", type=int, help="Use at most this many tokens of the text.")
 @click.option("--tensors", "per_tensor", is_flag=True, help="Also compare weights tensor by tensor.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("--ref-lora", "ref_loras", multiple=True, metavar="ADAPTER[:SCALE]",
+              help="Apply a LoRA adapter to REF in its runtime (as infer --lora).")
+@click.option("--lora", "loras", multiple=True, metavar="ADAPTER[:SCALE]",
+              help="Apply a LoRA adapter to CANDIDATE in its runtime (as infer --lora).")
 def compare(ref: Path, candidate: Path, text: Path | None, tokens: str | None, ctx: int | None,
-            limit: int | None, per_tensor: bool, as_json: bool) -> None:
+            limit: int | None, per_tensor: bool, as_json: bool, ref_loras: tuple[str, ...] = (),
+            loras: tuple[str, ...] = ()) -> None:
     """Compare CANDIDATE against REF, each in its own runtime: perplexity of both, ΔPPL,
     KL(ref‖cand) mean and 99th percentile, top-1 agreement, largest logit difference;
     with --tensors the relative RMSE of every weight."""
@@ -351,6 +381,8 @@ def compare(ref: Path, candidate: Path, text: Path | None, tokens: str | None, c
     registry = get_registry()
     ref_model = registry.load(ref)
     if is_encoder(ref_model.config):
+        if ref_loras or loras:
+            raise ConvcoreError(f"{ref}: --lora is for decoder models")
         sentences = ([parse_tokens(tokens)] if tokens else fidelity.text_sentences(
             fidelity.tokenizer_for(ref_model), fidelity.read_text(text)))
         with registry.open_session(ref) as a, registry.open_session(candidate) as b:
@@ -367,7 +399,8 @@ def compare(ref: Path, candidate: Path, text: Path | None, tokens: str | None, c
                    f"max |Δhidden|    {'n/a (a runtime without hidden states)' if hidden is None else f'{hidden:.4g}'}")
         return
     report = compare_models(ref, candidate, None, None, text=text, ctx=ctx, limit=limit,
-                            tokens=parse_tokens(tokens) if tokens else None)
+                            tokens=parse_tokens(tokens) if tokens else None,
+                            ref_lora=ref_loras, cand_lora=loras)
     out: dict[str, Any] = report.as_dict()
     if per_tensor:
         out.update(tensor_errors(ref, candidate))

@@ -210,8 +210,10 @@ def compare_sessions(ref: Any, cand: Any, windows: Sequence[Sequence[int]], ctx:
 
 def compare_paths(registry: Any, ref: Path, cand: Path, ref_fmt: str | None, cand_fmt: str | None,
                   *, text: Path | None = None, ctx: int | None = None, limit: int | None = None,
-                  tokens: list[int] | None = None) -> Report:
-    """The models at ``ref`` and ``cand``, each in its own runtime, on the same windows of
+                  tokens: list[int] | None = None, ref_lora: list | None = None,
+                  cand_lora: list | None = None) -> Report:
+    """The models at ``ref`` and ``cand``, each in its own runtime (with the LoRA adapters
+    ``[(path, scale)]`` of ``ref_lora`` / ``cand_lora`` applied there), on the same windows of
     token ids: ``tokens`` cut into windows, or the text (default: the bundled one)
     tokenized by the reference's tokenizer."""
     ref_model = registry.load(ref, ref_fmt)
@@ -222,8 +224,8 @@ def compare_paths(registry: Any, ref: Path, cand: Path, ref_fmt: str | None, can
     else:
         windows = text_windows(tokenizer_for(ref_model), read_text(text), ctx, limit)
     longest = max(len(w) for w in windows)
-    with registry.open_session(ref, ref_fmt, {"n_ctx": longest}) as a, \
-            registry.open_session(cand, cand_fmt, {"n_ctx": longest}) as b:
+    with registry.open_session(ref, ref_fmt, {"n_ctx": longest, "lora": ref_lora or []}) as a, \
+            registry.open_session(cand, cand_fmt, {"n_ctx": longest, "lora": cand_lora or []}) as b:
         return compare_sessions(a, b, windows, ctx)
 
 

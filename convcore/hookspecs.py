@@ -156,7 +156,9 @@ def convcore_open_session(path: Path, fmt: str, options: dict[str, Any]) -> Sess
     :param fmt: its format; return None if not yours.
     :param options: runtime hints, may be empty: ``n_ctx`` (how many tokens the session
         must hold), ``threads``, ``verbose`` (let the runtime's own log through; quiet
-        otherwise). Ignore keys you don't use.
+        otherwise), ``lora`` (``[(adapter path, scale), ...]``: adapters in the runtime's
+        own format to apply; a session that applies them sets ``lora_applied = True``, else
+        the caller refuses it). Ignore keys you don't use.
     :return: a :class:`convcore.Session`, or None if not relevant.
     """
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from .destination import check_location, check_replaceable
+from .lora import adapter_info, with_loras
 from .model import ConvcoreError, Model, TensorRef, has_nonfinite, one_line
 from .options import check_options
 from .registry import FLOAT_SCHEMES, Registry, get_registry, using
@@ -105,12 +106,17 @@ def convert(
     progress: bool = False,
     registry: Registry | None = None,
     allow_nonfinite: bool = False,
+    base: str | os.PathLike | None = None,
+    loras: Iterable[str] = (),
 ) -> Path:
     """Convert the model at ``src`` to format ``to`` at ``dst``; the Python face of
     ``convcore run``. Returns the path written (the first file for split outputs).
 
     A float tensor holding NaN or Inf is an error naming it (by its name in the source,
     and the file it is in) unless ``allow_nonfinite``.
+
+    ``base`` is the base model of an adapter ``src`` (PEFT or mlx-lm); ``loras`` are
+    ``ADAPTER[:SCALE]`` adapters merged into each weight as it streams.
 
     ``options`` are the target format's declared options (what ``-O KEY=VALUE`` sets);
     an undeclared or ill-typed one is an error before any work starts.
@@ -121,13 +127,15 @@ def convert(
     registry = registry or get_registry()
     with using(registry):
         return _convert(registry, Path(src), Path(dst), to, from_, quant, dtype, metadata,
-                        jobs, force, validate, options, progress, allow_nonfinite)
+                        jobs, force, validate, options, progress, allow_nonfinite,
+                        None if base is None else str(base), list(loras))
 
 
 def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | None,
              quant: str | None, dtype: str | None, metadata: dict[str, str] | None,
              jobs: int | None, force: bool, validate: bool, options: dict[str, Any] | None,
-             progress: bool, allow_nonfinite: bool = False) -> Path:
+             progress: bool, allow_nonfinite: bool = False, base: str | None = None,
+             loras: list[str] | None = None) -> Path:
     if not src.exists():
         raise ConvcoreError(f"{src}: no such file or directory")
     out_fmt = registry.format(to)
@@ -142,7 +150,20 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
             raise ConvcoreError(f"{dst}: already exists; pass --force to overwrite")
         check_replaceable(dst, out_fmt)
 
-    model = registry.load(src, from_)
+    model = registry.load(src, from_, {"base": base} if base else None)
+    if adapter_info(model) is not None:
+        if loras:
+            raise ConvcoreError(f"{src}: is an adapter; --lora merges adapters into a base model")
+        if not out_fmt.adapters:
+            adapter_formats = ", ".join(f.name for f in registry.formats.values() if f.adapters) or "none"
+            raise ConvcoreError(f"{src}: is a LoRA adapter; format {to} cannot store one (adapter "
+                                f"outputs: {adapter_formats}); to merge it, run BASE --lora {src}")
+    elif base:
+        raise ConvcoreError(f"{src}: --base is for adapter sources; this is a {model.format} model")
+    if loras:
+        from .builtins.adapters import load_adapter
+
+        model = with_loras(model, loras, load_adapter)
     if model.metadata.get("unmapped"):
         # a reader that could describe the file but not map it (inspect shows it)
         raise ConvcoreError(f"{src}: {model.metadata['unmapped']}; it can be inspected, not converted")

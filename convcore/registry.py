@@ -30,7 +30,8 @@ from .model import ConvcoreError, Model, QuantizedTensor, TensorRef, one_line
 from .options import Option
 from .runtime import Session
 
-DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.quantize", "convcore.builtins.infer")
+DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.adapters", "convcore.builtins.quantize",
+                   "convcore.builtins.infer")
 ENTRY_POINT_GROUP = "convcore"
 FLOAT_SCHEMES = ("f32", "f16", "bf16")
 
@@ -65,6 +66,9 @@ class Format:
         writer's tables), whether its reader gives them back and whether the plugin's
         tests check them in the format's runtime; None for formats that take any
         architecture (weight stores). ``convcore formats --archs`` tabulates them.
+    :param adapters: its writer also writes LoRA adapters (a model whose
+        ``metadata["adapter"]`` is set, see :mod:`convcore.lora`) as the runtime's adapter
+        file; other writers are never handed one.
     """
 
     name: str
@@ -80,6 +84,7 @@ class Format:
     scheme_package: str = ""
     plugin: str = ""
     architectures: Callable[[], dict[str, dict[str, Any]]] | None = None
+    adapters: bool = False
 
     @property
     def all_schemes(self) -> tuple[str, ...]:
@@ -499,6 +504,10 @@ class Registry:
             session = self.pm.hook.convcore_open_session(path=path, fmt=fmt, options=options or {})
         if session is None:
             raise ConvcoreError(f"no installed plugin runs format {fmt!r} in a runtime")
+        if (options or {}).get("lora") and not getattr(session, "lora_applied", False):
+            # a runtime that ignored the adapters would run the base model silently
+            session.close()
+            raise ConvcoreError(f"{path}: the {fmt} runtime cannot apply a LoRA adapter (--lora)")
         return session
 
     def infer(self, path: Path, token_ids: list[int], fmt: str | None = None) -> np.ndarray:

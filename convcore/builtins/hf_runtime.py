@@ -44,11 +44,40 @@ def _load(path: Path, options: dict[str, Any], auto_class: str) -> tuple[Any, An
     return torch, model.eval()
 
 
+def _with_adapters(model: Any, loras: list[tuple[Any, float]]) -> Any:
+    """``model`` running PEFT LoRA adapters (applied, not merged), each at its scale."""
+    try:
+        import peft
+    except ImportError:
+        raise ConvcoreError("--lora in transformers needs peft (pip install 'convcore[lora]')") from None
+    names = []
+    for i, (adapter, scale) in enumerate(loras):
+        name = f"adapter{i}"
+        try:
+            if i == 0:
+                model = peft.PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
+            else:
+                model.load_adapter(str(adapter), adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConvcoreError(f"{adapter}: peft cannot apply it ({first})") from None
+        for module in model.modules():
+            scaling = getattr(module, "scaling", None)
+            if isinstance(scaling, dict) and name in scaling:
+                scaling[name] *= float(scale)
+        names.append(name)
+    model.base_model.set_adapter(names)
+    return model.eval()
+
+
 class TransformersSession(Session):
     """An HF directory loaded with ``AutoModelForCausalLM`` in float32 on the CPU."""
 
     def __init__(self, path: Path, options: dict[str, Any]):
         self._torch, self.model = _load(path, options, "AutoModelForCausalLM")
+        if options.get("lora"):
+            self.model = _with_adapters(self.model, options["lora"])
+            self.lora_applied = True
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
@@ -57,7 +86,8 @@ class TransformersSession(Session):
                               if e is not None)
         self._cache: Any = None
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x
-        params = inspect.signature(self.model.forward).parameters
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        params = inspect.signature(base.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _forward(self, ids: list[int], cache: Any) -> np.ndarray:

@@ -210,11 +210,11 @@ def tiny_model(arch: str = "llama", **kwargs: Any) -> Path:
                    lambda tmp: make_tiny_model(tmp, arch, **kwargs))
 
 
-def _cached(name: str, build: Any) -> Path:
+def _cached(name: str, build: Any, marker: str = "config.json") -> Path:
     """``cache_dir()/tiny-models/name``, made by ``build(tmp_dir)`` the first time (in a
     temporary sibling renamed into place, so concurrent test processes never see half)."""
     path = cache_dir() / "tiny-models" / name
-    if not (path / "config.json").exists():
+    if not (path / marker).exists():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         build(tmp)

@@ -62,7 +62,7 @@ def convcore_register_formats(register: Callable[..., None]) -> None:
     register(convcore.Format(
         name=FORMAT, description="GGUF, llama.cpp's single-file model (split files too)",
         directory=False, extensions=(".gguf",), schemes=mixes.SCHEMES, detect=detect,
-        options=OPTIONS, scheme_package="quant-rowwise", architectures=architectures))
+        options=OPTIONS, scheme_package="quant-rowwise", architectures=architectures, adapters=True))
 
 
 #: the architectures conv-gguf's own tests run in llama.cpp against transformers
@@ -110,6 +110,9 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
                    progress: Callable[[str], None]) -> Path | None:
     if fmt != FORMAT:
         return None
+    if convcore.adapter_info(model) is not None:
+        from .adapter import write_adapter
+        return write_adapter(model, Path(path), options, progress)
     from .writer import write_gguf
     return write_gguf(convcore.text_model(model, "llama.cpp"), Path(path), options, progress)
 

@@ -187,6 +187,31 @@ def read_header(path: Path, keep_arrays: bool = False) -> Header:
     return Header(version, kv, tensors, data_start, size)
 
 
+def adapter_problems(path: Path, arch: str, kv: dict[str, object], tensors: list[TensorInfo]) -> list[str]:
+    """Problems llama.cpp's adapter loader would meet: its keys, paired ``.lora_a`` /
+    ``.lora_b`` tensors of the architecture's weights, ranks that agree."""
+    if kv.get("adapter.type") != "lora":
+        return [f"{path}: adapter.type is {kv.get('adapter.type')!r}, expected 'lora'"]
+    if not isinstance(kv.get("adapter.lora.alpha"), float):
+        return [f"{path}: no adapter.lora.alpha key"]
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    for t in tensors:
+        base, dot, kind = t.name.rpartition(".")
+        if not dot or kind not in ("lora_a", "lora_b"):
+            return [f"{path}: tensor {t.name!r} is not a .lora_a or .lora_b tensor"]
+        pairs.setdefault(base, {})[kind] = t
+    names_of = tensor_names(arch)
+    for base, pair in pairs.items():
+        if len(pair) != 2:
+            return [f"{path}: {base} has only {next(iter(pair))}"]
+        if names_of is not None and not names_of.fullmatch(base):
+            return [f"{path}: {base!r} is not a tensor of architecture {arch}"]
+        a, b = pair["lora_a"].shape, pair["lora_b"].shape
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            return [f"{path}: {base}: lora_a {list(a)} and lora_b {list(b)} disagree on the rank"]
+    return [] if pairs else [f"{path}: the adapter holds no tensors"]
+
+
 def validate(path: Path) -> list[str]:
     """One-line problems with a GGUF file (and its split siblings); empty when valid."""
     problems: list[str] = []
@@ -206,6 +231,8 @@ def validate(path: Path) -> list[str]:
     arch = first.get("general.architecture")
     if not isinstance(arch, str):
         return [f"{path}: no general.architecture key"]
+    if first.get("general.type") == "adapter":
+        return adapter_problems(path, arch, first, [t for h in headers for t in h.tensors])
     known = arch_table.read_back()
     if arch in known:
         spec = known[arch]

@@ -81,11 +81,24 @@ class LlamaCppSession(Session):
                           verbose=verbose, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
         if options.get("threads"):
             kwargs["n_threads"] = int(options["threads"])
+        loras = list(options.get("lora") or ())
+        if len(loras) > 1:
+            raise ConvcoreError(f"{path}: llama-cpp-python applies one LoRA adapter; merge the others "
+                                "(convcore run BASE --lora ADAPTER)")
+        if loras:
+            adapter = Path(loras[0][0])
+            if read_header(adapter).kv.get("general.type") != "adapter":
+                raise ConvcoreError(f"{adapter}: not a LoRA adapter GGUF (general.type is not 'adapter'); "
+                                    "convert one with: convcore run ADAPTER --to gguf --base BASE")
+            kwargs.update(lora_path=str(adapter), lora_scale=float(loras[0][1]))
         self._kwargs = kwargs
         try:
             self.llm = llama_cpp.Llama(str(path), **kwargs)
         except ValueError as exc:
             raise ConvcoreError(f"{path}: llama.cpp cannot load it ({exc})") from None
+        except RuntimeError as exc:   # llama-cpp-python's "Failed to load LoRA adapter"
+            raise ConvcoreError(f"{path}: llama.cpp cannot apply {loras[0][0]} ({exc})") from None
+        self.lora_applied = bool(loras)
         self._per_token: Any = None    # a second context without pooling, made on demand
         self.n_ctx = n_ctx
         self.vocab_size = self.llm.n_vocab()

@@ -82,7 +82,7 @@ def convcore_register_formats(register: Callable[..., None]) -> None:
                     directory=True, schemes=SCHEMES, detect=detect,
                     outputs=("config.json", "model.safetensors", "model-*-of-*.safetensors",
                              "model.safetensors.index.json"), options=OPTIONS,
-                    scheme_package="quant-rowwise", architectures=architectures))
+                    scheme_package="quant-rowwise", architectures=architectures, adapters=True))
 
 
 #: the architectures conv-mlx's own tests run in mlx-lm against transformers
@@ -121,6 +121,9 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
                    progress: Callable[[str], None]) -> Path | None:
     if fmt != "mlx":
         return None
+    if convcore.adapter_info(model) is not None:
+        from .adapter import write_adapter
+        return write_adapter(model, Path(path), options, progress)
     return write_mlx(convcore.text_model(model, "mlx-lm"), Path(path), options, progress)
 
 
@@ -128,6 +131,9 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
 def convcore_validate(path: Path, fmt: str) -> list[str] | None:
     if fmt != "mlx":
         return None
+    if (Path(path) / "adapters.safetensors").is_file():
+        from .adapter import validate_adapter
+        return validate_adapter(Path(path))
     return validate_mlx(Path(path))
 
 

@@ -25,10 +25,16 @@ class MlxSession(Session):
                                 "(pip install 'conv-mlx[infer]')") from None
         self._mx, self._make_cache = mx, make_prompt_cache
         self.path = path
+        loras = list(options.get("lora") or ())
+        if len(loras) > 1 or any(float(scale) != 1.0 for _, scale in loras):
+            raise ConvcoreError(f"{path}: mlx-lm applies one LoRA adapter at its own scale; merge the others "
+                                "(convcore run BASE --lora ADAPTER:SCALE)")
+        adapter = str(loras[0][0]) if loras else None
         try:
-            self.model, tokenizer = load(str(path))
+            self.model, tokenizer = load(str(path), adapter_path=adapter)
         except (ValueError, FileNotFoundError, KeyError) as exc:
             raise ConvcoreError(f"{path}: mlx-lm cannot load it: {first_line(exc)}") from None
+        self.lora_applied = bool(loras)
         args = getattr(self.model, "args", None)
         self.vocab_size = int(getattr(args, "vocab_size", 0) or 0)
         self.stop_ids = tuple(sorted(int(t) for t in getattr(tokenizer, "eos_token_ids", ()) or ()))

@@ -45,6 +45,8 @@ class ServedModel:
     fmt: str | None = None
     owned_by: str = "convcore"
     meta: dict = field(default_factory=dict)
+    #: LoRA adapters ``[(path, scale)]`` its runtime applies (``serve --lora``)
+    lora: tuple = ()
 
     def card(self) -> dict[str, Any]:
         """The model's entry in ``GET /v1/models``; ``created`` is ``meta["created"]``,

@@ -22,8 +22,11 @@ from convcore.options import parse_size
               help="Require 'Authorization: Bearer KEY' on every route but /health [env CONVCORE_API_KEY].")
 @click.option("--max-body", default="32M", show_default=True,
               help="Largest request body accepted (e.g. 1M); larger ones get 413 unparsed.")
+@click.option("--lora", "loras", multiple=True, metavar="ADAPTER[:SCALE]",
+              help="Apply a LoRA adapter to every served model in its runtime (as infer --lora).")
 def serve(models: tuple[Path, ...], host: str, port: int, max_loaded: int, ctx: int | None,
-          threads: int | None, api_key: str | None = None, max_body: str = "32M") -> None:
+          threads: int | None, api_key: str | None = None, max_body: str = "32M",
+          loras: tuple[str, ...] = ()) -> None:
     """Serve models over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
     /v1/chat/completions, /v1/embeddings). Give model paths of any format convcore runs,
     served as their file or directory names, or one model_registry.json."""
@@ -33,6 +36,13 @@ def serve(models: tuple[Path, ...], host: str, port: int, max_loaded: int, ctx: 
     from . import serve as run_server
 
     served = models_from_args(models)
+    if loras:
+        import dataclasses
+
+        from convcore.lora import parse_lora
+
+        adapters = tuple(parse_lora(spec) for spec in loras)
+        served = [dataclasses.replace(m, lora=adapters) for m in served]
     try:
         run_server(served, host=host, port=port, max_loaded=max_loaded, ctx=ctx, threads=threads,
                    api_key=api_key or None, max_body=parse_size(max_body))

@@ -184,6 +184,8 @@ class SessionPool:
         options: dict[str, Any] = {"n_ctx": prepared.n_ctx, "verbose": False}
         if self.threads:
             options["threads"] = self.threads
+        if served.lora:
+            options["lora"] = list(served.lora)
         try:
             session = get_registry().open_session(served.path, served.fmt, options)
         except Exception as exc:  # noqa: BLE001 - any failure is this model's, one line
