@@ -485,3 +485,30 @@ def test_api_key_and_body_limit_guard_every_route_but_health(tmp_path: Path) -> 
     # no key: open, as before
     with TestClient(create_app(SessionPool([ServedModel("llama", tiny_model("llama"), "hf")]))) as http:
         assert http.get("/v1/models").status_code == 200
+
+
+def test_serve_lora_answers_as_infer_lora(tmp_path: Path) -> None:
+    """``serve --lora`` has llama.cpp apply the adapter GGUF: the greedy completion equals
+    ``convcore infer --lora`` and differs from the base's."""
+    from convcore.testing.adapters import tiny_lora
+
+    hf = tiny_model("llama")
+    base, adapter = tmp_path / "base.gguf", tmp_path / "adapter.gguf"
+    convcore.convert(hf, base, to="gguf", dtype="f32")
+    convcore.convert(tiny_lora(hf), adapter, to="gguf")
+    log = tmp_path / "serve.log"
+    server = start([base, "--lora", adapter], log)
+    text = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = [subprocess.Popen(convcore_cmd("infer", base, "--prompt", PROMPT, "--max-tokens", MAX_TOKENS, *extra),
+                             **text) for extra in (["--lora", adapter], [])]
+    try:
+        expected, plain = (finished(proc) for proc in runs)
+        url = wait_ready(server, log)
+        import openai
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = c.completions.create(model="base.gguf", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+        assert r.choices[0].text == expected != plain
+    finally:
+        for proc in [*runs, server]:
+            stop(proc)
+    assert "Traceback" not in log.read_text()
