@@ -506,7 +506,7 @@ def test_serve_lora_answers_as_infer_lora(tmp_path: Path) -> None:
         url = wait_ready(server, log)
         import openai
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        r = c.completions.create(model="base.gguf", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+        r = c.completions.create(model="base", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
         assert r.choices[0].text == expected != plain
     finally:
         for proc in [*runs, server]:
