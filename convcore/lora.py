@@ -15,15 +15,18 @@ The adapter's ``arch`` and ``config`` are its base's, so writers know the archit
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .model import ConvcoreError, Model, TensorRef, cast
+from .model import ConvcoreError, Model, TensorRef, cast, page_releaser
 from .rowblocks import row_block_loaders
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -263,21 +266,50 @@ def merged_model(base: Model, adapters: list[tuple[Model, float]]) -> Model:
                  source=base.source, format=base.format, companions=base.companions)
 
 
+#: merged tensors most recently loaded whole, kept for writers that load a tensor once per
+#: slice of its rows (conv-gguf does): a few tensors at most, as a plain conversion holds
+_RECENT: "OrderedDict[int, np.ndarray]" = OrderedDict()
+_RECENT_SIZE = 3
+_RECENT_LOCK = threading.Lock()
+_KEYS = itertools.count()
+
+
 def _merged_ref(ref: TensorRef, terms: list[tuple[TensorRef, TensorRef, float]]) -> TensorRef:
-    held: dict[str, Any] = {}
+    local = threading.local()   # one pass's arrays per thread: passes may run side by side
 
     def prepare() -> None:
-        held["w"] = ref.load()
-        held["terms"] = [(cast(np.asarray(a.load()), "f32"), cast(np.asarray(b.load()), "f32"), np.float32(s))
-                         for a, b, s in terms]
+        local.w = ref.load()
+        local.release = page_releaser(np.asarray(local.w))
+        local.terms = [(cast(np.asarray(a.load()), "f32"), cast(np.asarray(b.load()), "f32"), np.float32(s))
+                       for a, b, s in terms]
 
     def rows(start: int, stop: int) -> np.ndarray:
-        block = np.array(cast(np.asarray(held["w"][start:stop]), "f32"), dtype=np.float32, copy=True)
-        for a, b, scale in held["terms"]:
-            block += scale * (b[start:stop] @ a)
+        piece = np.asarray(local.w[start:stop])
+        block = np.array(cast(piece, "f32"), dtype=np.float32, copy=True)
+        local.release(piece)   # the source's pages, read, leave this process's memory
+        for a, b, scale in local.terms:
+            delta = b[start:stop] @ a
+            delta *= scale
+            block += delta
         return cast(block, ref.dtype)
 
-    load, pieces = row_block_loaders(tuple(ref.shape), rows, ref.dtype, prepare)
+    whole, pieces = row_block_loaders(tuple(ref.shape), rows, ref.dtype, prepare)
+    lock = threading.Lock()
+    key = next(_KEYS)   # never reused, unlike an id()
+
+    def load() -> np.ndarray:
+        with lock:   # a second caller waits for the first's result instead of redoing it
+            with _RECENT_LOCK:
+                if key in _RECENT:
+                    _RECENT.move_to_end(key)
+                    return _RECENT[key]
+            array = whole()
+            with _RECENT_LOCK:
+                _RECENT[key] = array
+                while len(_RECENT) > _RECENT_SIZE:
+                    _RECENT.popitem(last=False)
+            return array
+
     return TensorRef(ref.name, tuple(ref.shape), ref.dtype, load, source=ref.source, chunk_loader=pieces)
 
 

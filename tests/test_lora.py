@@ -139,6 +139,12 @@ def test_q8_0_adapter_types(tmp_path: Path, base_gguf) -> None:
     reference = peft_logits(base, adapter, IDS)
     # q8_0's rounding of A moves the logits a little; the base alone is far off
     assert rel(llamacpp_logits(base_gguf("llama"), IDS, out), reference) <= 1e-2
+    assert convcore.get_registry().validate(out, "gguf") == []
+    with pytest.raises(convcore.ConvcoreError, match="a LoRA adapter for llama .*apply it with --lora"):
+        convcore.convert(out, tmp_path / "back", "hf")
+    # a model GGUF where an adapter is expected is one line, never the base run silently
+    with pytest.raises(convcore.ConvcoreError, match="not a LoRA adapter GGUF"):
+        llamacpp_logits(base_gguf("llama"), IDS, base_gguf("llama"))
 
 
 def test_hf_runtime_applies_peft_and_scales(tmp_path: Path, run_cli) -> None:

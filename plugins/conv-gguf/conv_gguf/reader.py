@@ -214,6 +214,11 @@ def load_gguf(path: Path) -> Model:
         raise ConvcoreError(f"{path}: a gguf model is a file")
     kv, tensors = _open(shard_paths(path))
     arch_name = kv.get("general.architecture")
+    if kv.get("general.type") == "adapter":
+        # an adapter has no hyper-parameters to map its tensors back with: runtimes apply it
+        return _unmapped(path, kv, tensors, f"a LoRA adapter for {arch_name} (alpha "
+                                            f"{kv.get('adapter.lora.alpha')}); apply it with --lora "
+                                            "on infer, compare or serve, or convert its PEFT folder")
     known = arch_table.read_back()
     if arch_name not in known:
         return _unmapped(path, kv, tensors, f"GGUF architecture {arch_name!r} cannot be read back "
