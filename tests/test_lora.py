@@ -15,7 +15,10 @@ from convcore.testing.adapters import peft_logits, tiny_lora
 from convcore.testing.models import reference_logits, tiny_model
 
 IDS = [1, 5, 9, 20, 33, 7, 2, 50, 101, 13, 77, 4]
-FAMILIES = ("llama", "qwen2", "gemma")
+FAMILIES = ("llama", "qwen2", "gemma", "qwen2_moe")
+#: transformers keeps a MoE layer's experts as stacked parameters, which PEFT's LoRA does not
+#: target: the MoE base's adapter is on attention
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -44,7 +47,8 @@ def base_gguf(tmp_path_factory):
 def test_adapter_gguf_in_llamacpp_and_merge_match_peft(family: str, tmp_path: Path, base_gguf) -> None:
     base = tiny_model(family)
     # Gemma's scaled embeddings make its logits larger: a larger B moves them as much
-    adapter = tiny_lora(base, b_scale=0.08) if family == "gemma" else tiny_lora(base)
+    adapter = (tiny_lora(base, b_scale=0.08) if family == "gemma" else
+               tiny_lora(base, targets=ATTENTION) if family == "qwen2_moe" else tiny_lora(base))
     reference = peft_logits(base, adapter, IDS)
     plain = llamacpp_logits(base_gguf(family), IDS)
     assert rel(plain, reference) > 0.05   # the adapter changes the model: a dropped one shows
