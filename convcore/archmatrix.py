@@ -12,14 +12,14 @@ from .multimodal import IMAGE_TEXT
 TEXT_OF = {"gemma3": "gemma3_text", "mistral3": "mistral", "llava": "llama"}
 
 
-ADAPTER_SOURCES = ("peft", "mlx-adapter")
+#: sources read over another model or made up: never converted on their own account
+ADAPTER_SOURCES = ("peft", "mlx-adapter", "fake")
 
 
 def matrix(registry: Any) -> dict[str, Any]:
     """``{"formats": [...], "archs": {model_type: {format: cell}}}``; a cell is the
     format's declaration (``write``, ``read``, ``checked``, ``note``) or ``{"any": True}``
     for formats that store any architecture."""
-    # adapter folders (peft, mlx-adapter) are read over a base model, never converted alone
     formats = sorted((f for f in registry.formats.values() if f.name not in ADAPTER_SOURCES),
                      key=lambda f: (f.name != "hf", f.name))
     declared = {f.name: f.architectures() for f in formats if f.architectures is not None}

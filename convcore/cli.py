@@ -441,6 +441,31 @@ def warmup(names: tuple[str, ...], jobs: int | None) -> None:
         raise SystemExit(1)
 
 
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path),
+              help="The HF folder to write.")
+@click.option("--init", type=click.Choice(["random", "zeros"]), default="random", show_default=True,
+              help="random: N(0, initializer_range), norms 1, biases 0; zeros: zeros, norms 1.")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), help="Type of the weights (default: the config's).")
+@click.option("--layers", type=click.IntRange(min=1), help="Keep the first N layers (a small stand-in).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random values.")
+@click.option("--force", is_flag=True, help="Replace DST when it is a previous hf output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def fake(src: Path, dst: Path, init: str, dtype: str | None, layers: int | None, seed: int, force: bool,
+         quiet: bool) -> None:
+    """Write an HF checkpoint of SRC's architecture (a model folder or a config.json) with
+    generated weights of its exact shapes, plus its tokenizer and companion files; streamed,
+    so any size costs a block of memory. `run SRC --from fake` converts one to any format."""
+    from .builtins.fake import describe, load_fake
+
+    options = {"init": init, "seed": seed, "layers": layers}
+    click.echo(describe(load_fake(src, options)), err=True)
+    written = convert(src, dst, "hf", from_="fake", dtype=dtype, force=force, progress=not quiet,
+                      load_options=options)
+    click.echo(f"wrote {written}", err=True)
+
+
 @cli.command("new-plugin")
 @click.argument("name")
 @click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,

@@ -108,6 +108,7 @@ def convert(
     allow_nonfinite: bool = False,
     base: str | os.PathLike | None = None,
     loras: Iterable[str] = (),
+    load_options: dict[str, Any] | None = None,
 ) -> Path:
     """Convert the model at ``src`` to format ``to`` at ``dst``; the Python face of
     ``convcore run``. Returns the path written (the first file for split outputs).
@@ -116,7 +117,8 @@ def convert(
     and the file it is in) unless ``allow_nonfinite``.
 
     ``base`` is the base model of an adapter ``src`` (PEFT or mlx-lm); ``loras`` are
-    ``ADAPTER[:SCALE]`` adapters merged into each weight as it streams.
+    ``ADAPTER[:SCALE]`` adapters merged into each weight as it streams. ``load_options``
+    go to the reader (the ``fake`` format's ``init``, ``seed``, ``layers``).
 
     ``options`` are the target format's declared options (what ``-O KEY=VALUE`` sets);
     an undeclared or ill-typed one is an error before any work starts.
@@ -128,14 +130,14 @@ def convert(
     with using(registry):
         return _convert(registry, Path(src), Path(dst), to, from_, quant, dtype, metadata,
                         jobs, force, validate, options, progress, allow_nonfinite,
-                        None if base is None else str(base), list(loras))
+                        None if base is None else str(base), list(loras), load_options)
 
 
 def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | None,
              quant: str | None, dtype: str | None, metadata: dict[str, str] | None,
              jobs: int | None, force: bool, validate: bool, options: dict[str, Any] | None,
              progress: bool, allow_nonfinite: bool = False, base: str | None = None,
-             loras: list[str] | None = None) -> Path:
+             loras: list[str] | None = None, load_options: dict[str, Any] | None = None) -> Path:
     if not src.exists():
         raise ConvcoreError(f"{src}: no such file or directory")
     out_fmt = registry.format(to)
@@ -150,7 +152,7 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
             raise ConvcoreError(f"{dst}: already exists; pass --force to overwrite")
         check_replaceable(dst, out_fmt)
 
-    model = registry.load(src, from_, {"base": base} if base else None)
+    model = registry.load(src, from_, {**(load_options or {}), **({"base": base} if base else {})})
     if adapter_info(model) is not None:
         if loras:
             raise ConvcoreError(f"{src}: is an adapter; --lora merges adapters into a base model")

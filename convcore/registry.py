@@ -30,8 +30,8 @@ from .model import ConvcoreError, Model, QuantizedTensor, TensorRef, one_line
 from .options import Option
 from .runtime import Session
 
-DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.adapters", "convcore.builtins.quantize",
-                   "convcore.builtins.infer")
+DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.adapters", "convcore.builtins.fake",
+                   "convcore.builtins.quantize", "convcore.builtins.infer")
 ENTRY_POINT_GROUP = "convcore"
 FLOAT_SCHEMES = ("f32", "f16", "bf16")
 

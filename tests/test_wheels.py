@@ -94,10 +94,10 @@ def test_one_distribution_at_a_time(fresh, tiny_model_factory, tmp_path):
 
     # 1. the core alone: hf and the adapter folders it reads, and a missing format says so
     install("convcore")
-    assert list(formats(run)) == ["hf", "mlx-adapter", "peft"]
+    assert list(formats(run)) == ["fake", "hf", "mlx-adapter", "peft"]
     r = run("run", spm, "-o", tmp_path / "x.gguf", "--to", "gguf", check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
-    assert r.stderr.startswith("error: unknown format 'gguf' (known: hf, mlx-adapter, peft); "
+    assert r.stderr.startswith("error: unknown format 'gguf' (known: fake, hf, mlx-adapter, peft); "
                                "no installed plugin provides it")
     run("run", spm, "-o", tmp_path / "f16", "--to", "hf", "--dtype", "f16", "-q")
     #    the fleet's and the server's commands are plugins': the core names them
