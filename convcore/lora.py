@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .hub import is_hub_id, resolve
 from .model import ConvcoreError, Model, TensorRef, cast, page_releaser
 from .rowblocks import row_block_loaders
 
@@ -83,15 +84,15 @@ def base_for(path: Path, given: str | Path | None) -> Path:
     adapter config's ``base_model_name_or_path`` (PEFT) or ``model`` (mlx-lm) when it is
     a local path."""
     if given:
-        base = Path(given)
+        base = resolve(given)
         if not base.exists():
             raise ConvcoreError(f"{base}: no such file or directory (the base model for {path})")
         return base
     config = _read_config(path)
     named = config.get("base_model_name_or_path") or config.get("model")
-    if named and Path(str(named)).exists():
-        return Path(str(named))
-    said = f"its config names {named!r}, not a local folder" if named else "its config names none"
+    if named and (Path(str(named)).exists() or is_hub_id(str(named))):
+        return resolve(str(named))
+    said = f"its config names {named!r}, neither a local folder nor a hub id" if named else "its config names none"
     raise ConvcoreError(f"{path}: a LoRA adapter needs its base model; {said}: pass --base BASE")
 
 
@@ -267,7 +268,7 @@ def merged_model(base: Model, adapters: list[tuple[Model, float]]) -> Model:
 
 
 #: merged tensors most recently loaded whole, kept for writers that load a tensor once per
-#: slice of its rows (conv-gguf does): a few tensors at most, as a plain conversion holds
+#: slice of its rows (the gguf writer does): a few tensors at most, as a plain conversion holds
 _RECENT: "OrderedDict[int, np.ndarray]" = OrderedDict()
 _RECENT_SIZE = 3
 _RECENT_LOCK = threading.Lock()

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from .destination import check_location, check_replaceable
+from .hub import resolve
 from .lora import adapter_info, with_loras
 from .model import ConvcoreError, Model, TensorRef, has_nonfinite, one_line
 from .options import check_options
@@ -138,9 +139,10 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
              jobs: int | None, force: bool, validate: bool, options: dict[str, Any] | None,
              progress: bool, allow_nonfinite: bool = False, base: str | None = None,
              loras: list[str] | None = None, load_options: dict[str, Any] | None = None) -> Path:
+    out_fmt = registry.format(to)
+    given, src = src, resolve(src)   # a hub id: its local snapshot
     if not src.exists():
         raise ConvcoreError(f"{src}: no such file or directory")
-    out_fmt = registry.format(to)
     if not out_fmt.can_write:
         raise ConvcoreError(f"format {to!r} can be read but not written")
     quant, dtype = normalise_types(out_fmt.schemes, to, quant, dtype)
@@ -153,6 +155,9 @@ def _convert(registry: Registry, src: Path, dst: Path, to: str, from_: str | Non
         check_replaceable(dst, out_fmt)
 
     model = registry.load(src, from_, {**(load_options or {}), **({"base": base} if base else {})})
+    if given != src:   # named after the repository, not its snapshot folder
+        model.metadata.setdefault("hub_id", str(given))
+        model.metadata.setdefault("name", str(given).split("@")[0].split("/")[-1])
     if adapter_info(model) is not None:
         if loras:
             raise ConvcoreError(f"{src}: is an adapter; --lora merges adapters into a base model")

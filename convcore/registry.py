@@ -28,6 +28,7 @@ import pluggy
 from . import hookspecs
 from .model import ConvcoreError, Model, QuantizedTensor, TensorRef, one_line
 from .options import Option
+from .hub import is_hub_id, resolve
 from .runtime import Session
 
 DEFAULT_PLUGINS = ("convcore.builtins.hf", "convcore.builtins.adapters", "convcore.builtins.fake",
@@ -395,7 +396,7 @@ class Registry:
 
     def detect(self, path: Path) -> str:
         """Name of the readable format that claims ``path`` most strongly."""
-        path = Path(path)
+        path = resolve(path)   # a hub id: its local snapshot
         if not path.exists():
             raise ConvcoreError(f"{path}: no such file or directory")
         scores = []
@@ -413,8 +414,9 @@ class Registry:
 
     # hooks ----------------------------------------------------------------------
     def load(self, path: Path, fmt: str | None = None, options: dict | None = None) -> Model:
-        """Load ``path`` (format detected when ``fmt`` is None) lazily."""
-        path = Path(path)
+        """Load ``path`` (format detected when ``fmt`` is None, a hub id fetched) lazily."""
+        given = path
+        path = resolve(path)   # a hub id: its local snapshot
         if not path.exists():
             raise ConvcoreError(f"{path}: no such file or directory")
         fmt = fmt or self.detect(path)
@@ -431,6 +433,9 @@ class Registry:
             raise ConvcoreError(f"{path}: no plugin loads format {fmt!r}")
         model.format = model.format or fmt
         model.source = model.source or str(path)
+        if given != path and is_hub_id(given):   # named after the repository, not its snapshot
+            model.metadata.setdefault("hub_id", str(given))
+            model.metadata.setdefault("name", str(given).split("@")[0].split("/")[-1])
         return model
 
     def map_names(self, model: Model, target: str) -> dict[str, str]:
@@ -479,7 +484,7 @@ class Registry:
         return Path(result)
 
     def validate(self, path: Path, fmt: str | None = None) -> list[str]:
-        path = Path(path)
+        path = resolve(path)
         fmt = fmt or self.detect(path)
         self.format(fmt)
         with using(self):
@@ -495,7 +500,7 @@ class Registry:
                      options: dict | None = None) -> Session:
         """The model at ``path`` open in its format's runtime (close it, or use
         ``with``)."""
-        path = Path(path)
+        path = resolve(path)   # a hub id: its local snapshot
         if not path.exists():
             raise ConvcoreError(f"{path}: no such file or directory")
         fmt = fmt or self.detect(path)

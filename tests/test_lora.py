@@ -182,7 +182,7 @@ def test_bad_adapters_are_one_line(case: str, tmp_path: Path, run_cli) -> None:
     if case == "wrong base":
         extra, expect = ["--base", tiny_model("llama", hidden=128, heads=2, kv_heads=1)], "does not fit the base"
     elif case == "no base":
-        adapter, expect = _broken(tmp_path, adapter, base_model_name_or_path="org/not-here"), "pass --base BASE"
+        adapter, expect = _broken(tmp_path, adapter, base_model_name_or_path="/no/such/base"), "pass --base BASE"
     elif case == "ia3":
         adapter, expect = _broken(tmp_path, adapter, peft_type="IA3"), "only LoRA adapters convert"
     elif case == "embedding to gguf":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..hookspecs import hookimpl
+from ..hub import resolve
 from ..lora import base_for, detect_mlx_adapter, detect_peft, read_mlx_adapter, read_peft
 from ..model import ConvcoreError, Model
 from ..registry import Format, get_registry
@@ -28,7 +29,7 @@ def convcore_register_formats(register: Callable[..., None]) -> None:
 
 def load_adapter(path: Path, base: Model) -> Model:
     """The adapter at ``path`` (either kind, detected) over the loaded ``base``."""
-    path = Path(path)
+    path = resolve(path)   # a hub id: its local snapshot
     if not path.exists():
         raise ConvcoreError(f"{path}: no such file or directory (a --lora adapter)")
     if detect_mlx_adapter(path):

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import convcore
 from convcore.model import ConvcoreError
+from convcore.hub import is_hub_id, resolve
 from convcore.registry import get_registry
 
 
@@ -115,7 +116,9 @@ def models_from_args(args: Sequence[Path]) -> list[ServedModel]:
         if not models:
             raise ConvcoreError(f"{args[0]}: the registry lists no models to serve")
     else:
-        models = [ServedModel(model_id(p), Path(p)) for p in args]
+        # a hub id is served under that id, from its local snapshot
+        models = [ServedModel(str(p), resolve(p)) if is_hub_id(p) and not Path(p).exists()
+                  else ServedModel(model_id(p), Path(p)) for p in args]
     registry = get_registry()
     seen: dict[str, Path] = {}
     out = []
