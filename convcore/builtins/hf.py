@@ -25,6 +25,7 @@ import numpy as np
 from ..hookspecs import hookimpl
 from ..model import FLOAT_DTYPES, ConvcoreError, Model, TensorRef, arch_of
 from ..options import Option
+from ..quantized import dequantized_model
 from ..registry import Format
 from ..safetensors_io import (AHEAD_BYTES, PlannedTensor, index_shards, inside_model, open_tensors, read_header,
                               with_user_metadata, write_sharded)
@@ -276,6 +277,8 @@ def load_hf(path: Path) -> Model:
     else:
         tensors = _bin_tensors(files)
     metadata: dict[str, Any] = {"source": str(path)}
+    if config.get("quantization_config"):   # quantized layers read back as float32, lazily
+        config, tensors, metadata["source_quantization"] = dequantized_model(config, tensors, path)
     if (path / "generation_config.json").is_file():
         metadata["generation_config"] = read_json(path / "generation_config.json")
     return Model(arch=arch_of(config), config=config, tensors=tensors,
