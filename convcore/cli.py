@@ -221,6 +221,8 @@ def inspect(path: Path, fmt: str | None, as_json: bool, list_tensors: bool) -> N
     size = f", {info['size_bytes'] / 1e6:.1f} MB on disk" if info["size_bytes"] is not None else ""
     click.echo(f"{info['path']}: {info['format']} {info['arch']}, "
                f"{info['params'] / 1e6:.2f}M params in {info['tensors']} tensors{size}")
+    if info["metadata"].get("source_quantization"):
+        click.echo(f"  quantized source: {info['metadata']['source_quantization']} (read as float32)")
     if "adapter" in info:
         ad = info["adapter"]
         click.echo(f"  LoRA adapter ({ad['source_format']}): rank {ad['rank']}, alpha {ad['alpha']:g}"

@@ -68,7 +68,7 @@ def write_adapter(model: Model, path: Path, options: dict[str, Any], progress: C
             writer.write(f"{stem}.lora_b", cast(b, dtype))
             progress(weight)
     except BaseException:
-        writer._file.close()
+        writer.abort()
         raise
     writer.close()
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

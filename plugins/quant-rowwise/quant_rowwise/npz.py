@@ -56,7 +56,12 @@ def register_npz(register: Callable[..., None]) -> None:
                                  convcore.Option("row_search", "choice", "mse",
                                                  "how int{1,2,4,8}-row picks scale and zero point: "
                                                  "least squares (mse) or min/max",
-                                                 choices=("mse", "minmax")))))
+                                                 choices=("mse", "minmax")),
+                                 convcore.Option("manifest", "choice", "convcore",
+                                                 "manifest shape: convcore's (format_version 1) or APL's own "
+                                                 "(format_version \"2\": family/hidden_dim/context_length, "
+                                                 "per-weight quantization, .npy member names)",
+                                                 choices=("convcore", "apl")))))
 
 
 def relative_error(x: np.ndarray, y: np.ndarray) -> float:
@@ -160,10 +165,55 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
                          else f"asymmetric-{'least-squares' if search == 'mse' else 'minmax'}"},
         "weights": weights,
     }
+    if options.get("manifest") == "apl":
+        manifest = apl_manifest(manifest, model, dict(options.get("metadata") or {}))
     (path / f"{name}_manifest_q{bits}.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (path / "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
     convcore.write_tokenizer_files(path, model)
     return path
+
+
+def apl_manifest(ours: dict[str, Any], model: Model, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Our manifest in the shape APL writes: format_version "2", ``model`` with ``family``,
+    ``hidden_dim`` and ``context_length``, a top-level ``metadata``, and each weight's
+    ``quantization {type, bits, method}`` with member names carrying ``.npy``."""
+    c = model.config
+    block = {"family": model.arch, "name": ours["model"].get("name"), "hidden_dim": c.get("hidden_size"),
+             "num_layers": c.get("num_hidden_layers"), "context_length": c.get("max_position_embeddings"),
+             "vocab_size": c.get("vocab_size")}
+    method = ours["quantization"]["method"]
+    weights = []
+    for entry in ours["weights"]:
+        quantized = entry["bit_width"] != 32
+        out = {"name": entry["name"], "shape": entry["shape"],
+               "quantization": ({"type": "perrow_int", "bits": entry["bit_width"], "method": method} if quantized
+                                else {"type": "float32", "bits": 32, "method": "none"})}
+        for key in ("q", "q_scales", "q_zero_point"):
+            out[key] = f"{entry[key]}.npy" if entry.get(key) else None
+        weights.append(out)
+    return {"format_version": "2", "model": {k: v for k, v in block.items() if v is not None},
+            "metadata": {str(k): str(v) for k, v in metadata.items()}, "file": ours["file"],
+            "quantization": ours["quantization"], "weights": weights}
+
+
+def _normalised(entry: Any) -> Any:
+    """A weights entry in this reader's terms: APL's own manifests (format_version "2") give
+    ``quantization: {type, bits, method}`` instead of ``bit_width`` / ``scheme`` and member
+    names with their ``.npy`` suffix."""
+    if not isinstance(entry, dict):
+        return entry
+    out = dict(entry)
+    quant = out.get("quantization")
+    if "bit_width" not in out and isinstance(quant, dict):
+        floats = str(quant.get("type", "")).startswith("float") or quant.get("bits") == 32
+        out["bit_width"] = 32 if floats else quant.get("bits")
+        if not floats and "scheme" not in out:
+            sym = "symmetric" in str(quant.get("method", "")) and "asymmetric" not in str(quant.get("method", ""))
+            out["scheme"] = "int8-row-sym" if sym and quant.get("bits") == 8 else f"int{quant.get('bits')}-row"
+    for key in ("q", "q_scales", "q_zero_point"):
+        if isinstance(out.get(key), str):
+            out[key] = out[key].removesuffix(".npy")
+    return out
 
 
 def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -174,6 +224,7 @@ def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("weights"), list):
         raise ConvcoreError(f"{manifests[0]}: no weights list")
     npz_name = manifest.get("file") or manifests[0].name.replace("_manifest_", "_quantized_").replace(".json", ".npz")
+    manifest["weights"] = [_normalised(e) for e in manifest["weights"]]
     for entry in manifest["weights"]:
         if not isinstance(entry, dict):
             raise ConvcoreError(f"{manifests[0]}: a weights entry is {type(entry).__name__}, not an object")
@@ -301,10 +352,15 @@ def convcore_load(path: Path, fmt: str, options: dict[str, Any]) -> Model | None
                                                              if m is not None),
                                            chunk_loader=pieces)
     config_path = Path(path) / "config.json"
-    config = convcore.read_json(config_path) if config_path.is_file() else {"model_type": manifest["model"].get("arch", "unknown")}
+    block = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    arch = block.get("arch") or block.get("family") or "unknown"   # APL names it family
+    config = convcore.read_json(config_path) if config_path.is_file() else {"model_type": arch}
+    metadata = {str(k): str(v) for k, v in (manifest.get("metadata") or {}).items()} \
+        if isinstance(manifest.get("metadata"), dict) else {}
+    metadata["name"] = block.get("name", "")
     return Model(arch=convcore.arch_of(config), config=config, tensors=tensors,
                  tokenizer=convcore.read_tokenizer_files(Path(path)),
-                 metadata={"name": manifest["model"].get("name", "")}, source=str(path), format="npz")
+                 metadata=metadata, source=str(path), format="npz")
 
 
 @convcore.hookimpl
@@ -336,6 +392,8 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
                     problems.append(f"{npz}: weight {name!r}: codes {list(q.shape)}, expected {list(want)} at {bits} bits")
                 err = entry.get("rel_error")
                 tol = TOLERANCE.get(bits)
+                if err is None and str(manifest.get("format_version")) == "2":
+                    continue   # APL's own manifests carry no measured error
                 if tol is None or type(err) not in (int, float) or not err <= tol:
                     problems.append(f"{npz}: weight {name!r}: relative error {err} over the {tol} "
                                     f"tolerance for {bits} bits")

@@ -101,3 +101,35 @@ def test_recorded_error_over_tolerance_fails_validation(npz_dir):
     manifest_file.write_text(json.dumps(manifest))
     problems = convcore.get_registry().validate(npz_dir)
     assert len(problems) == 1 and "over the 0.15 tolerance for 4 bits" in problems[0]
+
+
+def test_apl_manifest_goes_both_ways(tiny_llama, tmp_path, run_cli):
+    """-O manifest=apl writes APL's own manifest (format_version "2", family/hidden_dim/
+    context_length, per-weight quantization, .npy member names, top-level metadata, no
+    rel_error); both manifests read back to the same tensors."""
+    ours, apl = tmp_path / "ours", tmp_path / "apl"
+    convcore.convert(tiny_llama, ours, "npz", quant="int4-row")
+    r = run_cli("run", tiny_llama, "--to", "npz", "--quant", "int4-row", "-O", "manifest=apl",
+                "--metadata", "author=apl-test", "-o", apl)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(next(apl.glob("*_manifest_q4.json")).read_text())
+    assert manifest["format_version"] == "2" and manifest["metadata"] == {"author": "apl-test"}
+    assert manifest["model"]["family"] == "llama" and manifest["model"]["hidden_dim"] == 256
+    assert manifest["model"]["context_length"] == 512
+    first = next(w for w in manifest["weights"] if w["quantization"]["type"] == "perrow_int")
+    assert first["quantization"]["bits"] == 4 and first["q"].endswith(".npy")
+    assert not any("rel_error" in w or "bit_width" in w for w in manifest["weights"])
+    assert convcore.get_registry().validate(apl, "npz") == []
+    a, b = convcore.load(ours), convcore.load(apl)
+    assert b.metadata["author"] == "apl-test" and b.arch == "llama"
+    assert list(a.tensors) == list(b.tensors)
+    for name in a.tensors:
+        assert np.array_equal(a.tensors[name].load(), b.tensors[name].load()), name
+
+
+def test_an_apl_manifest_without_config_reads_its_family(tiny_llama, tmp_path):
+    out = tmp_path / "apl"
+    convcore.convert(tiny_llama, out, "npz", quant="int8-row", options={"manifest": "apl"})
+    (out / "config.json").unlink()
+    model = convcore.load(out)
+    assert model.arch == "llama" and model.tensors["model.norm.weight"].dtype == "f32"
