@@ -11,6 +11,7 @@ from .model import (
     DTYPES, FLOAT_DTYPES, ConvcoreError, Model, QuantizedTensor, TensorRef, arch_of, cast,
     cast_chunks, dtype_name, first_line, numpy_dtype, one_line, page_releaser, stack_tensors,
 )
+from .hub import is_hub_id, resolve as resolve_model
 from .lora import adapter_info, lora_pairs
 from .options import Option, parse_size
 from .pipeline import convert, load, ordered_map, prepare, quantize
@@ -34,5 +35,5 @@ __all__ = [
     "open_tensors", "Option", "ordered_map", "page_releaser", "parse_size", "plan_shards", "prepare", "quantize", "read_header", "read_json",
     "read_companions", "read_tokenizer_files", "write_companions", "using", "with_user_metadata", "write_sharded", "write_tokenizer_files",
     "Pooling", "is_encoder", "pool", "read_pooling", "stack_tensors", "hfconfig", "first_line", "one_line", "row_block_loaders", "is_image_text", "text_model",
-    "adapter_info", "lora_pairs",
+    "adapter_info", "lora_pairs", "is_hub_id", "resolve_model",
 ]

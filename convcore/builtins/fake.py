@@ -69,8 +69,23 @@ def architecture_tensors(config: dict[str, Any], where: Path) -> list[tuple[str,
     key = json.dumps(config, sort_keys=True, default=str)
     if key not in _TENSORS:
         _TENSORS.clear()
-        _TENSORS[key] = _architecture_tensors(config, where)
+        _TENSORS[key] = _in_child(config, where)
     return _TENSORS[key]
+
+
+def _in_child(config: dict[str, Any], where: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    """:func:`_architecture_tensors` in a child process: torch and the model's code (about
+    350 MB) never enter this one, whose memory then stays that of a block of values."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "convcore.builtins.fake", str(where)], text=True,
+                          input=json.dumps(config), capture_output=True)
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        message = lines[-1] if lines else f"exit {done.returncode}"
+        raise ConvcoreError(message.removeprefix("error: "))
+    return [(name, tuple(shape), dtype) for name, shape, dtype in json.loads(done.stdout)]
 
 
 _TENSORS: dict[str, list[tuple[str, tuple[int, ...], str]]] = {}   # the last config's
@@ -173,3 +188,13 @@ def describe(model: Model) -> str:
     """One line for the command's report."""
     return (f"{model.arch}: {model.num_params / 1e9:.3f}B params in {len(model.tensors)} tensors, "
             f"{model.nbytes / 1e9:.2f} GB ({model.metadata['fake']})")
+
+
+if __name__ == "__main__":   # the child of _in_child: config on stdin, tensors on stdout
+    import sys
+
+    try:
+        print(json.dumps(_architecture_tensors(json.loads(sys.stdin.read()), Path(sys.argv[1]))))
+    except ConvcoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

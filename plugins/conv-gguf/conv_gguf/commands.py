@@ -36,6 +36,9 @@ def imatrix(src: Path, text_file: Path, dst: Path, ctx: int, chunks: int | None,
     from .imatrix import write_imatrix
     from .imatrix_run import compute
 
+    import convcore
+
+    src = convcore.resolve_model(src)   # a hub id: its local snapshot
     if not src.exists():
         raise ConvcoreError(f"{src}: no such file or directory")
     if dst.exists() and not force:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import convcore
 from convcore.model import ConvcoreError
 
 BATCH_KEYS = {"out", "registry", "jobs", "threads", "check", "memory"}
@@ -211,6 +212,8 @@ def read_plan(path: Path, registry: Any) -> Plan:
             raise ConvcoreError(f"{path}: {what}: 'source' (a path) is required")
         source = Path(os.path.expanduser(m["source"]))
         source = source if source.is_absolute() else base / source
+        if convcore.is_hub_id(m["source"]) and not source.exists():
+            source = Path(m["source"])   # a hub id, fetched when its jobs run
         info = {k: m[k] for k in ("name", "license", "source_url", "description") if k in m}
         info["source"] = m["source"]
         imatrix = m.get("imatrix")

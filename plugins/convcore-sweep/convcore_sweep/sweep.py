@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import convcore
 from convcore import fidelity
 from convcore.destination import check_location, size_on_disk
 from convcore.model import ConvcoreError, one_line
@@ -257,7 +258,7 @@ def sweep(src: str | os.PathLike, to: str, quants: Sequence[str], out_dir: str |
     second job's ``quant`` is ``<type>+imatrix``), so the gain shows side by side.
     """
     registry = registry or get_registry()
-    src = Path(src)
+    src = convcore.resolve_model(src)   # a hub id: its local snapshot
     if not src.exists():
         raise ConvcoreError(f"{src}: no such file or directory")
     fmt = registry.format(to)
