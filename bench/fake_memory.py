@@ -15,20 +15,14 @@ from pathlib import Path
 
 from harness import measure, python, table
 
-LLAMA_70B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
-    "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "hidden_act": "silu", "initializer_range": 0.02,
-}
+from convcore.testing.models import LLAMA_70B_CONFIG
 
 
 def main() -> None:
     layers = int(sys.argv[sys.argv.index("--layers") + 1]) if "--layers" in sys.argv else 8
     work = Path(tempfile.mkdtemp(prefix="convcore-bench-fake-"))
     try:
-        (work / "config.json").write_text(json.dumps(LLAMA_70B))
+        (work / "config.json").write_text(json.dumps(LLAMA_70B_CONFIG))
         rows = [measure(f"convcore fake (Llama-3-70B config, --layers {layers}, bf16)",
                         [python(), "-m", "convcore", "fake", str(work / "config.json"), "-o", str(work / "out"),
                          "--layers", str(layers), "-q"])]

@@ -240,16 +240,24 @@ def inspect(path: Path, fmt: str | None, as_json: bool, list_tensors: bool) -> N
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", metavar="FMT", help="Format (detected when omitted).")
-def validate(path: Path, fmt: str | None) -> None:
-    """Check PATH; exit 0 when valid, 1 with one line per problem otherwise."""
-    problems = get_registry().validate(path, fmt)
-    if problems:
+def validate(paths: tuple[Path, ...], fmt: str | None) -> None:
+    """Check each PATH; exit 0 when all are valid, 1 with one line per problem otherwise
+    (every path is checked, and one that cannot be read is a problem of its own)."""
+    bad = False
+    for path in paths:
+        try:
+            problems = get_registry().validate(path, fmt)
+        except ConvcoreError as exc:
+            problems = [str(exc)]
         for p in problems:
             click.echo(f"invalid: {p}", err=True)
+        bad = bad or bool(problems)
+        if not problems:
+            click.echo(f"{path}: valid")
+    if bad:
         raise SystemExit(1)
-    click.echo(f"{path}: valid")
 
 
 def tokenizer_for(path: Path, fmt: str | None) -> Any:

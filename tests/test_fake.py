@@ -9,17 +9,7 @@ import numpy as np
 import pytest
 
 import convcore
-from convcore.testing.models import tiny_model
-
-LLAMA_70B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
-    "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "hidden_act": "silu", "initializer_range": 0.02,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-}
+from convcore.testing.models import LLAMA_70B_CONFIG, tiny_model
 
 
 def tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -87,7 +77,7 @@ def test_a_70b_config_with_two_layers_loads_in_transformers(tmp_path: Path, run_
     import torch
     import transformers
 
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B_CONFIG))
     out = tmp_path / "fake"
     r = run_cli("fake", tmp_path / "config.json", "-o", out, "--layers", "2", "-q")
     assert r.returncode == 0, r.stderr

@@ -186,16 +186,24 @@ def test_the_other_distributions_one_at_a_time(fresh, tiny_model_factory, tmp_pa
 
 
 @pytest.mark.full
-def test_every_gguf_type_from_the_wheel(fresh, tiny_model_factory, tmp_path):
+def test_every_gguf_type_from_the_wheel(fresh, tiny_model_factory, tmp_path, run_cli):
     """Every gguf type converts from conv-gguf's install alone (each type's kernels are
-    compiled in the fresh venv: a minute; the default tier converts q4_k_m above)."""
+    compiled in the fresh venv: a minute; the default tier converts q4_k_m above), with an
+    importance matrix (made here, in the dev environment, which has torch), since the
+    low-bit IQ types refuse to run without one."""
+    from convcore.testing.tiny_tokenizers import CORPUS
+
     install, run, py = fresh
     spm = tiny_model_factory("llama")
+    imatrix = tmp_path / "imatrix.gguf"
+    made = run_cli("imatrix", spm, "--text", CORPUS, "--ctx", "64", "--chunks", "4", "-o", imatrix)
+    assert made.returncode == 0, made.stderr
     install("conv-gguf")
     gguf_types = formats(run)["gguf"]["schemes"]
     out = tmp_path / "all"
     py("import convcore, sys\n"
        f"for t in {gguf_types!r}:\n"
-       f"    convcore.convert({str(spm)!r}, {str(out)!r} + '-' + t + '.gguf', to='gguf', quant=t)\n")
+       f"    convcore.convert({str(spm)!r}, {str(out)!r} + '-' + t + '.gguf', to='gguf', quant=t,\n"
+       f"                     options={{'imatrix': {str(imatrix)!r}}})\n")
     assert sorted(p.name for p in tmp_path.glob("all-*.gguf")) == sorted(
         f"all-{t}.gguf" for t in gguf_types)

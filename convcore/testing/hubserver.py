@@ -81,6 +81,15 @@ class HubServer:
         h.end_headers()
         h.wfile.write(body)
 
+    def _json(self, h: BaseHTTPRequestHandler, data: Any, head: bool) -> None:
+        body = json.dumps(data).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+
     def _repo(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str) -> Repo | None:
         repo = self.repos.get(repo_id)
         if repo is None:
@@ -101,31 +110,17 @@ class HubServer:
         if api:
             repo = self._repo(h, api[1], api[2] or "main")
             if repo is not None:
-                info = {"id": api[1], "modelId": api[1], "sha": repo.commit, "private": False,
-                        "gated": False, "disabled": False, "tags": [],
-                        "siblings": [{"rfilename": f} for f in repo.files()]}
-                body = json.dumps(info).encode()
-                h.send_response(200)
-                h.send_header("Content-Type", "application/json")
-                h.send_header("Content-Length", str(len(body)))
-                h.end_headers()
-                if not head:
-                    h.wfile.write(body)
+                self._json(h, {"id": api[1], "modelId": api[1], "sha": repo.commit, "private": False,
+                               "gated": False, "disabled": False, "tags": [],
+                               "siblings": [{"rfilename": f} for f in repo.files()]}, head)
             return
         tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
         if tree:   # the file list (recursive), as list_repo_tree reads it
             repo = self._repo(h, tree[1], tree[2])
             if repo is not None:
-                entries = [{"type": "file", "path": f, "size": (repo.folder / f).stat().st_size,
-                            "oid": hashlib.sha1((repo.folder / f).read_bytes()).hexdigest()}
-                           for f in repo.files() if f.startswith(tree[3] or "")]
-                body = json.dumps(entries).encode()
-                h.send_response(200)
-                h.send_header("Content-Type", "application/json")
-                h.send_header("Content-Length", str(len(body)))
-                h.end_headers()
-                if not head:
-                    h.wfile.write(body)
+                self._json(h, [{"type": "file", "path": f, "size": (repo.folder / f).stat().st_size,
+                                "oid": hashlib.sha1((repo.folder / f).read_bytes()).hexdigest()}
+                               for f in repo.files() if f.startswith(tree[3] or "")], head)
             return
         found = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if not found:

@@ -131,6 +131,19 @@ def _perturbed(model: Any, dtype: str) -> Any:
     return model
 
 
+#: Llama-3-70B's config (hidden 8192, 80 layers, vocabulary 128256): what convcore fake's
+#: tests and benchmark generate weights for
+LLAMA_70B_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+    "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "hidden_act": "silu", "initializer_range": 0.02,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+}
+
+
 def make_tiny_model(
     path: str | os.PathLike,
     arch: str = "llama",
