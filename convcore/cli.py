@@ -468,7 +468,9 @@ def fake(src: Path, dst: Path, init: str, dtype: str | None, layers: int | None,
     generated weights of its exact shapes, plus its tokenizer and companion files; streamed,
     so any size costs a block of memory. `run SRC --from fake` converts one to any format."""
     from .builtins.fake import describe, load_fake
+    from .hub import resolve
 
+    src = resolve(src, weights=False)   # a hub id: its config and tokenizer, never its weights
     options = {"init": init, "seed": seed, "layers": layers}
     click.echo(describe(load_fake(src, options)), err=True)
     written = convert(src, dst, "hf", from_="fake", dtype=dtype, force=force, progress=not quiet,

@@ -30,27 +30,31 @@ def is_hub_id(text: str | Path) -> bool:
     return bool(HUB_ID.fullmatch(text)) and not text.startswith((".", "/", "~"))
 
 
-def wanted(files: list[str]) -> list[str]:
-    """The files of a repository a conversion needs."""
+def wanted(files: list[str], weights: bool = True) -> list[str]:
+    """The files of a repository a conversion needs (without the weights when not
+    ``weights``: what ``convcore fake`` reads)."""
     top = [f for f in files if "/" not in f]
     safetensors = [f for f in top if f.endswith(".safetensors") and not f.startswith("consolidated")]
     index = [f for f in top if f.endswith(".safetensors.index.json")]
     if safetensors:
-        weights = safetensors + index
+        weight_files = safetensors + index
     else:
-        weights = [f for f in top if re.fullmatch(r"(pytorch_model|adapter_model).*\.bin(\.index\.json)?", f)]
+        weight_files = [f for f in top if re.fullmatch(r"(pytorch_model|adapter_model).*\.bin(\.index\.json)?", f)]
     small = [f for f in top if f.endswith(SMALL) and not f.endswith(".index.json")]
     small += [f for f in top if f.upper().startswith(("LICENSE", "NOTICE", "USE_POLICY"))]
     modules = [f for f in files if MODULE.fullmatch(f)]
-    if not weights and any(f.endswith(".gguf") for f in top):
+    if not weights:   # the caller reads no tensors (convcore fake)
+        return sorted(set(small + modules))
+    if not weight_files and any(f.endswith(".gguf") for f in top):
         raise ConvcoreError("holds GGUF files only: download the one you want "
                             "(huggingface-cli download REPO FILE.gguf) and give its path")
-    return sorted(set(weights + small + modules))
+    return sorted(set(weight_files + small + modules))
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | Path, weights: bool = True) -> Path:
     """``path`` itself when it exists (or is no hub id), else the local snapshot of the
-    hub id it is, downloaded or found in the cache."""
+    hub id it is, downloaded or found in the cache (without its weights when not
+    ``weights``)."""
     local = Path(path)
     text = str(path)
     if local.exists() or not is_hub_id(text):
@@ -60,10 +64,10 @@ def resolve(path: str | Path) -> Path:
         return local
     found = HUB_ID.fullmatch(text)
     assert found is not None
-    return download(found["repo"], found["rev"])
+    return download(found["repo"], found["rev"], weights)
 
 
-def download(repo: str, revision: str | None = None) -> Path:
+def download(repo: str, revision: str | None = None, weights: bool = True) -> Path:
     """The snapshot folder of ``repo`` at ``revision`` (default: main) with the files a
     conversion needs, through huggingface_hub."""
     try:
@@ -81,7 +85,7 @@ def download(repo: str, revision: str | None = None) -> Path:
         info = huggingface_hub.HfApi().model_info(repo, revision=revision)
         files = [s.rfilename for s in info.siblings or []]
         try:
-            patterns = wanted(files)
+            patterns = wanted(files, weights)
         except ConvcoreError as exc:
             raise ConvcoreError(f"{named}: {exc}") from None
         if not patterns:

@@ -98,3 +98,16 @@ def test_a_local_folder_of_that_name_wins(repo: Path, tmp_path: Path, run_cli) -
         os.chdir(cwd)
     assert r.returncode == 0, r.stderr
     assert "note: org/tiny: the local path is used, not the hub id of that name" in r.stderr
+
+
+def test_fake_of_a_hub_id_fetches_no_weights(repo: Path, tmp_path: Path, run_cli) -> None:
+    import convcore
+
+    with HubServer({"org/tiny": Repo(repo)}) as hub:
+        r = run_cli("fake", "org/tiny", "-o", tmp_path / "fake", "-q", env=hub_env(tmp_path, hub.url))
+        assert r.returncode == 0, r.stderr
+        got = hub.downloaded()
+    assert "config.json" in got and "tokenizer.json" in got
+    assert not [f for f in got if f.endswith((".safetensors", ".bin"))]
+    fake, real = convcore.load(tmp_path / "fake"), convcore.load(repo)
+    assert {n: t.shape for n, t in fake.tensors.items()} == {n: t.shape for n, t in real.tensors.items()}
