@@ -129,6 +129,10 @@ def read_peft(path: Path, base: Model) -> Model:
         raise ConvcoreError(f"{where}: a DoRA adapter (use_dora) is not supported; only plain LoRA")
     if config.get("lora_bias"):
         raise ConvcoreError(f"{where}: lora_bias adapters are not supported")
+    if config.get("fan_in_fan_out"):   # GPT-2's Conv1D layers: (in, out) weights, B·A transposed
+        raise ConvcoreError(f"{where}: fan_in_fan_out adapters (Conv1D layers) are not supported")
+    if config.get("layer_replication"):
+        raise ConvcoreError(f"{where}: layer_replication adapters are not supported")
     file = next((path / w for w in PEFT_WEIGHTS if (path / w).is_file()), None)
     if file is None:
         raise ConvcoreError(f"{path}: no adapter_model.safetensors or adapter_model.bin")

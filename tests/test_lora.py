@@ -174,7 +174,7 @@ def _broken(tmp_path: Path, adapter: Path, **config) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("case", ["wrong base", "no base", "ia3", "embedding to gguf", "to hf"])
+@pytest.mark.parametrize("case", ["wrong base", "no base", "ia3", "fan_in_fan_out", "embedding to gguf", "to hf"])
 def test_bad_adapters_are_one_line(case: str, tmp_path: Path, run_cli) -> None:
     base = tiny_model("llama")
     adapter = tiny_lora(base)
@@ -185,6 +185,8 @@ def test_bad_adapters_are_one_line(case: str, tmp_path: Path, run_cli) -> None:
         adapter, expect = _broken(tmp_path, adapter, base_model_name_or_path="/no/such/base"), "pass --base BASE"
     elif case == "ia3":
         adapter, expect = _broken(tmp_path, adapter, peft_type="IA3"), "only LoRA adapters convert"
+    elif case == "fan_in_fan_out":
+        adapter, expect = _broken(tmp_path, adapter, fan_in_fan_out=True), "fan_in_fan_out adapters"
     elif case == "embedding to gguf":
         adapter = tiny_lora(base, modules_to_save=["lm_head"])
         expect = "merge it instead"
