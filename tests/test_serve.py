@@ -487,6 +487,7 @@ def test_api_key_and_body_limit_guard_every_route_but_health(tmp_path: Path) -> 
         assert http.get("/v1/models").status_code == 200
 
 
+@pytest.mark.full   # the default tier applies adapters through infer --lora (tests/test_lora.py)
 def test_serve_lora_answers_as_infer_lora(tmp_path: Path) -> None:
     """``serve --lora`` has llama.cpp apply the adapter GGUF: the greedy completion equals
     ``convcore infer --lora`` and differs from the base's."""
