@@ -80,7 +80,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# a third of the damage in the default tier, all of it in make test-full
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if i % 3 == 0 else pytest.mark.full)
+                                  for i, c in enumerate(CASES)])
 def test_damage_is_one_line_naming_the_file(files, tmp_path, run_cli, registry, case):
     make, message = CASES[case]
     bad = tmp_path / "bad.parquet"

@@ -29,7 +29,7 @@ def large(tmp_path_factory):
     return root, src
 
 
-@pytest.mark.parametrize("quant", [None, "int8-row"])
+@pytest.mark.parametrize("quant", [pytest.param(None, marks=pytest.mark.full), "int8-row"])
 def test_peak_memory_is_bounded_by_a_tensor_not_the_model(large, registry, quant):
     root, src = large
     size_mb = TENSORS * np.prod(SHAPE) * 4 / 1e6
@@ -85,7 +85,9 @@ def two_large(tmp_path_factory):
     return root, dirs
 
 
-@pytest.mark.parametrize("quant, compression", list(CEILINGS))
+# the default tier: the quantized, compressed pair (the float ones in make test-full)
+@pytest.mark.parametrize("quant, compression", [pytest.param(*k, marks=() if k[0] else pytest.mark.full)
+                                                for k in CEILINGS])
 def test_large_tensors_cost_pyarrows_buffers_for_one_value(two_large, registry, quant, compression):
     root, dirs = two_large
     extra = (["--quant", quant] if quant else []) + ["-O", f"compression={compression}"]
