@@ -16,7 +16,6 @@ The adapter's ``arch`` and ``config`` are its base's, so writers know the archit
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 import threading
@@ -67,13 +66,10 @@ def lora_pairs(model: Model) -> list[tuple[str, TensorRef, TensorRef, float]]:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    from .builtins.hf import read_json
+
     file = path / "adapter_config.json"
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConvcoreError(f"{file}: missing") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConvcoreError(f"{file}: not valid JSON ({exc})") from None
+    config = read_json(file)
     if not isinstance(config, dict):
         raise ConvcoreError(f"{file}: not a JSON object")
     return config
