@@ -52,7 +52,8 @@ open_s = time.perf_counter() - t0
 weights.get_layer(warm)  # imports (numba for V2) are not the tensor's cost
 info = weights.info(name)
 meta = pq.read_metadata(info["file"])
-chunk = sum(meta.row_group(info["row_group"]).column(c).total_compressed_size
+chunk = sum(meta.row_group(g).column(c).total_compressed_size  # a chunked tensor's rows follow each other
+            for g in range(info["row_group"], info["row_group"] + info["chunks"])
             for c in range(meta.num_columns) if meta.schema.column(c).name in ("data", "scales", "zero_points"))
 times, reads = [], []
 for _ in range(7):

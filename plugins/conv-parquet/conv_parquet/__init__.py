@@ -11,7 +11,7 @@ reading without convcore's pipeline: :class:`WeightLoader`.
 Writer options (``-O KEY=VALUE``): ``split_max_size`` (a directory of
 ``part-00000.parquet`` files, as Spark names them), ``chunk_size`` (a larger tensor
 becomes several rows), ``compression``, ``compression_level``, ``row_search`` (how the
-per-row schemes pick scales), ``dry_run``.
+per-row schemes pick scales), ``threads`` (rows made and compressed at once), ``dry_run``.
 """
 from __future__ import annotations
 
@@ -35,13 +35,15 @@ SCHEMES = ROW_SCHEMES + AFFINE_SCHEMES
 OPTIONS = (
     Option("split_max_size", "size", None,
            "write a directory of part-NNNNN.parquet files of at most this size (e.g. 2G)"),
-    Option("chunk_size", "size", 64 << 20,
+    Option("chunk_size", "size", 16 << 20,
            "store a tensor larger than this as several rows (chunks) of about this size; at most 2G"),
     Option("compression", "choice", "zstd", "codec of every column",
            choices=("zstd", "snappy", "lz4", "gzip", "brotli", "none")),
     Option("compression_level", "int", None, "the codec's level (pyarrow's default when unset)"),
     Option("row_search", "choice", "mse", "int{1,2,4,8}-row scales: least squares (mse) or min/max",
            choices=("mse", "minmax")),
+    Option("threads", "int", None,
+           "threads that make and compress rows (default: the CPUs, at most 4; each holds a few chunks)"),
     Option("dry_run", "bool", False, "print each tensor's part, name, stored type and shape; write nothing"),
 )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import mmap
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -374,8 +375,18 @@ class WeightTable:
         a chunked one read and put in place a chunk at a time."""
         if row.chunks:
             out = np.empty(row.shape, numpy_dtype(self.out_dtype(row)))
-            for chunk in row.chunks:
+
+            def put(chunk: Row) -> None:
                 out[chunk.start:chunk.start + chunk.shape[0]] = self.tensor(chunk)
+            if len(row.chunks) > 1 and all(self.value_nbytes(c) < LARGE for c in row.chunks):
+                # two at a time: pyarrow decompresses and the kernels dequantize without
+                # the GIL, so two cores share a tensor (a large chunk is read alone)
+                with ThreadPoolExecutor(2, thread_name_prefix="conv-parquet-read") as pool:
+                    for _ in pool.map(put, row.chunks):
+                        pass
+            else:
+                for chunk in row.chunks:
+                    put(chunk)
             return out
         spec, payload = self.payload(row)
         if spec is None:

@@ -1,20 +1,27 @@
-"""Any Model -> a Parquet weight file (or a directory of part files), one tensor at a time.
+"""Any Model -> a Parquet weight file (or a directory of part files), one row at a time.
 
-Each tensor is written as its own row group (``write_table`` of a one-row table), so a
-reader fetches one tensor by reading one column chunk; a tensor over ``chunk_size`` as
-one row group per chunk (slices of its first axis, made from the tensor loaded once;
-per-row and grouped schemes quantize each slice, a per-tensor one the whole tensor), so
-pyarrow's copies are a chunk's, not the tensor's. The ``data`` value is handed to
-pyarrow as a zero-copy view of the tensor's bytes; pyarrow's own encoder and compressor
-copies are what bound the peak memory (figures in docs/benchmarks.md). A source tensor
-handed over as it is leaves the resident set as soon as pyarrow has copied it (when it
-is in a file mapping, as safetensors sources are: :mod:`conv_parquet.memory`); a cast
-or quantized one is unmapped before pyarrow starts. While pyarrow writes a small
-tensor, the next small one is made on a thread (``_rows``).
+Each tensor is written as its own row group (a one-row table), so a reader fetches one
+tensor by reading one column chunk; a tensor over ``chunk_size`` as one row group per
+chunk (slices of its first axis, made from the tensor loaded once; per-row and grouped
+schemes quantize each slice, a per-tensor one the whole tensor), so pyarrow's copies
+are a chunk's, not the tensor's. The ``data`` value is handed to pyarrow as a zero-copy
+view of the tensor's bytes; pyarrow's own encoder and compressor copies are what bound
+the peak memory (figures in docs/benchmarks.md). A source tensor handed over as it is
+leaves the resident set as soon as pyarrow has copied it (when it is in a file mapping,
+as safetensors sources are: :mod:`conv_parquet.memory`); a cast or quantized one as
+soon as it is made.
+
+Rows are made (loaded, cast, quantized), encoded and compressed on ``threads`` threads,
+each row by pyarrow as a one-row-group file in memory, and spliced into the output in
+row order (:mod:`conv_parquet.splice`): the file is byte for byte what one pyarrow
+writer writes, in a fraction of the time on several cores.
 """
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +38,7 @@ from convcore import (
 from . import kv as kvmeta
 from . import schema as schema_module
 from .memory import LARGE, DropWhenCopied, give_back, mapped_region
+from .splice import Fragment, SplicedFile
 from .schema import (
     DTYPE_NAMES, MAX_VALUE_BYTES, NOT_QUANTIZED, arrow_schema, code_array, f32_bytes, little_endian,
     PER_TENSOR_AXIS, offset_array, packed_nbytes, quant_params,
@@ -42,7 +50,7 @@ PART_NAME = "part-{:05d}.parquet"
 STATS_COLUMNS = ("layer_name", "dtype", "num_params", "quant_type", "quant_axis", "group_size", "chunk",
                  "row_start")
 #: a tensor over this many bytes is stored as rows of about this size (option chunk_size)
-DEFAULT_CHUNK = 64 << 20
+DEFAULT_CHUNK = 16 << 20
 TORCH_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
@@ -85,9 +93,9 @@ def plan(model: Model, quant: str | None, dtype: str | None, chunk_size: int | N
             p = Planned(ref, target, quant, packed_nbytes(spec, tuple(ref.shape), target))
         else:
             p = Planned(ref, target, None, ref.numel * numpy_dtype(target).itemsize)
-        # a quantized tensor by its float size too: quantizing a slice at a time is what
-        # keeps its temporaries (float32 copies of the input) the size of a chunk
-        handled = max(p.nbytes, ref.numel * numpy_dtype(target).itemsize)
+        # a quantized tensor by its size as float32 too: the kernels work on a float32
+        # copy of each slice, so that copy is what a chunk bounds
+        handled = max(p.nbytes, ref.numel * (4 if p.scheme else numpy_dtype(target).itemsize))
         p.chunks = chunk_ranges(tuple(ref.shape), handled, chunk_size)
         out.append(p)
         if p.row_nbytes > MAX_VALUE_BYTES:  # say so before anything is written
@@ -132,10 +140,10 @@ def row(p: Planned, version: int, search: str = "mse", chunked: bool = False) ->
     return _row(p, version, search, chunked)[0]
 
 
-def _row(p: Planned, version: int, search: str, chunked: bool = False
+def _row(p: Planned, version: int, search: str, chunked: bool = False, kernel_threads: int | None = None
          ) -> tuple[pa.Table, np.ndarray | None]:
     """(the one-row table of ``p``, the source array when ``data`` views it as it is)."""
-    return _table(p, p.ref.load(), version, search, chunked)
+    return _table(p, p.ref.load(), version, search, chunked, kernel_threads=kernel_threads)
 
 
 def _per_tensor(p: Planned) -> bool:
@@ -145,11 +153,12 @@ def _per_tensor(p: Planned) -> bool:
 
 
 def _table(p: Planned, source: np.ndarray, version: int, search: str, chunked: bool,
-           chunk: tuple[int, int, int] | None = None, whole: Any = None
+           chunk: tuple[int, int, int] | None = None, whole: Any = None, kernel_threads: int | None = None
            ) -> tuple[pa.Table, np.ndarray | None]:
     """(the one-row table of ``p`` or, with ``chunk`` (index, start, stop), of that slice
     of its first axis, the source array when ``data`` views it as it is). ``whole``: the
-    whole tensor quantized, for schemes with one scale for the tensor (sliced here)."""
+    whole tensor quantized, for schemes with one scale for the tensor (sliced here);
+    ``kernel_threads``: the most threads the scheme's kernels may use."""
     ref = p.ref
     index, start, stop = chunk if chunk is not None else (None, 0, ref.shape[0] if ref.shape else 0)
     array = source if chunk is None else source[start:stop]
@@ -173,7 +182,7 @@ def _table(p: Planned, source: np.ndarray, version: int, search: str, chunked: b
         layout = spec.layout(shape, p.dtype)
         code, offset = code_array(layout), offset_array(layout)
         if whole is None:
-            arrays = quantize(array, p.scheme, {"name": ref.name, "search": search}).data
+            arrays = quantize(array, p.scheme, _quant_options(ref.name, search, kernel_threads)).data
         else:
             arrays = {k: _slice(whole.data[k], layout[k][1], ref.shape[0], start, stop)
                       for k in (code, "scales", offset) if k}
@@ -193,6 +202,13 @@ def _table(p: Planned, source: np.ndarray, version: int, search: str, chunked: b
     return pa.table([columns[f.name] for f in schema], schema=schema), as_is
 
 
+def _quant_options(name: str, search: str, kernel_threads: int | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {"name": name, "search": search}
+    if kernel_threads:
+        options["threads"] = kernel_threads
+    return options
+
+
 def _slice(array: np.ndarray, shape: tuple[int, ...], lead: int, start: int, stop: int) -> np.ndarray:
     """Indices ``[start, stop)`` of the first axis (of ``lead``) of a whole tensor's
     layout array, whose slice has ``shape``: the whole array when it is one scale."""
@@ -205,70 +221,129 @@ def _slice(array: np.ndarray, shape: tuple[int, ...], lead: int, start: int, sto
     return part.reshape(shape)
 
 
-def _put(writer: pq.ParquetWriter, table: pa.Table, as_is: np.ndarray | None, nbytes: int) -> None:
-    """Write ``table`` as one row group. A large one starts and ends with pyarrow's pool
-    handing its cached memory back, so neither numpy's buffers nor the next tensor's
-    stack onto it, and its source's mapped pages go once pyarrow has copied them."""
-    large = nbytes >= LARGE
-    region = mapped_region(as_is) if as_is is not None and large else None
-    del as_is
-    with DropWhenCopied(region, nbytes):
-        writer.write_table(table)
-    del table, region  # the next tensor's bytes must not pile onto this one's
-    if large:
-        give_back()
+@dataclass(frozen=True)
+class _Job:
+    """One row to write: tensor ``p`` whole (``chunk`` None) or its chunk ``chunk``."""
+
+    p: Planned
+    chunk: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.p.nbytes if self.chunk is None else self.p.row_nbytes
+
+    @property
+    def last(self) -> bool:
+        return self.chunk is None or self.chunk == len(self.p.chunks) - 1
 
 
-def _write(writer: pq.ParquetWriter, p: Planned, version: int, search: str, chunked: bool = False,
-           built: tuple[pa.Table, np.ndarray | None] | None = None) -> None:
-    """Write tensor ``p``: one row group (``built``: its row, made ahead by :func:`_rows`),
-    or one per chunk, each made from the tensor loaded once."""
-    if p.chunks:
-        _write_chunks(writer, p, version, search)
-        return
-    if p.nbytes >= LARGE:
-        give_back()
-    table, as_is = built if built is not None else _row(p, version, search, chunked)
-    del built
-    _put(writer, table, as_is, p.nbytes)
+def _jobs(part: list[Planned]) -> list[_Job]:
+    return [_Job(p, i) for p in part for i in (range(len(p.chunks)) if p.chunks else (None,))]
 
 
-def _write_chunks(writer: pq.ParquetWriter, p: Planned, version: int, search: str) -> None:
-    large = p.row_nbytes >= LARGE
-    if large:
-        give_back()
-    source = p.ref.load()
-    whole = None
-    if p.scheme is not None and _per_tensor(p):  # one scale for the tensor: from all of it
-        whole = quantize(cast(source, p.dtype) if p.dtype != p.ref.dtype else source, p.scheme,
-                         {"name": p.ref.name, "search": search})
-    for i, (start, stop) in enumerate(p.chunks):
-        table, as_is = _table(p, source, version, search, True, (i, start, stop), whole)
-        _put(writer, table, as_is, p.row_nbytes)
-        del table, as_is
+class _Maker:
+    """Makes rows of jobs, on any thread: a whole tensor's, or one chunk's. A chunked
+    tensor is loaded once (and for a scheme with one scale per tensor quantized whole
+    once) by whichever thread makes its first chunk, and let go when its chunks are all
+    made. A chunk whose row holds its own bytes (cast or quantized) lets the source
+    pages it came from go at once."""
 
+    def __init__(self, version: int, search: str, chunked: bool, kernel_threads: int | None = None):
+        self.version, self.search, self.chunked = version, search, chunked
+        self.kernel_threads = kernel_threads
+        self._lock = threading.Lock()
+        self._held: dict[str, list[Any]] = {}  # name -> [source, whole, chunks left]
 
-def _rows(part: list[Planned], version: int, search: str, chunked: bool = False
-          ) -> Iterator[tuple[Planned, tuple[pa.Table, np.ndarray | None] | None]]:
-    """``(tensor, its row or None)`` in order. While the caller writes a small tensor
-    (pyarrow encodes and compresses without the GIL), the next small one is loaded, cast
-    or quantized on a thread; a large or chunked one (where the peak memory is) is never
-    made beside another tensor's row, so it comes with None and the caller makes it."""
-    with ThreadPoolExecutor(1, thread_name_prefix="conv-parquet-row") as pool:
-        ahead: Future | None = None
+    def __call__(self, job: _Job) -> tuple[pa.Table, np.ndarray | None]:
+        p = job.p
+        if job.chunk is None:
+            return _row(p, self.version, self.search, self.chunked, self.kernel_threads)
+        with self._lock:
+            held = self._held.get(p.ref.name)
+            if held is None:
+                source, whole = p.ref.load(), None
+                if p.scheme is not None and _per_tensor(p):  # one scale for the tensor: from all of it
+                    floats = cast(source, p.dtype) if p.dtype != p.ref.dtype else source
+                    whole = quantize(floats, p.scheme, _quant_options(p.ref.name, self.search))
+                held = self._held[p.ref.name] = [source, whole, len(p.chunks)]
+        source, whole = held[0], held[1]
+        start, stop = p.chunks[job.chunk]
         try:
-            for i, p in enumerate(part):
-                built = ahead.result() if ahead is not None else None
-                ahead = None
-                following = part[i + 1] if i + 1 < len(part) else None
-                if (following is not None and p.nbytes < LARGE and following.nbytes < LARGE
-                        and not p.chunks and not following.chunks):
-                    ahead = pool.submit(_row, following, version, search, chunked)
-                yield p, built
-                del built
+            made = _table(p, source, self.version, self.search, True, (job.chunk, start, stop), whole,
+                          self.kernel_threads)
         finally:
-            if ahead is not None:
-                ahead.cancel()
+            with self._lock:
+                held[2] -= 1
+                if held[2] == 0:
+                    del self._held[p.ref.name]
+        if made[1] is None:
+            region = mapped_region(source[start:stop])
+            if region is not None:
+                region.drop()
+        return made
+
+
+def _fragment(make: _Maker, job: _Job, schema: pa.Schema, settings: dict[str, Any]) -> Fragment:
+    """Job ``job``'s row written by pyarrow as a one-row-group file in memory. The mapped
+    source pages the row views go once pyarrow has copied them (for a large one while it
+    writes: :class:`DropWhenCopied`), so a tensor written a chunk at a time never has
+    more than a few chunks of them resident."""
+    table, as_is = make(job)
+    region = mapped_region(as_is) if as_is is not None else None
+    del as_is
+    with DropWhenCopied(region, job.nbytes):
+        written = _written(table, schema, settings, job.nbytes)
+    del table, region
+    return Fragment(written)
+
+
+def _written(table: pa.Table, schema: pa.Schema, settings: dict[str, Any], nbytes: int) -> pa.Buffer:
+    """``table`` as a Parquet file in memory: in one buffer allocated for the worst case
+    (a growing one copies itself over and over), or where that is short (a codec that
+    expands the values more than that), a growing one."""
+    room = pa.allocate_buffer(nbytes + nbytes // 64 + (256 << 10))
+    try:
+        sink = pa.FixedSizeBufferWriter(room)
+        with pq.ParquetWriter(sink, schema, **settings) as writer:
+            writer.write_table(table)
+        return room.slice(0, sink.tell())
+    except (pa.ArrowException, OSError):
+        del room
+        growing = pa.BufferOutputStream()
+        with pq.ParquetWriter(growing, schema, **settings) as writer:
+            writer.write_table(table)
+        return growing.getvalue()
+
+
+def _fragments(part: list[Planned], make: _Maker, schema: pa.Schema, settings: dict[str, Any],
+               threads: int) -> Iterator[tuple[_Job, Fragment]]:
+    """``(job, its fragment)`` for every row of ``part`` in file order, made, encoded and
+    compressed by pyarrow on ``threads`` threads (it does so without the GIL), at most
+    ``threads`` rows at once; a row of :data:`LARGE` bytes or more (where the peak memory
+    is) is made alone, between the pool's memory handed back."""
+    jobs = _jobs(part)
+    with ThreadPoolExecutor(threads, thread_name_prefix="conv-parquet-row") as pool:
+        pending: deque[tuple[_Job, Future]] = deque()
+        k = 0
+        try:
+            while k < len(jobs) or pending:
+                while k < len(jobs) and len(pending) < threads:
+                    job = jobs[k]
+                    if pending and (job.nbytes >= LARGE or pending[-1][0].nbytes >= LARGE):
+                        break  # a large row is made with nothing beside it
+                    if job.nbytes >= LARGE:
+                        give_back()
+                    pending.append((job, pool.submit(_fragment, make, job, schema, settings)))
+                    k += 1
+                job, future = pending.popleft()
+                fragment = future.result()
+                yield job, fragment
+                del fragment
+                if job.nbytes >= LARGE:
+                    give_back()
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 def _config(model: Model, dtype: str | None) -> Model:
@@ -280,6 +355,16 @@ def _config(model: Model, dtype: str | None) -> Model:
     if "torch_dtype" in config:
         config["torch_dtype"] = TORCH_NAMES[dtype]
     return Model(model.arch, config, model.tensors, model.tokenizer, model.metadata, model.source, model.format)
+
+
+def default_threads() -> int:
+    """Threads that make and compress rows: the CPUs this process may use, at most 4
+    (each holds a few chunks of memory)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))
 
 
 def write_parquet(model: Model, path: Path, options: dict[str, Any],
@@ -312,25 +397,33 @@ def write_parquet(model: Model, path: Path, options: dict[str, Any],
     settings = dict(compression=options.get("compression") or "zstd",
                     compression_level=options.get("compression_level"), use_dictionary=False,
                     write_statistics=[c for c in STATS_COLUMNS if c in schema.names], store_schema=False)
+    try:  # the settings, before anything is written
+        pq.ParquetWriter(pa.BufferOutputStream(), schema, **settings).close()
+    except (pa.ArrowException, ValueError) as exc:
+        raise ConvcoreError(f"{files[0]}: cannot write Parquet: {first_line(exc)}") from None
+    search = options.get("row_search") or "mse"
+    threads = options.get("threads") or default_threads()
     for i, (file, part) in enumerate(zip(files, parts)):
         kv = dict(metadata) if i == 0 else {}
         if max_bytes:
             kv[kvmeta.PART] = f"{i}/{len(parts)}"
         try:
-            writer = pq.ParquetWriter(str(file), schema, **settings)
-        except (pa.ArrowException, ValueError) as exc:
-            raise ConvcoreError(f"{file}: cannot write Parquet: {first_line(exc)}") from None
-        try:
-            search = options.get("row_search") or "mse"
-            for p, built in _rows(part, version, search, chunked):
-                _write(writer, p, version, search, chunked, built)
-                del built
-                progress(p.ref.name)
-            writer.add_key_value_metadata(kv)
+            if not part:  # no rows: pyarrow's own empty file
+                with pq.ParquetWriter(str(file), schema, **settings) as writer:
+                    writer.add_key_value_metadata(kv)
+                continue
+            with open(file, "wb") as sink:
+                spliced = SplicedFile(sink)
+                # several rows at once: each row's kernels on its own thread, not contending
+                make = _Maker(version, search, chunked, 1 if threads > 1 else None)
+                for job, fragment in _fragments(part, make, schema, settings, threads):
+                    spliced.append(fragment)
+                    del fragment
+                    if job.last:
+                        progress(job.p.ref.name)
+                spliced.close(kv)
         except (pa.ArrowException, OSError) as exc:
             raise ConvcoreError(f"{file}: cannot write Parquet: {first_line(exc)}") from None
-        finally:
-            writer.close()
     return path
 
 

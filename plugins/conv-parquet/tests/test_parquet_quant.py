@@ -11,6 +11,7 @@ import pytest
 
 import convcore
 from conv_parquet import SCHEMES, WeightLoader
+from conv_parquet import schema as schema_module
 from parquet_helpers import hf_dir
 
 FAMILIES = {  # scheme -> (quant_axis, group_size for a row of 512, zero_points column)
@@ -166,32 +167,58 @@ def test_row_search_option_reaches_the_scheme(tmp_path, registry):
 
 
 @pytest.mark.parametrize("quant", [None, "int8-row"])
-def test_rows_made_ahead_on_a_thread_write_the_same_file(tmp_path, registry, quant, monkeypatch):
-    """While pyarrow writes a small tensor the next row is made on a thread
-    (writer._rows); a large tensor is made alone. Every tensor taken as large (nothing
-    made ahead) and none (all made ahead) give the same bytes, and an error in a row made
-    ahead names that tensor and leaves no output."""
+def test_rows_made_on_threads_and_spliced_are_pyarrows_own_file(tmp_path, registry, quant, monkeypatch):
+    """Rows are made, encoded and compressed on several threads, each as a one-row-group
+    file, and spliced in order (conv_parquet.splice). The file is byte for byte what one
+    pyarrow ParquetWriter writes from the same rows, whatever the thread count (chunked
+    tensors included); a large row is made with nothing beside it; an error in a row
+    made on a thread names that tensor and leaves no output."""
+    import threading
+
+    from conv_parquet import kv as kvmeta
     from conv_parquet import writer
 
     src, arrays = source(tmp_path, "bf16")
-    made_ahead = []
-    real_row = writer._row
+    options = {"chunk_size": "20K"}  # the weights in chunks
+    files = {t: convcore.convert(src, tmp_path / f"t{t}.parquet", to="parquet", quant=quant,
+                                 options=dict(options, threads=t)).read_bytes() for t in (1, 2, 3)}
+    assert files[1] == files[2] == files[3]
 
-    def row(p, *args):
-        import threading
-        made_ahead.append((p.ref.name, threading.current_thread().name.startswith("conv-parquet-row")))
-        return real_row(p, *args)
+    # the same rows through one pyarrow writer
+    model = convcore.load(src)
+    planned = writer.plan(model, quant, None, 20000)
+    assert sum(len(p.chunks) > 1 for p in planned) == 3  # the three weights
+    version, chunked = (2 if quant else 1), True
+    schema = schema_module.arrow_schema(version, chunked)
+    settings = dict(compression="zstd", compression_level=None, use_dictionary=False, store_schema=False,
+                    write_statistics=[c for c in writer.STATS_COLUMNS if c in schema.names])
+    make = writer._Maker(version, "mse", chunked)
+    with pq.ParquetWriter(tmp_path / "one.parquet", schema, **settings) as one:
+        for job in writer._jobs(planned):
+            one.write_table(make(job)[0])
+        one.add_key_value_metadata(kvmeta.encode(model, f"V{version}"))
+    assert (tmp_path / "one.parquet").read_bytes() == files[1]
 
-    monkeypatch.setattr(writer, "_row", row)
-    files = {}
-    for large in (0, 1 << 40):
-        monkeypatch.setattr(writer, "LARGE", large)
-        made_ahead.clear()
-        out = convcore.convert(src, tmp_path / f"q-{large}.parquet", to="parquet", quant=quant)
-        files[large] = out.read_bytes()
-        ahead = [name for name, on_thread in made_ahead if on_thread]
-        assert ahead == ([] if large == 0 else [name for name in arrays][1:]), made_ahead
-    assert files[0] == files[1 << 40]
+    # every row taken as large: one at a time, the same bytes
+    busy, most = [0], [0]
+    lock = threading.Lock()
+    real_make = writer._Maker.__call__
+
+    def make_counted(self, job):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        try:
+            return real_make(self, job)
+        finally:
+            with lock:
+                busy[0] -= 1
+    monkeypatch.setattr(writer._Maker, "__call__", make_counted)
+    monkeypatch.setattr(writer, "LARGE", 0)
+    alone = convcore.convert(src, tmp_path / "alone.parquet", to="parquet", quant=quant,
+                             options=dict(options, threads=2)).read_bytes()
+    assert alone == files[1] and most[0] == 1
+    monkeypatch.setattr(writer, "LARGE", 1 << 40)
 
     bad = dict(arrays, **{"c.weight": np.full((48, 512), np.nan, np.float32)})
     broken = hf_dir(tmp_path / "nan", bad)

@@ -145,7 +145,7 @@ def test_dry_run_writes_nothing(run_cli, tiny_llama, tmp_path):
 def test_options_are_declared_and_typed(run_cli, tiny_llama, tmp_path):
     r = run_cli("run", tiny_llama, "-o", tmp_path / "m.parquet", "--to", "parquet", "-O", "level=3")
     assert r.returncode == 1
-    assert "(its options: chunk_size, compression, compression_level, dry_run, row_search, split_max_size)" in r.stderr
+    assert "(its options: chunk_size, compression, compression_level, dry_run, row_search, split_max_size, threads)" in r.stderr
     out = convcore.convert(tiny_llama, tmp_path / "s.parquet", to="parquet",
                            options={"compression": "snappy"})
     meta = pq.read_metadata(out)

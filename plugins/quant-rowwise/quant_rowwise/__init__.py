@@ -150,7 +150,21 @@ def _with_tolerance(scheme: convcore.Scheme) -> convcore.Scheme:
     tolerance = dict(TOLERANCE_BY_BITS[code_bits(scheme.name)])
     if scheme.name == "int8-tensor":  # one scale for the whole tensor
         tolerance = dict(TOLERANCE_BY_BITS[6])
-    return dataclasses.replace(scheme, tolerance=tolerance)
+    return dataclasses.replace(scheme, tolerance=tolerance, quantize=_with_threads(scheme.quantize))
+
+
+def _with_threads(quantize: Callable[..., Any]) -> Callable[..., Any]:
+    """``quantize`` honouring the option ``threads``: the most threads its kernels use
+    for this call (a writer that quantizes on several threads of its own asks for 1, so
+    the kernels' threads do not contend with its own). The codes are the same."""
+    def run(array: Any, options: dict[str, Any] | None = None) -> Any:
+        threads = (options or {}).get("threads")
+        if not threads:
+            return quantize(array, options)
+        from . import _threads
+        with _threads.limited(int(threads)):
+            return quantize(array, options)
+    return run
 
 
 @convcore.hookimpl

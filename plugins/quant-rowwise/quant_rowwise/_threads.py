@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -17,6 +18,20 @@ def thread_count() -> int:
     import numba
 
     return max(1, numba.get_num_threads())
+
+
+@contextmanager
+def limited(threads: int) -> Iterator[None]:
+    """At most ``threads`` threads for the kernels called in this block on this thread
+    (Numba's thread count is per calling thread: other threads keep theirs)."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def run_split(kernel: Callable[..., int], args: tuple, total: int, runs: int = 256) -> int:

@@ -33,3 +33,30 @@ def test_output_matches_declared_layout(scheme, dtype, shape):
     assert {k: (convcore.dtype_name(v.dtype), v.shape) for k, v in qt.data.items()} == \
         {k: (d, tuple(s)) for k, (d, s) in declared.items()}
     assert qt.dequantize().shape == shape
+
+
+@pytest.mark.parametrize("scheme", ["int8-row", "int4-g64", "q4_k", "int4-b32"])
+def test_the_threads_option_limits_the_kernels_not_the_codes(scheme, monkeypatch):
+    """quantize(..., {"threads": 1}) runs the kernels on the calling thread only (a writer
+    with threads of its own asks for that) and gives the same codes; the caller's
+    thread count is back afterwards."""
+    import numba
+
+    from quant_rowwise import _threads
+
+    x = np.random.default_rng(3).standard_normal((64, 512)).astype(np.float32)
+    seen = []
+    real = _threads.limited
+
+    def spy(n):
+        seen.append(n)
+        return real(n)
+    monkeypatch.setattr(_threads, "limited", spy)
+    before = numba.get_num_threads()
+    alone = convcore.quantize(x, scheme, {"threads": 1}).data
+    assert seen == [1] and numba.get_num_threads() == before
+    both = convcore.quantize(x, scheme).data
+    assert seen == [1]
+    assert alone.keys() == both.keys()
+    for k in both:
+        np.testing.assert_array_equal(alone[k], both[k])
