@@ -105,10 +105,21 @@ def cast(array: np.ndarray, dtype: str) -> np.ndarray:
 
 def cast_chunks(array: np.ndarray, dtype: str, chunk_elems: int = 1 << 22) -> Iterator[np.ndarray]:
     """:func:`cast` in flat, C-ordered pieces of at most ``chunk_elems`` elements, so a
-    writer can stream a cast tensor without holding it (or an f32 copy of it) whole."""
+    writer can stream a cast tensor without holding it (or an f32 copy of it) whole.
+    When ``array`` is in a read-only file mapping, the pages of the pieces already taken
+    leave the resident set (one piece behind: a writer may still be writing the last one
+    while the next is made), so a pass over the tensor holds about two pieces of it."""
     flat = np.ascontiguousarray(array).reshape(-1)
+    release = page_releaser(flat)
+    behind = None
     for start in range(0, max(flat.size, 1), chunk_elems):
-        yield cast(flat[start:start + chunk_elems], dtype)
+        piece = flat[start:start + chunk_elems]
+        yield cast(piece, dtype)
+        if behind is not None:
+            release(behind)
+        behind = piece
+    if behind is not None:
+        release(behind)
 
 
 #: the exponent bits of each float type, seen as unsigned integers: all set = Inf or NaN
@@ -253,12 +264,17 @@ class TensorRef:
 
     def load_chunks(self, dtype: str | None = None) -> Iterable[np.ndarray]:
         """The tensor as flat C-order pieces of ``dtype`` (None: as stored), for writers
-        that stream: the reader's own pieces where it has a ``chunk_loader``, else pieces
-        of ``load_as(dtype)`` (read at this call, so a thread can do it ahead)."""
+        that stream: the reader's own pieces where it has a ``chunk_loader``; else the
+        stored tensor cast a piece at a time (:func:`cast_chunks`: a mapped tensor's pages
+        go behind), or where the reader makes ``dtype`` itself (a ``cast_loader``), pieces
+        of that. The tensor is opened at this call, so a thread can do it ahead."""
         out = dtype or self.dtype
-        if self.chunk_loader is None or out not in FLOAT_DTYPES or self.dtype not in FLOAT_DTYPES:
+        floats = out in FLOAT_DTYPES and self.dtype in FLOAT_DTYPES
+        if self.chunk_loader is not None and floats:
+            return self._checked_chunks(out)
+        if out != self.dtype and self.cast_loader is not None and floats:
             return cast_chunks(self.load_as(dtype), out)
-        return self._checked_chunks(out)
+        return cast_chunks(self.load_as(None), out)
 
     def _checked_chunks(self, dtype: str) -> Iterator[np.ndarray]:
         where = self.source or self.name

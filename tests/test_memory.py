@@ -95,3 +95,21 @@ def test_hf_to_mlx_int4_stays_under_the_ceiling(wide):
              for model in (src, small)]
     print(f"hf -> mlx int4-g64: {peaks[0]:.0f} MB, small model {peaks[1]:.0f} MB")
     assert peaks[0] - peaks[1] < 100
+
+
+def test_hf_to_hf_casts_and_copies_stay_under_the_ceiling(wide):
+    """The hf writer streams every tensor: cast a piece at a time (bf16 -> f32: whole,
+    the two 32000-row tensors were 524 MB of f32 and their source pages 262 MB more) and
+    the source's mapped pages dropped behind the pass (a plain copy held them all).
+    Streamed, they cost a few MB over 4096-row ones; held to 60. The f32 copy is the
+    bf16 source widened exactly."""
+    root, src, small = wide
+    for args in ((), ("--dtype", "f32")):
+        tag = "-".join(args) or "copy"
+        peaks = [peak_rss_mb("run", model, "-o", root / f"hf-{tag}-{model.name}", "--to", "hf", *args,
+                             "--no-validate", "-q") for model in (src, small)]
+        print(f"hf -> hf {tag}: {peaks[0]:.0f} MB, small model {peaks[1]:.0f} MB")
+        assert peaks[0] - peaks[1] < 60, (tag, peaks)
+    want = convcore.load(src).tensors["model.embed_tokens.weight"].load()
+    got = convcore.load(root / f"hf---dtype-f32-{src.name}").tensors["model.embed_tokens.weight"].load()
+    assert got.dtype == np.float32 and np.array_equal(got, convcore.cast(want, "f32"))

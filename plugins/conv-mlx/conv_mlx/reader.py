@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 from convcore import (
-    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, inside_model, open_tensors, read_companions, read_json, read_tokenizer_files, row_block_loaders,
+    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, index_shards, inside_model, open_tensors, page_releaser, read_companions, read_json, read_tokenizer_files, row_block_loaders,
 )
 
 from .archs import experts_of, registered
@@ -157,8 +157,17 @@ def _dequantizer(registry: Any, weight: TensorRef, scales: TensorRef, biases: Te
         held["q"] = weight.load().reshape(-1, weight.shape[-1])
         held["s"] = scales.load().reshape(-1, scales.shape[-1])
         held["b"] = biases.load().reshape(-1, biases.shape[-1])
+        # the mapped pages of the rows done leave the resident set (a 2 GB embedding's codes
+        # and scales would otherwise all stay by the end of the pass)
+        held["release"] = [(page_releaser(held[k]), held[k]) for k in ("q", "s", "b")]
 
     def rows(a: int, z: int) -> np.ndarray:
+        out = _rows(a, z)
+        for release, array in held["release"]:
+            release(array[a:z])
+        return out
+
+    def _rows(a: int, z: int) -> np.ndarray:
         scheme, q, s, b = held["scheme"], held["q"], held["s"], held["b"]
         shape_ab = (z - a, shape[-1])
         if scales.dtype == "f32":

@@ -125,7 +125,14 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
     # it (never whole, its source pages dropped behind it); the rest are made ahead
     streamed = {ref.name for ref, out, choice in items
                 if choice is None and math.prod(ref.shape) * numpy_dtype(out).itemsize >= STREAM_BYTES}
-    made = [item for item in items if item[0].name not in streamed]
+    # likewise a large quantized one (not a stack of experts): its packed weight is
+    # written a block of rows at a time as they are quantized, its scales and biases
+    # (a fraction of it) kept from that pass and written after it
+    quant_streams = {ref.name: QuantizedStream(ref, out, f"int{choice[0]}-g{choice[1]}", registry)
+                     for ref, out, choice in items
+                     if choice is not None and not ref.parts
+                     and math.prod(ref.shape) * choice[0] // 8 >= STREAM_BYTES}
+    made = [item for item in items if item[0].name not in streamed and item[0].name not in quant_streams]
     sizes = [ref.nbytes + math.prod(ref.shape) * numpy_dtype(out).itemsize for ref, out, _ in made]
     results = prefetch(work, made, sizes, int(options.get("jobs") or 1), PREFETCH_BYTES)
     pending: dict[str, np.ndarray] = {}
@@ -150,8 +157,13 @@ def write_mlx(model: Model, path: Path, options: dict[str, Any], progress: Calla
             continue
         wshape, sshape = packed_shapes(ref.shape, *choice)
         stem = ref.name[: -len(".weight")]
+        stream = quant_streams.get(ref.name)
         for part, dt, shape in (("weight", "u32", wshape), ("scales", out, sshape), ("biases", out, sshape)):
-            planned.append(PlannedTensor(f"{stem}.{part}", dt, shape, lambda n=f"{stem}.{part}": take(n)))
+            if stream is not None:
+                make = stream.codes if part == "weight" else (lambda k=part, st=stream: st.take(k))
+            else:
+                make = (lambda n=f"{stem}.{part}": take(n))
+            planned.append(PlannedTensor(f"{stem}.{part}", dt, shape, make))
         last_part[f"{stem}.biases"] = ref.name
 
     def written(t: PlannedTensor) -> None:
@@ -251,6 +263,39 @@ def quantize_rows(array: np.ndarray, dtype: str, scheme: str, name: str, registr
                 out[key] = np.empty((array.shape[0], *value.shape[1:]), value.dtype)
             out[key][i:i + rows] = value
     return out
+
+
+class QuantizedStream:
+    """A quantized tensor made as the writer takes it: :meth:`codes` yields the packed
+    weight a block of rows at a time (as :func:`quantize_rows` makes them: the same
+    bytes), keeping each block's scales and biases, which :meth:`take` then hands over
+    (the writer takes them after the weight, as they are planned after it)."""
+
+    def __init__(self, ref: TensorRef, dtype: str, scheme: str, registry: Any,
+                 chunk_bytes: int = 32 << 20):
+        self.ref, self.dtype, self.scheme, self.registry = ref, dtype, scheme, registry
+        self.chunk_bytes = chunk_bytes
+        self.rest: dict[str, np.ndarray] = {}
+
+    def codes(self) -> Iterator[np.ndarray]:
+        array = self.ref.load()
+        rows = max(1, self.chunk_bytes // max(1, array[0].size * 4))
+        release = page_releaser(array)
+        for i in range(0, array.shape[0], rows):
+            part = quantize(cast_rows(array[i:i + rows], self.dtype), self.scheme, {"name": self.ref.name},
+                            registry=self.registry).data
+            release(array[i:i + rows])
+            for key in ("scales", "biases"):
+                value = part[key]
+                if key not in self.rest:
+                    self.rest[key] = np.empty((array.shape[0], *value.shape[1:]), value.dtype)
+                self.rest[key][i:i + rows] = value
+            yield np.ascontiguousarray(part["weight"]).reshape(-1)
+
+    def take(self, key: str) -> np.ndarray:
+        if key not in self.rest:
+            raise ConvcoreError(f"{self.ref.name}: {key} asked for before the weight was written")
+        return self.rest.pop(key)
 
 
 def write_config(path: Path, model: Model, block: dict[str, Any] | None, dtype: str | None) -> None:

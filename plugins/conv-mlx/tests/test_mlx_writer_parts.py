@@ -47,8 +47,10 @@ def test_mlx_scheme_table_and_recipe():
 def test_mlx_streamed_float_tensors_write_the_same_files(tiny_model_factory, tmp_path, monkeypatch,
                                                          affine_registry, quant):
     """Float tensors of STREAM_BYTES or more are cast a chunk at a time as the writer
-    takes them (the 1.1B model's embedding and lm_head); every float tensor streamed, in
-    chunks smaller than a row, gives the same files as none streamed."""
+    takes them (the 1.1B model's embedding and lm_head), and quantized ones whose packed
+    weight is that large are quantized a block of rows at a time as it is written
+    (QuantizedStream); every tensor streamed, in chunks smaller than a row and blocks of
+    a few rows, gives the same files as none streamed."""
     from conv_mlx import writer
 
     src = tiny_model_factory("llama")
@@ -57,6 +59,7 @@ def test_mlx_streamed_float_tensors_write_the_same_files(tiny_model_factory, tmp
         monkeypatch.setattr(writer, "STREAM_BYTES", stream_bytes)
         monkeypatch.setattr(writer, "CHUNK_ELEMENTS", chunk)
         monkeypatch.setattr(writer.cast_stream, "__defaults__", (chunk,))
+        monkeypatch.setattr(writer.QuantizedStream.__init__, "__defaults__", (chunk * 4,))
         outs[label] = convcore.convert(src, tmp_path / label, to="mlx", quant=quant)
     files = sorted(p.name for p in outs["made"].iterdir())
     assert files == sorted(p.name for p in outs["streamed"].iterdir())

@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto
 
 from convcore import (
-    ConvcoreError, Model, TensorRef, arch_of, cast, get_registry, numpy_dtype, page_releaser,
+    ConvcoreError, Model, TensorRef, arch_of, cast, cast_chunks, get_registry, numpy_dtype, page_releaser,
     read_companions, read_json, read_tokenizer_files, row_block_loaders,
 )
 from convcore import rowblocks
@@ -150,13 +150,18 @@ def _quant_loader(inits: Initializers, entry: dict[str, Any]
         held["q"] = inits.read(entry["init"])
         held["scales"] = inits.read(entry["scales"]).reshape(n, -1)
         held["zps"] = inits.read(entry["zero_points"]).reshape(n, -1) if entry.get("zero_points") else None
+        held["release"] = [(page_releaser(held[key]), held[key]) for key in ("q", "scales", "zps")
+                           if held[key] is not None]
 
     def rows(a: int, z: int) -> np.ndarray:
         a, z = first + a, first + z
         data = {"q": held["q"][a:z], "scales": np.asarray(held["scales"][a:z], dtype=np.float32)}
         if held["zps"] is not None:
             data["zero_points"] = held["zps"][a:z]
-        return np.ascontiguousarray(held["scheme"].dequantize(data, (z - a, k)), dtype=np.float32)
+        out = np.ascontiguousarray(held["scheme"].dequantize(data, (z - a, k)), dtype=np.float32)
+        for release, array in held["release"]:  # the mapped rows done leave the resident set
+            release(array[a:z])
+        return out
 
     return row_block_loaders((last - first, k), rows, "f32", prepare)
 
@@ -224,20 +229,14 @@ def _transposed_pieces(inits: Initializers, entry: dict[str, Any]) -> Callable[[
 
 def _plain_pieces(inits: Initializers, entry: dict[str, Any]) -> Callable[[str], Iterator[np.ndarray]]:
     """chunk_loader of an initializer stored as HF lays it out: flat pieces cast to the
-    asked dtype, each piece's mapped pages dropped once it is cast (a 262 MB f32
-    embedding never resident whole)."""
+    asked dtype, the mapped pages of the pieces taken dropped behind (core's
+    ``cast_chunks``: a piece of the stored type is a view of the map, so its pages go
+    only once the writer is past it), so a 2 GB f32 embedding is never resident whole."""
     def pieces(dtype: str) -> Iterator[np.ndarray]:
         array = inits.read(entry["init"])
         if "rows" in entry:
             array = array[entry["rows"][0]:entry["rows"][1]]
-        flat = array.reshape(-1)
-        release = page_releaser(flat)
-        step = rowblocks.BLOCK_ELEMENTS
-        for start in range(0, flat.size, step):
-            piece = flat[start:start + step]
-            out = cast(piece, dtype)
-            release(piece)  # a read-only file map: reading a dropped page maps it back in
-            yield out
+        yield from cast_chunks(array, dtype, rowblocks.BLOCK_ELEMENTS)
     return pieces
 
 
