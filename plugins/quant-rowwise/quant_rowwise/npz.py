@@ -12,6 +12,10 @@ weights the least-squares codes give about 0.6 % (8 bits), 10 % (4), 34 % (2) an
 (1), min/max codes 0.65 %, 11 %, 55 % and 99 %; validation holds each tensor to 2 %,
 15 %, 60 % and 100 %, so a wrong code, scale or packing (errors of 100 % and more) shows
 up as a failure.
+
+Large tensors never sit whole in memory: the writer quantizes a block of rows at a time
+and streams the codes into their member (:mod:`.npz_quant`); the reader reads the codes
+from the zip and dequantizes them a block of rows at a time (:mod:`.npz_members`).
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ import numpy as np
 
 import convcore
 from convcore import ConvcoreError, Model, TensorRef
+
+from .npz_members import MemberRows, check_member, member_writer, read_member, write_member
+from .npz_quant import ERROR_ROWS_ELEMENTS, relative_error_rows, write_quantized  # noqa: F401
 
 FORMAT_VERSION = 1
 SCHEMES = ("int1-row", "int2-row", "int4-row", "int8-row", "int8-row-sym", "int8-tensor")
@@ -72,30 +79,6 @@ def relative_error(x: np.ndarray, y: np.ndarray) -> float:
     return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
 
 
-ERROR_ROWS_ELEMENTS = 1 << 21
-
-
-def relative_error_rows(x: np.ndarray, scheme: str, data: dict[str, np.ndarray]) -> float:
-    """:func:`relative_error` of ``x`` (2-D) and its per-row codes ``data`` dequantized by
-    ``scheme``, a block of rows at a time (float64 sums of float32 blocks): no whole-tensor float32
-    copies (three of them took 786 MB for the 1.1B model's embedding)."""
-    spec = convcore.get_registry().scheme(scheme)
-    rows, width = x.shape
-    step = max(1, ERROR_ROWS_ELEMENTS // max(1, width))
-    diff2 = norm2 = 0.0
-    release = convcore.page_releaser(x)
-    for a in range(0, rows, step):
-        b = min(a + step, rows)
-        part = {k: (v[a:b] if v.ndim and v.shape[0] == rows else v) for k, v in data.items()}
-        xs = np.asarray(convcore.cast(x[a:b], "f32"), np.float32).reshape(-1)
-        d = xs - np.asarray(spec.dequantize(part, (b - a, width)), np.float32).reshape(-1)
-        diff2 += float(np.dot(d, d))
-        norm2 += float(np.dot(xs, xs))
-        release(x[a:b])
-    diff, norm = diff2 ** 0.5, norm2 ** 0.5
-    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
-
-
 def _model_block(model: Model) -> dict[str, Any]:
     c = model.config
     keys = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
@@ -109,9 +92,18 @@ def _model_block(model: Model) -> dict[str, Any]:
     return block
 
 
-def _write_member(zf: zipfile.ZipFile, member: str, array: np.ndarray) -> None:
-    with zf.open(member + ".npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+def _write_plain(zf: zipfile.ZipFile, member: str, ref: TensorRef, where: str) -> None:
+    """A tensor stored as is (floats as float32), a piece at a time (a scalar whole: numpy
+    writes it as shape (1,))."""
+    floats = ref.dtype in convcore.FLOAT_DTYPES
+    if not ref.shape:
+        data = ref.load()
+        write_member(zf, member, convcore.cast(data, "f32") if floats else data)
+        return
+    dtype = convcore.numpy_dtype("f32" if floats else ref.dtype)
+    with member_writer(zf, member, dtype, tuple(ref.shape), where) as writer:
+        for piece in ref.load_chunks("f32" if floats else None):
+            writer.write(piece)
 
 
 @convcore.hookimpl
@@ -131,27 +123,21 @@ def convcore_write(model: Model, path: Path, fmt: str, options: dict[str, Any],
             print(f"{ref.name}\t{list(ref.shape)}\t{kind}")
         return path
     path.mkdir(parents=True)
+    spec = convcore.get_registry().scheme(scheme)
     npz_name = f"{name}_quantized_q{bits}.npz"
     weights = []
     with zipfile.ZipFile(path / npz_name, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for i, ref in enumerate(model.tensors.values()):
             entry: dict[str, Any] = {"name": ref.name, "shape": list(ref.shape)}
             if len(ref.shape) == 2 and ref.dtype in convcore.FLOAT_DTYPES:
-                array = ref.load()
-                qt = convcore.quantize(array, scheme, {"name": ref.name, "search": search})
+                zero_points = "zero_points" in spec.layout(tuple(ref.shape), "f32")
                 entry.update(bit_width=bits, scheme=scheme, q=f"w{i}_q", q_scales=f"w{i}_scales",
-                             q_zero_point=f"w{i}_zp" if "zero_points" in qt.data else None,
-                             rel_error=relative_error_rows(array, scheme, qt.data))
-                _write_member(zf, entry["q"], qt.data["q"])
-                _write_member(zf, entry["q_scales"], qt.data["scales"])
-                if entry["q_zero_point"]:
-                    _write_member(zf, entry["q_zero_point"], qt.data["zero_points"])
-                del array, qt
+                             q_zero_point=f"w{i}_zp" if zero_points else None, rel_error=None)
+                entry["rel_error"] = write_quantized(zf, ref, scheme, search, entry, str(path / npz_name))
             else:
                 entry.update(bit_width=32, scheme="f32", q=f"w{i}", q_scales=None, q_zero_point=None,
                              dtype=ref.dtype)
-                data = ref.load()
-                _write_member(zf, entry["q"], convcore.cast(data, "f32") if ref.dtype in convcore.FLOAT_DTYPES else data)
+                _write_plain(zf, entry["q"], ref, str(path / npz_name))
             weights.append(entry)
             progress(ref.name)
     manifest = {
@@ -245,83 +231,95 @@ def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
     return convcore.inside_model(path / npz_name, path), manifest
 
 
-def read_member(zf: zipfile.ZipFile, member: str, npz: Path) -> np.ndarray:
-    """The array in ``member``.npy, its header checked against the member's size first
-    (numpy allocates the header's shape before reading): no object dtypes (pickle), no
-    shape the bytes do not hold."""
-    where = f"{npz}: member {member!r}"
-    try:
-        info = zf.getinfo(member + ".npy")
-    except KeyError:
-        raise ConvcoreError(f"{where} is missing") from None
-    # deflate packs at most ~1032:1; a member claiming more is not what it says
-    if info.file_size > max(1 << 20, 1100 * info.compress_size):
-        raise ConvcoreError(f"{where}: claims {info.file_size} bytes from {info.compress_size} compressed")
-    with zf.open(info) as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f".npy version {version}")
-            shape, fortran, dtype = read_header(f)
-        except (ValueError, TypeError, SyntaxError, EOFError) as exc:
-            raise ConvcoreError(f"{where}: not a readable .npy header ({exc})".replace("\n", " ")) from None
-        if dtype.hasobject or dtype.itemsize == 0:
-            raise ConvcoreError(f"{where}: dtype {dtype} (Python objects or empty items) is refused")
-        want = math.prod(shape) * dtype.itemsize
-        have = info.file_size - f.tell()
-        if want != have:
-            raise ConvcoreError(f"{where}: header says shape {list(shape)} of {dtype} ({want} bytes), "
-                                f"the member holds {have}")
-        raw = f.read(have)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+class _Pass:
+    """One pass over a weight's members, its rows handed out in order: the codes (or the
+    stored floats) read from the zip a block of rows at a time, scales and zero points
+    (one value a row) whole. Opened at the start of the pass, closed at its end."""
 
+    def __init__(self, npz: Path, members: dict[str, str | None], entry: dict[str, Any]):
+        self.npz, self.members, self.entry = npz, members, entry
+        self.shape = tuple(entry["shape"])
+        self.n_rows = math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+        self.zf: zipfile.ZipFile | None = None
+        self.q: MemberRows | None = None
 
-def _member_loader(npz: Path, members: dict[str, str | None], entry: dict[str, Any]
-                   ) -> tuple[Callable[[], np.ndarray], Callable[[str], Iterator[np.ndarray]] | None]:
-    """(load, chunk_loader) of a weight: a quantized one is also handed out dequantized a
-    block of rows at a time (never a whole float32 copy: 262 MB for the 1.1B model's
-    embedding); None for stored floats."""
-    shape = tuple(entry["shape"])
-
-    def payload() -> tuple[Any, dict[str, np.ndarray]]:
-        with zipfile.ZipFile(npz) as zf:
-            data = {k: read_member(zf, m, npz) for k, m in members.items() if m is not None}
-        if entry["bit_width"] == 32:
-            return None, {"q": data["q"].reshape(shape)}
-        spec = convcore.get_registry().scheme(entry.get("scheme") or f"int{entry['bit_width']}-row")
-        out = {"q": data["q"], "scales": data["scales"]}
-        if "zero_points" in data:
-            out["zero_points"] = data["zero_points"]
+    def open(self) -> None:
+        self.close()
+        npz, entry, shape = self.npz, self.entry, self.shape
+        self.zf = zipfile.ZipFile(npz)
+        self.q = q = MemberRows(self.zf, self.members["q"], npz)
+        if entry["bit_width"] == 32:   # stored float32, as the tensor's dtype says
+            self.spec, self.data, self.row_items = None, {}, shape[-1] if shape else 1
+            if q.dtype != np.float32 or q.size != math.prod(shape):
+                raise ConvcoreError(f"{npz}: tensor {entry['name']!r} read as {q.dtype}{list(q.shape)}, "
+                                    f"expected f32{list(shape)}")
+            return
+        small = {k: read_member(self.zf, m, npz) for k, m in self.members.items() if k != "q" and m is not None}
+        self.spec = spec = convcore.get_registry().scheme(entry.get("scheme") or f"int{entry['bit_width']}-row")
+        found = {"q": (q.dtype, q.shape, q.size), "scales": small["scales"]}
+        if "zero_points" in small:
+            found["zero_points"] = small["zero_points"]
         layout = spec.layout(shape, "f32")
-        for key, array in out.items():  # dtypes and sizes the scheme's kernels expect
+        self.data = {}
+        for key, array in found.items():  # dtypes and sizes the scheme's kernels expect
+            dtype, have, size = array if key == "q" else (array.dtype, array.shape, array.size)
             want = layout.get(key)
-            if (want is None or array.dtype != convcore.numpy_dtype(want[0])
-                    or array.size != math.prod(want[1])):
+            if (want is None or dtype != convcore.numpy_dtype(want[0]) or size != math.prod(want[1])
+                    or (key == "q" and tuple(want[1][:1]) != (self.n_rows,))):
                 raise ConvcoreError(f"{npz}: weight {entry['name']!r}: its {key} member is "
-                                    f"{array.dtype}{list(array.shape)}, {spec.name} on shape "
+                                    f"{dtype}{list(have)}, {spec.name} on shape "
                                     f"{list(shape)} needs {want}")
-            out[key] = array.reshape(want[1])
-        return spec, out
+            if key == "q":   # read a block of rows at a time: (rows, ...) of the layout
+                self.row_shape = tuple(want[1][1:])
+                self.row_items = math.prod(self.row_shape)
+            else:
+                self.data[key] = array.reshape(want[1])
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        q = self.q.rows(a, b, self.row_items)
+        if b >= self.n_rows:
+            self.close()
+        if self.spec is None:
+            return q
+        part = {k: (v[a:b] if v.ndim and v.shape[0] == self.n_rows else v) for k, v in self.data.items()}
+        q = q.reshape(b - a, *self.row_shape)
+        return np.asarray(self.spec.dequantize({"q": q, **part}, (b - a, self.shape[-1])), dtype=np.float32)
+
+    def close(self) -> None:
+        q, zf, self.q, self.zf = self.q, self.zf, None, None
+        if q is not None:
+            q.close()
+        if zf is not None:
+            zf.close()
+
+
+def _member_loader(npz: Path, members: dict[str, str | None], entry: dict[str, Any], floats: bool
+                   ) -> tuple[Callable[[], np.ndarray], Callable[[str], Iterator[np.ndarray]] | None]:
+    """(load, chunk_loader) of a weight: a quantized one dequantized a block of rows at a
+    time (never a whole float32 copy: 262 MB for the 1.1B model's embedding; nor its whole
+    codes: 537 MB for a 262144 x 2048 embedding at 8 bits), stored floats (``floats``)
+    also handed out a block of rows at a time; None for other stored types."""
+    shape = tuple(entry["shape"])
+    quantized = entry["bit_width"] != 32 and len(shape) == 2
 
     def load() -> np.ndarray:
-        spec, data = payload()
-        return data["q"] if spec is None else spec.dequantize(data, shape)
+        if not quantized:   # as stored, whole
+            with zipfile.ZipFile(npz) as zf:
+                return read_member(zf, members["q"], npz).reshape(shape)
+        state = _Pass(npz, members, entry)
+        try:
+            return convcore.row_block_loaders(shape, state.rows, "f32", state.open)[0]()
+        finally:
+            state.close()
 
-    held: dict[str, Any] = {}
-    n_rows = math.prod(shape[:-1])
+    def pieces(out: str) -> Iterator[np.ndarray]:
+        state = _Pass(npz, members, entry)
+        try:
+            yield from convcore.row_block_loaders(shape, state.rows, "f32", state.open)[1](out)
+        finally:
+            state.close()
 
-    def prepare() -> None:
-        held["spec"], held["data"] = payload()
-
-    def rows(a: int, b: int) -> np.ndarray:
-        part = {k: (v[a:b] if v.ndim and v.shape[0] == n_rows else v) for k, v in held["data"].items()}
-        return np.asarray(held["spec"].dequantize(part, (b - a, shape[-1])), dtype=np.float32)
-
-    quantized = entry["bit_width"] != 32 and len(shape) == 2
-    pieces = convcore.row_block_loaders(shape, rows, "f32", prepare)[1] if quantized else None
-    return load, pieces
+    return load, pieces if quantized or floats else None
 
 
 @convcore.hookimpl
@@ -344,7 +342,7 @@ def convcore_load(path: Path, fmt: str, options: dict[str, Any]) -> Model | None
         dtype = "f32" if quantized else entry.get("dtype", "f32")
         if dtype not in ("f32",) and dtype in convcore.FLOAT_DTYPES:
             dtype = "f32"
-        load, pieces = _member_loader(npz, members, entry)
+        load, pieces = _member_loader(npz, members, entry, dtype == "f32")
         tensors[entry["name"]] = TensorRef(entry["name"], tuple(entry["shape"]), dtype, load,
                                            source=str(npz),
                                            stored=entry.get("scheme", "") if quantized else "",
@@ -382,14 +380,14 @@ def convcore_validate(path: Path, fmt: str) -> list[str] | None:
                     continue
                 shape = tuple(entry["shape"])
                 rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+                q_shape, _ = check_member(z, entry["q"], npz)   # read through, not kept
                 if bits == 32:
-                    if read_member(z, entry["q"], npz).size != int(np.prod(shape)):
-                        problems.append(f"{npz}: weight {name!r}: {read_member(z, entry['q'], npz).size} values for shape {list(shape)}")
+                    if math.prod(q_shape) != int(np.prod(shape)):
+                        problems.append(f"{npz}: weight {name!r}: {math.prod(q_shape)} values for shape {list(shape)}")
                     continue
-                q = read_member(z, entry["q"], npz)
                 want = (rows, -(-shape[-1] * bits // 8)) if bits < 8 else (rows, shape[-1])
-                if tuple(q.shape) != want:
-                    problems.append(f"{npz}: weight {name!r}: codes {list(q.shape)}, expected {list(want)} at {bits} bits")
+                if tuple(q_shape) != want:
+                    problems.append(f"{npz}: weight {name!r}: codes {list(q_shape)}, expected {list(want)} at {bits} bits")
                 err = entry.get("rel_error")
                 tol = TOLERANCE.get(bits)
                 if err is None and str(manifest.get("format_version")) == "2":
