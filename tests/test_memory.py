@@ -6,7 +6,9 @@ mechanisms behind them (measured in a child, by the kernel's count):
 
 - gguf (q4_k_m) -> hf f16: k-quant tensors dequantize straight to f16 (no float32 copy,
   262 MB for the embedding) from a few MB of the file's blocks at a time;
-- hf -> mlx int4-g64: the source's pages leave the resident set as rows are quantized.
+- hf -> mlx int4-g64: the source's pages leave the resident set as rows are quantized;
+- hf -> hf, a copy and a cast: pieces cast as they are written, the source's pages
+  dropped behind (docs/benchmarks.md, "Flat memory", measures a 2.15 GB tensor).
 
 Each test compares the peak with the same conversion of a model whose embedding and
 lm_head have 4096 rows instead of 32000, so what the process and its libraries hold (which
