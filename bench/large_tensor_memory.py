@@ -6,7 +6,7 @@ largest tensor. Each conversion runs in its own child (peak RSS from wait4); the
 the same 400 MB as on the 1.1B model: a conversion's memory must not follow the size of
 the largest tensor.
 
-    .venv/bin/python bench/large_tensor_memory.py [--only REGEX]
+    .venv/bin/python bench/large_tensor_memory.py [--only REGEX] [--every-type]
 """
 from __future__ import annotations
 
@@ -113,10 +113,36 @@ RUNS = [
 ]
 
 
+def every_type() -> list[tuple[str, str, str, list[str]]]:
+    """hf -> every format with every quantized type it offers, one group/block size per
+    bit width, beyond the types RUNS has (the IQ types that need an importance matrix
+    are refused without one: they show as failed)."""
+    listed = json.loads(subprocess.run([python(), "-m", "convcore", "formats", "--json"], check=True,
+                                       capture_output=True, text=True).stdout)
+    done = {(args[1], args[3]) for _, src, _, args in RUNS if src == "src" and "--quant" in args}
+    out = []
+    for fmt in ("gguf", "npz", "parquet", "mlx", "onnx"):
+        types = next(f for f in listed if f["format"] == fmt)["schemes"]
+        for t in types:
+            group = re.search(r"-[gb](\d+)", t)
+            if t in ("f32", "f16", "bf16") or (fmt, t) in done or (group and group.group(1) not in ("64", "32")):
+                continue
+            if fmt == "onnx" and group and group.group(1) != "32":
+                continue
+            if fmt in ("mlx", "parquet") and group and group.group(1) != "64":
+                continue
+            out.append((f"hf -> {fmt} --quant {t}", "src", f"every-{fmt}-{t}", ["--to", fmt, "--quant", t]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="", help="run the conversions whose label matches")
-    only = re.compile(parser.parse_args().only)
+    parser.add_argument("--every-type", action="store_true",
+                        help="instead: hf -> each format with each other quantized type it offers")
+    args_ = parser.parse_args()
+    only = re.compile(args_.only)
+    runs = every_type() if args_.every_type else RUNS
     # built in a child: a child of this process would start with its peak RSS
     subprocess.run([python(), __file__, "--build"], check=True)
     src = model()
@@ -126,7 +152,7 @@ def main() -> None:
     env = {"OMP_NUM_THREADS": "2"}
     rows = []
     try:
-        for label, source, out, args in RUNS:
+        for label, source, out, args in runs:
             if not only.search(label):
                 continue
             if source not in outputs:
@@ -140,7 +166,8 @@ def main() -> None:
             rows.append(m)
             print(f"{label}: {m.wall_s:.1f} s, {m.peak_rss_mb:.0f} MB", file=sys.stderr, flush=True)
             for key, path in list(outputs.items()):  # outputs nobody reads later go at once
-                if key != "src" and not any(s == key for _, s, _, _ in RUNS[RUNS.index((label, source, out, args)) + 1:]):
+                later = runs[runs.index((label, source, out, args)) + 1:]
+                if key != "src" and not any(s == key for _, s, _, _ in later):
                     (shutil.rmtree if path.is_dir() else Path.unlink)(path)
                     del outputs[key]
         print(f"#### largest tensor {EMBED} {largest / 1e9:.2f} GB (f32), source {src}\n")

@@ -112,7 +112,10 @@ class Scheme:
         whose last axis is the row. ``options`` (may be empty; ignore keys you don't use):
         ``name`` (the tensor's name, for messages), ``weights`` (float32 importance of
         each column, shape ``(row_length,)``, for importance-aware searches), ``device``
-        (where to compute, e.g. ``"cuda:0"``; absent means the CPU).
+        (where to compute, e.g. ``"cuda:0"``; absent means the CPU), ``absmax`` (the
+        largest magnitude of the whole tensor when ``array`` is a piece of it, so a scheme
+        with one scale per tensor gives the piece the tensor's scale: a writer streaming a
+        tensor in pieces passes it), ``threads`` (the most threads the kernels may use).
     :param dequantize: ``dequantize(data, shape) -> float32 ndarray``.
     :param layout: ``layout(shape, dtype) -> {array_name: (dtype, packed_shape)}``: the
         arrays ``quantize`` returns for a tensor of logical ``shape`` and canonical input

@@ -2,9 +2,9 @@
 
 Each tensor is written as its own row group (a one-row table), so a reader fetches one
 tensor by reading one column chunk; a tensor over ``chunk_size`` as one row group per
-chunk (slices of its first axis, made from the tensor loaded once; per-row and grouped
-schemes quantize each slice, a per-tensor one the whole tensor), so pyarrow's copies
-are a chunk's, not the tensor's. The ``data`` value is handed to pyarrow as a zero-copy
+chunk (slices of its first axis, made from the tensor loaded once; each slice is
+quantized on its own, with a per-tensor scheme given the tensor's largest magnitude from
+a first pass over it), so pyarrow's copies are a chunk's, not the tensor's. The ``data`` value is handed to pyarrow as a zero-copy
 view of the tensor's bytes; pyarrow's own encoder and compressor copies are what bound
 the peak memory (figures in docs/benchmarks.md). A source tensor handed over as it is
 leaves the resident set as soon as pyarrow has copied it (when it is in a file mapping,
@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from convcore import (
-    FLOAT_DTYPES, ConvcoreError, Model, first_line, TensorRef, cast, get_registry, numpy_dtype, plan_shards,
-    quantize,
+    FLOAT_DTYPES, ConvcoreError, Model, first_line, TensorRef, cast, cast_chunks, get_registry, numpy_dtype,
+    plan_shards, quantize,
 )
 
 from . import kv as kvmeta
@@ -153,11 +153,11 @@ def _per_tensor(p: Planned) -> bool:
 
 
 def _table(p: Planned, source: np.ndarray, version: int, search: str, chunked: bool,
-           chunk: tuple[int, int, int] | None = None, whole: Any = None, kernel_threads: int | None = None
-           ) -> tuple[pa.Table, np.ndarray | None]:
+           chunk: tuple[int, int, int] | None = None, absmax: float | None = None,
+           kernel_threads: int | None = None) -> tuple[pa.Table, np.ndarray | None]:
     """(the one-row table of ``p`` or, with ``chunk`` (index, start, stop), of that slice
-    of its first axis, the source array when ``data`` views it as it is). ``whole``: the
-    whole tensor quantized, for schemes with one scale for the tensor (sliced here);
+    of its first axis, the source array when ``data`` views it as it is). ``absmax``: the
+    whole tensor's largest magnitude, for schemes with one scale for the tensor;
     ``kernel_threads``: the most threads the scheme's kernels may use."""
     ref = p.ref
     index, start, stop = chunk if chunk is not None else (None, 0, ref.shape[0] if ref.shape else 0)
@@ -181,11 +181,10 @@ def _table(p: Planned, source: np.ndarray, version: int, search: str, chunked: b
         spec = get_registry().scheme(p.scheme)
         layout = spec.layout(shape, p.dtype)
         code, offset = code_array(layout), offset_array(layout)
-        if whole is None:
-            arrays = quantize(array, p.scheme, _quant_options(ref.name, search, kernel_threads)).data
-        else:
-            arrays = {k: _slice(whole.data[k], layout[k][1], ref.shape[0], start, stop)
-                      for k in (code, "scales", offset) if k}
+        options = _quant_options(ref.name, search, kernel_threads)
+        if absmax is not None:
+            options["absmax"] = absmax
+        arrays = quantize(array, p.scheme, options).data
         axis, group, _ = quant_params(spec, shape, p.dtype)
         columns["data"] = _binary(arrays[code], ref.name)
         quant = dict(quant_type=p.scheme, scales=f32_bytes(arrays["scales"]),
@@ -207,18 +206,6 @@ def _quant_options(name: str, search: str, kernel_threads: int | None = None) ->
     if kernel_threads:
         options["threads"] = kernel_threads
     return options
-
-
-def _slice(array: np.ndarray, shape: tuple[int, ...], lead: int, start: int, stop: int) -> np.ndarray:
-    """Indices ``[start, stop)`` of the first axis (of ``lead``) of a whole tensor's
-    layout array, whose slice has ``shape``: the whole array when it is one scale."""
-    want = math.prod(shape)
-    if array.size == want:
-        return array  # shared by every chunk (the tensor's one scale)
-    part = array.reshape(lead, -1)[start:stop]
-    if part.size != want:
-        raise ConvcoreError(f"a layout array of {array.size} values does not split by the first axis")
-    return part.reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -243,16 +230,17 @@ def _jobs(part: list[Planned]) -> list[_Job]:
 
 class _Maker:
     """Makes rows of jobs, on any thread: a whole tensor's, or one chunk's. A chunked
-    tensor is loaded once (and for a scheme with one scale per tensor quantized whole
-    once) by whichever thread makes its first chunk, and let go when its chunks are all
-    made. A chunk whose row holds its own bytes (cast or quantized) lets the source
+    tensor is loaded once (and for a scheme with one scale per tensor its largest
+    magnitude found, a piece at a time) by whichever thread makes its first chunk, and
+    let go when its chunks are all made; every chunk of such a tensor must come back with
+    the same scale (a scheme that ignores the option ``absmax`` is refused). A chunk whose row holds its own bytes (cast or quantized) lets the source
     pages it came from go at once."""
 
     def __init__(self, version: int, search: str, chunked: bool, kernel_threads: int | None = None):
         self.version, self.search, self.chunked = version, search, chunked
         self.kernel_threads = kernel_threads
         self._lock = threading.Lock()
-        self._held: dict[str, list[Any]] = {}  # name -> [source, whole, chunks left]
+        self._held: dict[str, list[Any]] = {}  # name -> [source, absmax, chunks left, scale]
 
     def __call__(self, job: _Job) -> tuple[pa.Table, np.ndarray | None]:
         p = job.p
@@ -261,16 +249,17 @@ class _Maker:
         with self._lock:
             held = self._held.get(p.ref.name)
             if held is None:
-                source, whole = p.ref.load(), None
+                source, absmax = p.ref.load(), None
                 if p.scheme is not None and _per_tensor(p):  # one scale for the tensor: from all of it
-                    floats = cast(source, p.dtype) if p.dtype != p.ref.dtype else source
-                    whole = quantize(floats, p.scheme, _quant_options(p.ref.name, self.search))
-                held = self._held[p.ref.name] = [source, whole, len(p.chunks)]
-        source, whole = held[0], held[1]
+                    absmax = _largest_magnitude(p, source)
+                held = self._held[p.ref.name] = [source, absmax, len(p.chunks), None]
+        source, absmax = held[0], held[1]
         start, stop = p.chunks[job.chunk]
         try:
-            made = _table(p, source, self.version, self.search, True, (job.chunk, start, stop), whole,
+            made = _table(p, source, self.version, self.search, True, (job.chunk, start, stop), absmax,
                           self.kernel_threads)
+            if absmax is not None:
+                self._same_scale(p, held, made[0])
         finally:
             with self._lock:
                 held[2] -= 1
@@ -281,6 +270,31 @@ class _Maker:
             if region is not None:
                 region.drop()
         return made
+
+
+    @staticmethod
+    def _same_scale(p: Planned, held: list[Any], table: pa.Table) -> None:
+        scale = table.column("scales")[0].as_py() if "scales" in table.column_names else None
+        if scale is None:
+            return
+        if held[3] is None:
+            held[3] = scale
+        elif held[3] != scale:
+            raise ConvcoreError(f"tensor {p.ref.name!r}: scheme {p.scheme} gave its chunks different "
+                                "scales (it ignores the option absmax); write it whole with a larger "
+                                "-O chunk_size")
+
+
+def _largest_magnitude(p: Planned, source: np.ndarray) -> float:
+    """The largest |x| of ``source`` cast to ``p``'s dtype, found a piece at a time (a
+    mapped source's pages leave behind)."""
+    largest = np.float32(0)
+    for piece in cast_chunks(source, p.dtype):
+        if piece.size:
+            largest = np.maximum(largest, np.abs(piece.astype(np.float32, copy=False)).max())
+    if not np.isfinite(largest):
+        raise ConvcoreError(f"tensor {p.ref.name!r}: {p.scheme}: NaN or Inf in input")
+    return float(largest)
 
 
 def _fragment(make: _Maker, job: _Job, schema: pa.Schema, settings: dict[str, Any]) -> Fragment:

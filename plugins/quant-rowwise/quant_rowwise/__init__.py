@@ -108,10 +108,12 @@ def _schemes() -> list[convcore.Scheme]:
     for name, per_tensor in (("int8-row-sym", False), ("int8-tensor", True)):
         out.append(convcore.Scheme(
             name=name, block_size=1, bits=8.0, family="row",
-            quantize=lambda a, o=None, t=per_tensor: _kernels("rows").quantize_sym(a, t),
+            quantize=lambda a, o=None, t=per_tensor: _kernels("rows").quantize_sym(
+                a, t, (o or {}).get("absmax") if t else None),
             dequantize=lambda d, s: _kernels("rows").dequantize_sym(d, s),
             layout=_sym_layout(per_tensor),
-            description="int8 symmetric, " + ("one scale" if per_tensor else "scale per row")))
+            description="int8 symmetric, " + ("one scale (option absmax: the whole tensor's, "
+                                                 "for a piece of it)" if per_tensor else "scale per row")))
     for bits, block, sym in MATMULNBITS:
         # block_size 1: MatMulNBits pads a short last block, so any row length works
         out.append(convcore.Scheme(

@@ -151,7 +151,10 @@ def dequantize_asym(bits: int, data: dict[str, np.ndarray], shape: tuple[int, ..
     return codes.reshape(shape)
 
 
-def quantize_sym(array: np.ndarray, per_tensor: bool) -> dict[str, np.ndarray]:
+def quantize_sym(array: np.ndarray, per_tensor: bool, absmax: float | None = None) -> dict[str, np.ndarray]:
+    """int8 symmetric codes and scales; ``per_tensor``: one scale, from ``absmax`` where
+    given (``array`` is a piece of a tensor whose largest magnitude that is: the piece's
+    codes are those rows' codes in the whole tensor's), else from ``array``'s own."""
     rows = as_rows(array, 1)
     amax = np.empty(rows.shape[0], np.float32)
     for start, part in f32_slices(rows):
@@ -159,7 +162,13 @@ def quantize_sym(array: np.ndarray, per_tensor: bool) -> dict[str, np.ndarray]:
     if not np.isfinite(amax).all():
         raise ValueError("NaN or Inf in input")
     if per_tensor:
-        amax = np.full_like(amax, amax.max() if amax.size else 0)
+        if absmax is not None:
+            largest = np.float32(absmax)
+            if not np.isfinite(largest) or (amax.size and amax.max() > largest):
+                raise ValueError(f"option absmax {absmax} is not the tensor's largest magnitude")
+        else:
+            largest = amax.max() if amax.size else np.float32(0)
+        amax = np.full_like(amax, largest)
     scales = amax / np.float32(127.0)
     scales[scales == 0] = 1.0
     codes = faulted_empty(rows.shape, np.int8)

@@ -43,6 +43,20 @@ def test_symmetric_and_tensor_scales():
     assert np.array_equal(zero.dequantize(), np.zeros((2, 8), np.float32))
 
 
+def test_int8_tensor_pieces_with_the_tensors_absmax_are_the_whole_tensors_codes():
+    x = np.random.default_rng(2).standard_normal((48, 64)).astype(np.float32)
+    x[40, 3] = 9.0  # the largest magnitude lies in the last piece
+    whole = convcore.quantize(x, "int8-tensor")
+    absmax = float(np.abs(x).max())
+    pieces = [convcore.quantize(x[i:i + 16], "int8-tensor", {"absmax": absmax}) for i in (0, 16, 32)]
+    assert all(p.data["scales"].tobytes() == whole.data["scales"].tobytes() for p in pieces)
+    assert np.concatenate([p.data["q"] for p in pieces]).tobytes() == whole.data["q"].tobytes()
+    alone = convcore.quantize(x[:16], "int8-tensor")  # without it: the piece's own scale
+    assert alone.data["scales"][0] < whole.data["scales"][0]
+    with pytest.raises(convcore.ConvcoreError, match="absmax 1.0 is not the tensor's largest magnitude"):
+        convcore.quantize(x[32:], "int8-tensor", {"absmax": 1.0})
+
+
 # Relative error of the whole tensor on gaussian 256-wide rows: least squares (default)
 # beside min/max. Bounds: the targets for int4/int2; the others must not regress.
 MSE_BOUND = {1: 0.62, 2: 0.36, 4: 0.105, 8: 0.0066}
