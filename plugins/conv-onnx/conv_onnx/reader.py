@@ -23,6 +23,8 @@ from convcore import (
 )
 from convcore import rowblocks
 
+from . import genai_read
+
 
 DTYPE_OF = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16",
             TensorProto.DOUBLE: "f64", TensorProto.UINT8: "u8", TensorProto.INT8: "i8",
@@ -167,6 +169,10 @@ def _quant_loader(inits: Initializers, entry: dict[str, Any]
 
 
 def _ref(inits: Initializers, hf: str, entry: dict[str, Any]) -> TensorRef:
+    if "concat" in entry:
+        return _joined(hf, [_ref(inits, hf, part) for part in entry["concat"]])
+    if "add" in entry:
+        return _shifted(_ref(inits, hf, {k: v for k, v in entry.items() if k != "add"}), float(entry["add"]))
     name = entry.get("init", "")
     if name not in inits.protos:
         raise ConvcoreError(f"{inits.file}: convcore.tensors names initializer {name!r} for {hf}, "
@@ -196,6 +202,31 @@ def _ref(inits: Initializers, hf: str, entry: dict[str, Any]) -> TensorRef:
     pieces = _transposed_pieces(inits, entry) if entry.get("transpose") else _plain_pieces(inits, entry)
     return TensorRef(hf, tuple(shape), inits.dtype(name), _plain_loader(inits, entry), source=str(inits.file),
                      chunk_loader=pieces)
+
+
+def _joined(hf: str, parts: list[TensorRef]) -> TensorRef:
+    """The matrices ``parts`` one after another (Phi-3's gate and up as HF's gate_up):
+    C-ordered, their flat pieces in turn are the joined tensor's."""
+    dtypes = {p.dtype for p in parts}
+    if len(dtypes) != 1 or len({p.shape[1:] for p in parts}) != 1:
+        raise ConvcoreError(f"{parts[0].source}: {hf}: its parts differ in type or row length")
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+
+    def pieces(dtype: str) -> Iterator[np.ndarray]:
+        for part in parts:
+            yield from part.load_chunks(dtype)
+    return TensorRef(hf, shape, parts[0].dtype, lambda: np.concatenate([p.load() for p in parts]),
+                     source=parts[0].source, stored=parts[0].stored,
+                     stored_nbytes=sum(p.stored_nbytes for p in parts) if parts[0].stored else 0,
+                     chunk_loader=pieces)
+
+
+def _shifted(ref: TensorRef, add: float) -> TensorRef:
+    """``ref`` plus ``add`` (a Gemma norm the builder stored as ``1 + w``), computed in
+    float32 and stored back in ``ref``'s type."""
+    def load() -> np.ndarray:
+        return cast(np.asarray(cast(ref.load(), "f32") + np.float32(add), np.float32), ref.dtype)
+    return TensorRef(ref.name, ref.shape, ref.dtype, load, source=ref.source)
 
 
 #: a transposed MatMul weight is handed out in blocks of about this many bytes of HF rows
@@ -274,7 +305,10 @@ def load_onnx(path: Path) -> Model:
     config_file = root / "config.json"
     config = read_json(config_file) if config_file.is_file() else {}
     tensors: dict[str, TensorRef] = {}
-    if "convcore.tensors" in meta:
+    if genai_read.is_builder_folder(root, meta):  # onnxruntime-genai's builder wrote it
+        config, mapping = genai_read.builder_model(file, proto, inits, config)
+        tensors = {hf: _ref(inits, hf, entry) for hf, entry in mapping.items()}
+    elif "convcore.tensors" in meta:
         try:
             mapping = json.loads(meta["convcore.tensors"])
         except ValueError:

@@ -18,7 +18,6 @@ writer writes, in a fraction of the time on several cores.
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections import deque
@@ -289,7 +288,7 @@ def _largest_magnitude(p: Planned, source: np.ndarray) -> float:
     """The largest |x| of ``source`` cast to ``p``'s dtype, found a piece at a time (a
     mapped source's pages leave behind)."""
     largest = np.float32(0)
-    for piece in cast_chunks(source, p.dtype):
+    for piece in cast_chunks(source, p.dtype, 1 << 20):
         if piece.size:
             largest = np.maximum(largest, np.abs(piece.astype(np.float32, copy=False)).max())
     if not np.isfinite(largest):
