@@ -10,6 +10,7 @@ quantized and appended to ``model.onnx.data`` one at a time.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -144,9 +145,11 @@ class Builder:
             def produce_blocks() -> dict[str, Chunked]:
                 # never a whole f32 copy (lm_head: 262 MB): rows [a, b) are quantized as
                 # the codes are written; scales and zero points (a 32nd of the codes'
-                # rows) are kept from that pass and written after them, as one block
+                # rows, but 67 MB for a 262144 x 2048 lm_head) are spilled to a temporary
+                # file in that pass and read back a block at a time after the codes
                 stacked = _stacked([self.model.tensors[h].load() for h in hfs])
-                kept: dict[str, list[np.ndarray]] = {"scales": [], "zero_points": []}
+                spill = {part: tempfile.TemporaryFile() for part in ("scales", "zero_points") if part in layout}
+                kinds = {part: dtype if part == "scales" else layout[part][0] for part in spill}
 
                 def codes(a: int, b: int) -> np.ndarray:
                     parts = []
@@ -155,27 +158,34 @@ class Builder:
                         release(piece)
                     rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
                     data = quantize(rows, self.scheme, {"name": hfs[0]}, registry=self.registry).data
-                    kept["scales"].append(cast(data["scales"], dtype))
-                    if "zero_points" in data:
-                        kept["zero_points"].append(data["zero_points"])
+                    for part, f in spill.items():
+                        made = data["scales"] if part == "scales" else data[part]
+                        f.write(np.ascontiguousarray(cast(made, kinds[part])).reshape(-1).view(np.uint8).data)
                     return data["q"]
 
-                def joined(part: str) -> Callable[[int, int], np.ndarray]:
+                def spilled(part: str) -> Callable[[int, int], np.ndarray]:
+                    shape = layout[part][1]
+                    kind = numpy_dtype(kinds[part])
+                    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * kind.itemsize
+
                     def rows(a: int, b: int) -> np.ndarray:
-                        if a != 0 or not kept[part]:
+                        f = spill[part]
+                        f.seek(a * row_bytes)
+                        raw = f.read((b - a) * row_bytes)
+                        if len(raw) != (b - a) * row_bytes:
                             raise ConvcoreError(f"onnx: {names[part]} is written before its codes")
-                        whole = np.concatenate(kept[part]).reshape(layout[part][1])
-                        kept[part].clear()
-                        return whole[a:b]
+                        if b == shape[0]:
+                            f.close()
+                        return np.frombuffer(raw, kind).reshape((b - a, *shape[1:]))
                     return rows
 
                 out = {names["q"]: Chunked(layout["q"][1], "u8", codes,
                                            max(1, STREAM_BLOCK // (k * 4)))}
-                for part in ("scales", "zero_points"):
-                    if part in layout:
-                        shape = layout[part][1]
-                        out[names[part]] = Chunked(shape, dtype if part == "scales" else layout[part][0],
-                                                   joined(part), shape[0])
+                for part in spill:
+                    shape = layout[part][1]
+                    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * numpy_dtype(kinds[part]).itemsize
+                    out[names[part]] = Chunked(shape, kinds[part], spilled(part),
+                                               max(1, STREAM_BLOCK // max(1, row_bytes)))
                 return out
 
             if n * k * 4 >= STREAM_BYTES:
