@@ -49,9 +49,55 @@ def ort_session(file: Path, options: dict[str, Any]) -> Any:
     if options.get("threads"):
         so.intra_op_num_threads = int(options["threads"])
     try:
-        return ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
+        model: Any = str(file)
+        stripped = _without_value_info(file)
+        if stripped is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(file.parent))
+            model = stripped
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ConvcoreError(f"{file}: onnxruntime cannot load it: {first_line(exc)}") from None
+
+
+def _without_value_info(file: Path) -> bytes | None:
+    """The graph without its intermediate shape annotations, where it has them (None
+    otherwise). onnxruntime-genai's builder labels some of its fp16 graph's tensors with
+    the wrong symbolic length (a key after the cache is joined as ``sequence_length``), and
+    onnxruntime's CPU casts then refuse the second run of a session (decoding after the
+    prompt): the shapes are inferred again without them."""
+    import onnx
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception:  # noqa: BLE001 - onnxruntime reports it when it loads the file
+        return None
+    if not model.graph.value_info:
+        return None
+    del model.graph.value_info[:]
+    return model.SerializeToString()
+
+
+#: positions a shared KV buffer is made with beyond the tokens it must hold now, so
+#: decoding does not copy it at every step
+SHARED_HEADROOM = 256
+
+
+def _shared_window(file: Path) -> int:
+    """The largest sliding window of the graph's GroupQueryAttention nodes that keep
+    their cache in a shared buffer (``sliding_window_cache``: the past must come in with
+    room for the window), or 0."""
+    import onnx
+    try:
+        graph = onnx.load(str(file), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - the session already loaded it; nothing to add
+        return 0
+    window = 0
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("sliding_window_cache"):
+                window = max(window, int(attrs.get("local_window_size", 0)))
+    return window
 
 
 class OnnxSession(Session):
@@ -76,6 +122,25 @@ class OnnxSession(Session):
         self.stop_ids = _stop_ids(self.file.parent)
         self._past: dict[str, np.ndarray] | None = None
         self._length = 0
+        self.window = _shared_window(self.file)
+
+    def _room(self, past: dict[str, np.ndarray], total: int) -> dict[str, np.ndarray]:
+        """``past`` as buffers of at least ``total`` positions (and the sliding window)
+        where the graph's attention keeps its cache in one shared buffer (onnxruntime-genai's
+        builder with sliding-window layers: GroupQueryAttention's sliding_window_cache),
+        the positions held so far copied over; else ``past`` as it is."""
+        if not self.window:
+            return past
+        out = {}
+        for name, array in past.items():
+            if array.shape[2] >= total:
+                out[name] = array
+                continue
+            room = np.zeros((*array.shape[:2], max(self.window, total + SHARED_HEADROOM), array.shape[3]),
+                            array.dtype)
+            room[:, :, :self._length] = array[:, :, :self._length]
+            out[name] = room
+        return out
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         out = {}
@@ -93,8 +158,8 @@ class OnnxSession(Session):
         return out
 
     def _run(self, ids: list[int], past: dict[str, np.ndarray], start: int) -> np.ndarray:
-        feed: dict[str, np.ndarray] = {"input_ids": np.array([ids], np.int64), **past}
         total = start + len(ids)
+        feed: dict[str, np.ndarray] = {"input_ids": np.array([ids], np.int64), **self._room(past, total)}
         if self.has_mask:
             feed["attention_mask"] = np.ones((1, total), np.int64)
         if self.position_ids:
@@ -110,6 +175,7 @@ class OnnxSession(Session):
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         ids = self.check_ids(token_ids)
+        self._length = 0
         return self._run(ids, self._empty_past(), 0)
 
     def decode(self, token_ids: Sequence[int]) -> np.ndarray:
