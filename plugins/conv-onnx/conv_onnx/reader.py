@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,6 +25,7 @@ from convcore import (
 from convcore import rowblocks
 
 from . import genai_read
+from .archs import BUILDER_ARCHS
 
 
 DTYPE_OF = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.BFLOAT16: "bf16",
@@ -271,6 +273,44 @@ def _plain_pieces(inits: Initializers, entry: dict[str, Any]) -> Callable[[str],
     return pieces
 
 
+_MODULE_OP = re.compile(r"^/(?P<module>[\w./]+)/(?P<op>MatMul|Mul)(?:_\d+)?$")
+
+
+def _by_graph(proto: onnx.ModelProto, inits: Initializers, norm_offset: bool) -> dict[str, dict[str, Any]]:
+    """HF name -> entry of a graph another exporter wrote: float initializers that carry
+    a parameter's name as they are, and those torch.onnx.export (optimum's exporter)
+    leaves anonymous, named after the module in their node's name: a Linear's transposed
+    ``[in, out]`` matrix (``onnx::MatMul_745`` in ``/model/layers.0/self_attn/q_proj/MatMul``
+    -> ``model.layers.0.self_attn.q_proj.weight``), and a norm's vector its constant folding
+    renamed (``onnx::Mul_863`` in ``/model/layers.0/input_layernorm/Mul_1``; with
+    ``norm_offset``, Gemma's folded ``1 + w``, taken back to ``w``)."""
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    out: dict[str, dict[str, Any]] = {}
+    named: set[str] = set()
+    for node in proto.graph.node:
+        match = _MODULE_OP.match(node.name)
+        if not match or match["op"] != node.op_type or len(node.input) < 2:
+            continue
+        init = next((i for i in node.input if "::" in i and i in inits.protos), None)
+        t = inits.protos.get(init) if init else None
+        if t is None or t.data_type not in floats or init in named:
+            continue
+        hf = match["module"].replace("/", ".") + ".weight"
+        if node.op_type == "MatMul" and len(t.dims) == 2 and node.input[1] == init:
+            entry: dict[str, Any] = {"init": init, "transpose": True}
+        elif node.op_type == "Mul" and len(t.dims) == 1 and match["module"].endswith("norm"):
+            entry = {"init": init, **({"add": -1.0} if norm_offset else {})}
+        else:
+            continue
+        if hf not in out:
+            out[hf] = entry
+            named.add(init)
+    for name, t in inits.protos.items():
+        if name not in named and "::" not in name and t.data_type in floats and len(t.dims):
+            out.setdefault(name, {"init": name})
+    return out
+
+
 def config_problems(file: Path, tensors: dict[str, TensorRef], config: dict[str, Any]) -> list[str]:
     """HF shapes of the mapped weights against config.json (embedding, attention, MLP)."""
     problems = []
@@ -315,10 +355,13 @@ def load_onnx(path: Path) -> Model:
             raise ConvcoreError(f"{file}: convcore.tensors metadata is not JSON") from None
         for hf, entry in mapping.items():
             tensors[hf] = _ref(inits, hf, entry)
-    else:
-        for name, t in inits.protos.items():
-            if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16) and len(t.dims):
-                tensors[name] = _ref(inits, name, {"init": name})
+    else:  # another tool's graph: its initializers by name, MatMul weights by their node's
+        gemma = BUILDER_ARCHS.get(str(config.get("model_type"))) == "gemma"  # x * (1 + w)
+        mapping = _by_graph(proto, inits, gemma)
+        if config.get("tie_word_embeddings", gemma) and "model.embed_tokens.weight" in mapping:
+            mapping.pop("lm_head.weight", None)  # the exporter's transposed copy of the embedding
+        for hf, entry in mapping.items():
+            tensors[hf] = _ref(inits, hf, entry)
     problems = config_problems(file, tensors, config)
     if problems:
         raise ConvcoreError(problems[0])
