@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.onnx, pytest.mark.slow]
 CASES = [("gemma2", "int4", ()), ("qwen2", "fp32", ()),
          ("llama", "fp32", ()), ("llama", "int4", ("block_size=128", "is_symmetric=false")),
          ("llama", "int8", ()), ("qwen2", "int4", ()), ("qwen2", "fp16", ()),
-         ("phi3", "fp32", ()), ("phi3", "int4", ()), ("gemma2", "fp32", ())]
+         ("phi3", "fp32", ()), ("phi3", "int4", ()), ("gemma2", "fp32", ()), ("mistral", "fp32", ()),
+         ("qwen3", "int4", ()), ("gemma", "int4", ())]
 SAMPLE = {("gemma2", "int4")}  # tied, Gemma norms, softcaps, sliding window, MatMulNBits
 CASES = [c if c[:2] in SAMPLE else pytest.param(*c, marks=pytest.mark.full) for c in CASES]
 #: a Gemma norm comes back as (1 + w) - 1: within half a unit in the last place of 1 + w
@@ -137,7 +138,10 @@ def test_builder_folder_reads_back(arch: str, precision: str, extra: tuple[str, 
             assert np.abs(mine - theirs).max() <= GEMMA_NORM_TOLERANCE, name
         else:
             assert mine.tobytes() == theirs.tobytes(), name
-    ids = prompt(want.config["vocab_size"])  # past the sliding windows
+    # past the sliding windows; but onnxruntime-genai 0.18 itself cannot run its builder's
+    # Mistral past the window of 48 ("total_sequence_length must equal past_sequence_length
+    # + kv_sequence_length"), so that one stays inside it
+    ids = prompt(want.config["vocab_size"], 40 if arch == "mistral" else 80)
     # `infer` runs the builder's folder as onnxruntime-genai does, the KV cache included
     # (gemma2's sliding-window layers keep theirs in one shared buffer)
     as_built = genai_logits(out, ids + [7, 11])
