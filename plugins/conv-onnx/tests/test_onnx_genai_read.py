@@ -198,6 +198,7 @@ def _bits(quantized: dict[str, np.ndarray], module: str) -> str:
     return _key(quantized, module).rsplit("_Q", 1)[1]
 
 
+@pytest.mark.full
 def test_scaled_rope_needs_the_sources_config(tmp_path: Path) -> None:
     """Llama-3's rope tables cannot be told apart from other scalings by the graph alone:
     refused in one line, read once the source's config.json is put beside the graph."""
