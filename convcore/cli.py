@@ -19,7 +19,7 @@ from .destination import size_on_disk
 from .model import ConvcoreError, Model
 from .options import parse_pairs, parse_size  # noqa: F401 - kept importable from convcore.cli
 from .pipeline import convert
-from . import fidelity
+from . import fidelity, multimodal
 from .fidelity import CHECK_FAILED_EXIT
 from .pooling import is_encoder
 from .cli_group import Interrupted, _Group
@@ -198,6 +198,7 @@ def summarise(model: Model) -> dict[str, Any]:
         "config": {k: cfg[k] for k in keys if k in cfg},
         "tokenizer_files": sorted(model.tokenizer),
         "metadata": {k: v for k, v in model.metadata.items() if isinstance(v, (str, int, float, bool))},
+        **({"image_text": multimodal.parts(model)} if multimodal.is_image_text(model) else {}),
         **({"adapter": {k: v for k, v in model.metadata["adapter"].items() if k != "scales"}
             | {"weights": len(model.metadata["adapter"]["scales"])}}
            if model.metadata.get("adapter") else {}),
@@ -223,6 +224,15 @@ def inspect(path: Path, fmt: str | None, as_json: bool, list_tensors: bool) -> N
                f"{info['params'] / 1e6:.2f}M params in {info['tensors']} tensors{size}")
     if info["metadata"].get("source_quantization"):
         click.echo(f"  quantized source: {info['metadata']['source_quantization']} (read as float32)")
+    if "image_text" in info:
+        lang, vis, proj = (info["image_text"][k] for k in ("language", "vision", "projector"))
+        click.echo(f"  language model: {lang['family']}, {lang['params'] / 1e6:.2f}M params, "
+                   f"{lang.get('num_hidden_layers', '?')} layers, hidden {lang.get('hidden_size', '?')}")
+        click.echo(f"  vision tower: {vis.get('model_type', '?')}, {vis['params'] / 1e6:.2f}M params, "
+                   f"{vis.get('num_hidden_layers', '?')} layers, hidden {vis.get('hidden_size', '?')}, "
+                   f"image {vis.get('image_size', '?')} px in patches of {vis.get('patch_size', '?')}")
+        click.echo(f"  projector: {proj['params'] / 1e6:.2f}M params"
+                   + (f", {proj['mm_tokens_per_image']} tokens per image" if "mm_tokens_per_image" in proj else ""))
     if "adapter" in info:
         ad = info["adapter"]
         click.echo(f"  LoRA adapter ({ad['source_format']}): rank {ad['rank']}, alpha {ad['alpha']:g}"

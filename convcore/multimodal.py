@@ -67,6 +67,32 @@ def _text_name(name: str) -> str | None:
     return None
 
 
+def parts(model: Model) -> dict[str, Any] | None:
+    """What ``inspect`` shows of an image-text checkpoint: its language model (family,
+    parameters, the text config's sizes), vision tower (type, layers, width, image and
+    patch size, parameters) and projector (parameters, image tokens); None otherwise."""
+    if not is_image_text(model):
+        return None
+    counts = {"language": 0, "vision": 0, "projector": 0}
+    for name, ref in model.tensors.items():
+        kind = ("projector" if "multi_modal_projector." in name else "vision" if name.startswith(_VISION)
+                else "language")
+        counts[kind] += ref.numel
+    text = model.config["text_config"]
+    vision = model.config.get("vision_config") or {}
+    return {
+        "language": {"family": str(text.get("model_type") or {"gemma3": "gemma3_text"}.get(model.arch, "llama")),
+                     "params": counts["language"],
+                     **{k: text[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k in text}},
+        "vision": {"params": counts["vision"],
+                   **{k: vision[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "image_size",
+                                             "patch_size") if k in vision}},
+        "projector": {"params": counts["projector"],
+                      **{k: model.config[k] for k in ("mm_tokens_per_image", "projector_hidden_act")
+                         if k in model.config}},
+    }
+
+
 def text_model(model: Model, writer: str = "") -> Model:
     """``model`` itself, or for an image-text checkpoint its language model (HF text
     names, the text config), with a note on stderr naming what was left out."""

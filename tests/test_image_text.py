@@ -58,3 +58,26 @@ def test_hf_output_keeps_the_vision_part(references, tmp_path):
     names = set(convcore.load(out).tensors)
     assert any(n.startswith("vision_tower.") for n in names)
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+
+
+@pytest.mark.parametrize("family", ["gemma3", pytest.param("mistral3", marks=pytest.mark.full),
+                                    pytest.param("llava", marks=pytest.mark.full)])
+def test_inspect_shows_the_language_model_vision_tower_and_projector(family, references, run_cli):
+    src, _, _ = references(family)
+    res = run_cli("inspect", src, "--json", check=True)
+    parts = json.loads(res.stdout)["image_text"]
+    import torch
+    import transformers
+    cfg = json.loads((src / "config.json").read_text())
+    model = getattr(transformers, cfg["architectures"][0]).from_pretrained(str(src), dtype=torch.float32)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert parts["vision"]["params"] == count(model.model.vision_tower)
+    assert parts["projector"]["params"] == count(model.model.multi_modal_projector)
+    # parameters() counts a tied lm_head once, as the checkpoint stores it
+    assert parts["language"]["params"] == count(model) - count(model.model.vision_tower) - count(
+        model.model.multi_modal_projector)
+    assert parts["language"]["family"] == {"gemma3": "gemma3_text", "mistral3": "mistral", "llava": "llama"}[family]
+    assert (parts["vision"]["image_size"], parts["vision"]["patch_size"]) == (
+        cfg["vision_config"]["image_size"], cfg["vision_config"]["patch_size"])
+    text = run_cli("inspect", src, check=True).stdout
+    assert f"vision tower: {cfg['vision_config']['model_type']}" in text and "projector:" in text
