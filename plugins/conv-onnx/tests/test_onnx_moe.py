@@ -50,7 +50,8 @@ def test_moe_export_logits_and_read_back(arch, tmp_path):
 
 
 
-@pytest.mark.parametrize("arch,scheme", [("qwen2_moe", "int4-b32"),
+# make test keeps the MoE export's logits and read-back; quantized MoE export in test-full
+@pytest.mark.parametrize("arch,scheme", [pytest.param("qwen2_moe", "int4-b32", marks=pytest.mark.full),
                                          pytest.param("mixtral", "int8-b32-asym", marks=pytest.mark.full)])
 def test_moe_export_quantized(arch, scheme, tmp_path):
     """--quant on the export path: every expert, attention and shared-expert matrix (and
