@@ -305,8 +305,8 @@ def _by_graph(proto: onnx.ModelProto, inits: Initializers, norm_offset: bool) ->
         if hf not in out:
             out[hf] = entry
             named.add(init)
-    for name, t in inits.protos.items():
-        if name not in named and "::" not in name and t.data_type in floats and len(t.dims):
+    for name, t in inits.protos.items():  # the rest as they are named (none, in optimum's)
+        if name not in named and t.data_type in floats and len(t.dims):
             out.setdefault(name, {"init": name})
     return out
 
