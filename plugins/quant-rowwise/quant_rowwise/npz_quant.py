@@ -4,8 +4,9 @@ A 2-D tensor is quantized :data:`WRITE_BLOCK_ELEMENTS` values at a time: the per
 schemes (``int{1,2,4,8}-row``, ``int8-row-sym``) compute each row on its own, so a block
 of rows gives the codes, scales and zero points the whole tensor gives, bit for bit.
 ``int8-tensor`` has one scale for the whole tensor: a first pass over the blocks finds
-the tensor's largest magnitude (the scale is that over 127, as the whole-tensor kernel
-computes it), a second makes the codes with it. The codes go into their member as they
+the tensor's largest magnitude, handed to each block's quantize as ``absmax`` (the
+scale is that over 127, as the whole-tensor kernel computes it), a second makes the
+codes with it. The codes go into their member as they
 are made (:func:`npz_members.member_writer`); scales and zero points (4 bytes a row) are
 kept and written after. The relative error of the manifest is summed over the same
 blocks of :data:`ERROR_ROWS_ELEMENTS` as over the whole tensor, in the same order, so
@@ -110,13 +111,13 @@ def row_blocks(ref: TensorRef, step: int) -> Iterator[tuple[int, np.ndarray]]:
                 filled = 0
 
 
-def _tensor_scale(ref: TensorRef, step: int) -> np.ndarray:
-    """int8-tensor's one scale, (1,) float32: the largest |x| over 127 (1 when all zero),
+def _largest_magnitude(ref: TensorRef, step: int) -> float:
+    """int8-tensor's first pass: the tensor's largest |x| (its one scale is that over 127),
     found a block of rows at a time."""
     from . import rows as kernels
     from ._input import f32_slices
 
-    largest = np.zeros(1, np.float32)
+    largest = np.float32(0)
     for _, x in row_blocks(ref, step):
         _check_input(ref, x, "int8-tensor")
         amax = np.empty(x.shape[0], np.float32)
@@ -125,10 +126,8 @@ def _tensor_scale(ref: TensorRef, step: int) -> np.ndarray:
         if not np.isfinite(amax).all():
             raise ConvcoreError(f"tensor {ref.name!r}: int8-tensor: NaN or Inf in input")
         if amax.size:
-            largest = np.maximum(largest, amax.max())
-    scales = largest / np.float32(127.0)
-    scales[scales == 0] = 1.0
-    return scales
+            largest = max(largest, amax.max())
+    return float(largest)
 
 
 def _check_input(ref: TensorRef, x: np.ndarray, scheme: str) -> None:
@@ -136,19 +135,6 @@ def _check_input(ref: TensorRef, x: np.ndarray, scheme: str) -> None:
     if dtype not in ("f32", "f16", "bf16"):  # as convcore.quantize says it
         raise ConvcoreError(f"tensor {ref.name!r}: cannot quantize {dtype} "
                             f"with {scheme} (expects f32, f16 or bf16)")
-
-
-def _tensor_codes(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int8-tensor's codes of rows ``x`` with the tensor's ``scale``."""
-    from . import rows as kernels
-    from ._input import f32_slices, faulted_empty
-
-    x = np.ascontiguousarray(x)
-    codes = faulted_empty(x.shape, np.int8)
-    bad = np.zeros(1, np.uint8)
-    for start, part in f32_slices(x):
-        kernels._sym(part, np.full(len(part), scale[0], np.float32), codes[start:start + len(part)], bad)
-    return codes
 
 
 def write_quantized(zf: zipfile.ZipFile, ref: TensorRef, scheme: str, search: str,
@@ -167,28 +153,27 @@ def write_quantized(zf: zipfile.ZipFile, ref: TensorRef, scheme: str, search: st
             write_member(zf, entry["q_zero_point"], qt.data["zero_points"])
         return relative_error_rows(array, scheme, qt.data)
     step = block_rows(width)
-    scale = _tensor_scale(ref, step) if scheme == "int8-tensor" else None
+    per_tensor = scheme == "int8-tensor"
+    if per_tensor:  # each block gets the tensor's one scale (the quantize option absmax)
+        options["absmax"] = _largest_magnitude(ref, step)
     sums = ErrorSums(scheme, width)
     scales: list[np.ndarray] = []
     zero_points: list[np.ndarray] = []
     with ExitStack() as stack:
         writer = None
         for _, x in row_blocks(ref, step):
-            if scale is None:
-                data = convcore.quantize(x, scheme, options).data
-            else:
-                data = {"q": _tensor_codes(x, scale), "scales": scale}
+            data = convcore.quantize(x, scheme, options).data
             if writer is None:   # the codes' member, its header for the whole tensor first
                 shape = (rows, *data["q"].shape[1:])
                 writer = stack.enter_context(member_writer(zf, entry["q"], data["q"].dtype, shape, where))
             writer.write(data["q"])
-            if scale is None:
+            if not (per_tensor and scales):
                 scales.append(data["scales"])
             if entry["q_zero_point"]:
                 zero_points.append(data["zero_points"])
             sums.add(x, data)
             del data
-    write_member(zf, entry["q_scales"], scale if scale is not None else np.concatenate(scales))
+    write_member(zf, entry["q_scales"], np.concatenate(scales))
     if entry["q_zero_point"]:
         write_member(zf, entry["q_zero_point"], np.concatenate(zero_points))
     return sums.value()
