@@ -38,7 +38,7 @@ def _stop_ids(root: Path) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def ort_session(file: Path, options: dict[str, Any]) -> Any:
+def ort_session(file: Path, options: dict[str, Any], graph: Any = None) -> Any:
     """An onnxruntime CPU session on ``file``: quiet unless ``verbose``, ``threads`` intra-op."""
     try:
         import onnxruntime as ort
@@ -50,7 +50,7 @@ def ort_session(file: Path, options: dict[str, Any]) -> Any:
         so.intra_op_num_threads = int(options["threads"])
     try:
         model: Any = str(file)
-        stripped = _without_value_info(file)
+        stripped = _without_value_info(graph if graph is not None else _graph(file))
         if stripped is not None:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(file.parent))
@@ -60,18 +60,23 @@ def ort_session(file: Path, options: dict[str, Any]) -> Any:
         raise ConvcoreError(f"{file}: onnxruntime cannot load it: {first_line(exc)}") from None
 
 
-def _without_value_info(file: Path) -> bytes | None:
-    """The graph without its intermediate shape annotations, where it has them (None
-    otherwise). onnxruntime-genai's builder labels some of its fp16 graph's tensors with
-    the wrong symbolic length (a key after the cache is joined as ``sequence_length``), and
-    onnxruntime's CPU casts then refuse the second run of a session (decoding after the
-    prompt): the shapes are inferred again without them."""
+def _graph(file: Path) -> Any:
+    """The ONNX model at ``file`` without its weights, or None where onnx cannot read it
+    (onnxruntime then says what is wrong when it loads the file)."""
     import onnx
     try:
-        model = onnx.load(str(file), load_external_data=False)
-    except Exception:  # noqa: BLE001 - onnxruntime reports it when it loads the file
+        return onnx.load(str(file), load_external_data=False)
+    except Exception:  # noqa: BLE001 - reported by onnxruntime
         return None
-    if not model.graph.value_info:
+
+
+def _without_value_info(model: Any) -> bytes | None:
+    """``model`` serialized without its intermediate shape annotations, where it has them
+    (None otherwise). onnxruntime-genai's builder labels some of its fp16 graph's tensors
+    with the wrong symbolic length (a key after the cache is joined as
+    ``sequence_length``), and onnxruntime's CPU casts then refuse the second run of a
+    session (decoding after the prompt): the shapes are inferred again without them."""
+    if model is None or not model.graph.value_info:
         return None
     del model.graph.value_info[:]
     return model.SerializeToString()
@@ -82,17 +87,13 @@ def _without_value_info(file: Path) -> bytes | None:
 SHARED_HEADROOM = 256
 
 
-def _shared_window(file: Path) -> int:
+def _shared_window(model: Any) -> int:
     """The largest sliding window of the graph's GroupQueryAttention nodes that keep
     their cache in a shared buffer (``sliding_window_cache``: the past must come in with
     room for the window), or 0."""
     import onnx
-    try:
-        graph = onnx.load(str(file), load_external_data=False).graph
-    except Exception:  # noqa: BLE001 - the session already loaded it; nothing to add
-        return 0
     window = 0
-    for node in graph.node:
+    for node in model.graph.node if model is not None else ():
         if node.op_type == "GroupQueryAttention":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             if attrs.get("sliding_window_cache"):
@@ -105,7 +106,9 @@ class OnnxSession(Session):
 
     def __init__(self, path: Path, options: dict[str, Any]):
         self.file = model_file(Path(path))
-        self.sess = ort_session(self.file, options)
+        graph = _graph(self.file)  # read once: the shared-cache window, then the session
+        self.window = _shared_window(graph)
+        self.sess = ort_session(self.file, options, graph)
         inputs = {i.name: i for i in self.sess.get_inputs()}
         if "input_ids" not in inputs or "logits" not in {o.name for o in self.sess.get_outputs()}:
             raise ConvcoreError(f"{self.file}: not a decoder graph (needs input_ids in, logits out)")
@@ -122,7 +125,6 @@ class OnnxSession(Session):
         self.stop_ids = _stop_ids(self.file.parent)
         self._past: dict[str, np.ndarray] | None = None
         self._length = 0
-        self.window = _shared_window(self.file)
 
     def _room(self, past: dict[str, np.ndarray], total: int) -> dict[str, np.ndarray]:
         """``past`` as buffers of at least ``total`` positions (and the sliding window)
