@@ -150,6 +150,8 @@ class Builder:
                 stacked = _stacked([self.model.tensors[h].load() for h in hfs])
                 spill = {part: tempfile.TemporaryFile() for part in ("scales", "zero_points") if part in layout}
                 kinds = {part: dtype if part == "scales" else layout[part][0] for part in spill}
+                row_bytes = {part: int(np.prod(layout[part][1][1:], dtype=np.int64))
+                             * numpy_dtype(kinds[part]).itemsize for part in spill}
 
                 def codes(a: int, b: int) -> np.ndarray:
                     parts = []
@@ -164,28 +166,24 @@ class Builder:
                     return data["q"]
 
                 def spilled(part: str) -> Callable[[int, int], np.ndarray]:
-                    shape = layout[part][1]
-                    kind = numpy_dtype(kinds[part])
-                    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * kind.itemsize
+                    shape, size = layout[part][1], row_bytes[part]
 
                     def rows(a: int, b: int) -> np.ndarray:
                         f = spill[part]
-                        f.seek(a * row_bytes)
-                        raw = f.read((b - a) * row_bytes)
-                        if len(raw) != (b - a) * row_bytes:
+                        f.seek(a * size)
+                        raw = f.read((b - a) * size)
+                        if len(raw) != (b - a) * size:
                             raise ConvcoreError(f"onnx: {names[part]} is written before its codes")
                         if b == shape[0]:
                             f.close()
-                        return np.frombuffer(raw, kind).reshape((b - a, *shape[1:]))
+                        return np.frombuffer(raw, numpy_dtype(kinds[part])).reshape((b - a, *shape[1:]))
                     return rows
 
                 out = {names["q"]: Chunked(layout["q"][1], "u8", codes,
                                            max(1, STREAM_BLOCK // (k * 4)))}
                 for part in spill:
-                    shape = layout[part][1]
-                    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * numpy_dtype(kinds[part]).itemsize
-                    out[names[part]] = Chunked(shape, kinds[part], spilled(part),
-                                               max(1, STREAM_BLOCK // max(1, row_bytes)))
+                    out[names[part]] = Chunked(layout[part][1], kinds[part], spilled(part),
+                                               max(1, STREAM_BLOCK // max(1, row_bytes[part])))
                 return out
 
             if n * k * 4 >= STREAM_BYTES:
