@@ -22,7 +22,7 @@ TOLERANCE = {"gguf": 1e-3, "mlx": 1e-3, "onnx": 1e-4}
 @pytest.mark.llamacpp
 @pytest.mark.mlx
 @pytest.mark.onnx
-@pytest.mark.parametrize("family", [f if f in ("olmo2", "starcoder2", "phi") else pytest.param(f, marks=pytest.mark.full)
+@pytest.mark.parametrize("family", [f if f in ("olmo2", "phi") else pytest.param(f, marks=pytest.mark.full)
                                     for f in FAMILIES])
 def test_family_in_every_format(family, tmp_path):
     import torch

@@ -209,7 +209,8 @@ def _metadata_and_initializers(out: Path) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 @pytest.mark.onnx
-@pytest.mark.parametrize("name", ["llama", "gemma", "bert", "bert-mlm"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("gemma", marks=pytest.mark.full), "bert",
+                                  pytest.param("bert-mlm", marks=pytest.mark.full)])
 def test_tensor_metadata_is_complete_and_bit_identical(exported, name):
     from safetensors.numpy import load_file
 
